@@ -1,0 +1,52 @@
+# vdpa-qtest: QEMU-integrated functional tests for vDPA / vhost-user virtio-net.
+#   make check    set up (QEMU >= 10.0, .venv) then lint + unit tests + qtests
+#   make avocado  build the guest image (cached) and boot real guests
+#   make shell    interactive QMP debugging session (QEMU + backend + both monitors)
+#   make bench    benchmarks (JSON + plots under bench/results/)
+#   make lint     ruff check + format check
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+AVOCADO_ARGS ?=
+
+.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench clean format
+
+setup:
+	@bash scripts/setup-host.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+unit: setup
+	$(PY) -m pytest backends/tests $(PYTEST_ARGS)
+
+qtests: setup
+	$(PY) -m pytest qtests $(PYTEST_ARGS)
+
+# One pytest session for unit tests and qtests; exit 5 ("no tests collected") is a failure.
+check: setup lint
+	$(PY) -m pytest backends/tests qtests $(PYTEST_ARGS)
+
+images: setup
+	$(PY) -m guest_images build
+
+avocado: setup images
+	$(PY) -m avocado_tests.run $(AVOCADO_ARGS)
+
+avocado-ci: setup images
+	$(PY) -m avocado_tests.run --ci $(AVOCADO_ARGS)
+
+shell: setup
+	$(PY) -m qtests.shell $(SHELL_ARGS)
+
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache test-logs
