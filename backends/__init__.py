@@ -1,0 +1,1 @@
+"""The Python vDPA backend: device model, virtio-net personality, vhost-user transport."""

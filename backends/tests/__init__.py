@@ -1,0 +1,1 @@
+"""Unit tests of the backend (device model, personality, transport)."""

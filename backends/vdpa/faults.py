@@ -1,0 +1,96 @@
+"""Named, deliberately wrong behaviours (``--fault NAME``) that the test suites must catch.
+
+The device model checks :meth:`Faults.active` at the exact spot where a buggy backend would go
+wrong; nothing else changes. Each entry of :data:`FAULTS` says what is wrong and which suite is
+expected to notice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .journal import Journal
+
+FAULTS: dict[str, str] = {
+    "stale-iotlb": (
+        "dma_unmap / IOTLB invalidate is journalled but the translation keeps working (a cached "
+        "stale translation): the device still reaches memory the guest unmapped. Caught by the "
+        "vIOMMU suite (invalidate, then expect a MISS / no access)."
+    ),
+    "remap-all": (
+        "every IOTLB change (map, unmap, batch commit, set_map) drops and recreates every "
+        "mapping with new ids, so regions in use are remapped. Caught by the memory hotplug "
+        "suite (unchanged regions must keep their mapping id; no unmap of untouched regions)."
+    ),
+    "vring-base-off-by-one": (
+        "get_vq_state / GET_VRING_BASE returns last_avail_idx + 1. Caught by the migration and "
+        "ring-state suites (the destination's SET_VRING_BASE / used idx no longer match)."
+    ),
+    "skip-dirty-log": (
+        "packet data and header writes are not marked in the dirty log (used ring writes still "
+        "are). Caught by the migration suite (RX payload pages missing from the log)."
+    ),
+    "drop-tx": (
+        "the virtio-net personality completes TX chains without sending the frame to the wire. "
+        "Caught by the datapath suites (loopback / peer frame counts)."
+    ),
+    "translate-by-gpa": (
+        "with a vIOMMU (ACCESS_PLATFORM) the device treats IOVAs as guest-physical addresses "
+        "instead of translating them through the IOTLB. Caught by the vIOMMU suite (IOVA != GPA "
+        "mappings)."
+    ),
+    "no-miss": (
+        "on an IOTLB miss the device parks the queue silently and never sends a MISS to the "
+        "front-end: TX stalls. Caught by the vIOMMU suite (expects iotlb.miss + progress)."
+    ),
+    "no-drain-before-base": (
+        "stop_vq / GET_VRING_BASE neither finishes nor rewinds popped-but-unfinished chains: the "
+        "returned last_avail_idx counts them. Caught by the migration / ring-state suites "
+        "(buffers lost across the stop; last_avail - used != inflight-free state)."
+    ),
+}
+
+
+class Faults:
+    """The set of active faults; unknown names raise ValueError listing the known ones."""
+
+    def __init__(self, names: Iterable[str] = (), journal: Journal | None = None) -> None:
+        self.journal = journal
+        self._active: set[str] = set()
+        self.generation = 0  # bumps on set/clear (translation caches key on it)
+        for name in names:
+            self.set(name)
+
+    @staticmethod
+    def _check(name: str) -> None:
+        if name not in FAULTS:
+            known = ", ".join(sorted(FAULTS))
+            raise ValueError(f"unknown fault {name!r}; known faults: {known}")
+
+    def active(self, name: str) -> bool:
+        if name in self._active:
+            return True
+        self._check(name)
+        return False
+
+    def set(self, name: str) -> None:
+        self._check(name)
+        self._active.add(name)
+        self.generation += 1
+        if self.journal is not None:
+            self.journal.record("fault.set", name=name)
+
+    def clear(self, name: str) -> None:
+        self._check(name)
+        self._active.discard(name)
+        self.generation += 1
+        if self.journal is not None:
+            self.journal.record("fault.clear", name=name)
+
+    def names(self) -> list[str]:
+        """The active fault names, sorted."""
+        return sorted(self._active)
+
+    @staticmethod
+    def known() -> dict[str, str]:
+        return dict(FAULTS)
