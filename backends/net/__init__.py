@@ -1,0 +1,39 @@
+"""virtio-net personality of the vDPA device model.
+
+* ``config.py``   - config space (:class:`NetConfig`) and VIRTIO_NET_F_* feature bits
+* ``header.py``   - virtio_net_hdr_v1, the 12-byte per-packet header
+* ``wire.py``     - where frames leave/enter the device (loopback, udp, unix, null)
+* ``datapath.py`` - :class:`NetDevice`: features, TX/RX queues, mergeable buffers, multiqueue
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from backends.net.config import NetConfig
+from backends.net.header import VirtioNetHdr
+from backends.net.wire import LoopbackWire, NullWire, UdpWire, UnixWire, Wire, make_wire
+
+if TYPE_CHECKING:
+    from backends.net.datapath import NetDevice
+
+__all__ = [
+    "LoopbackWire",
+    "NetConfig",
+    "NetDevice",
+    "NullWire",
+    "UdpWire",
+    "UnixWire",
+    "VirtioNetHdr",
+    "Wire",
+    "make_wire",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # NetDevice pulls in the device model; import it only when asked for.
+    if name == "NetDevice":
+        from backends.net.datapath import NetDevice
+
+        return NetDevice
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
