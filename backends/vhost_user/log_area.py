@@ -1,0 +1,57 @@
+"""The dirty-log memory QEMU shares with SET_LOG_BASE (a memfd, size and offset)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+
+from backends.vhost_user.errors import ProtocolError
+
+# log areas whose munmap waits for a still-exported view (closed on the next close())
+_deferred: list[mmap.mmap] = []
+
+
+def _reap() -> None:
+    for mm in list(_deferred):
+        try:
+            mm.close()
+        except BufferError:
+            continue
+        _deferred.remove(mm)
+
+
+class LogArea:
+    """A shared mapping of ``size`` bytes of ``fd`` from ``offset``; ``view`` is the log."""
+
+    def __init__(self, fd: int, size: int, offset: int) -> None:
+        if size == 0:
+            raise ProtocolError("bad-log", "SET_LOG_BASE with a zero-size log")
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise ProtocolError("bad-fd", f"log fd {fd}: {e}") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise ProtocolError("bad-fd", f"log fd {fd} is not a shared-memory file")
+        if offset + size > st.st_size:
+            raise ProtocolError(
+                "bad-log",
+                f"log needs offset+size {offset + size:#x} but its fd holds {st.st_size:#x} bytes",
+            )
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        delta = offset - aligned
+        try:
+            self._mm = mmap.mmap(fd, size + delta, mmap.MAP_SHARED, offset=aligned)
+        except (OSError, ValueError) as e:
+            raise ProtocolError("mmap", f"cannot map the dirty log: {e}") from e
+        self.size = size
+        self.offset = offset
+        self.view = memoryview(self._mm)[delta : delta + size]
+
+    def close(self) -> None:
+        self.view.release()
+        try:
+            self._mm.close()
+        except BufferError:  # a slice of the log is still alive somewhere: unmap later
+            _deferred.append(self._mm)
+        _reap()
