@@ -1,0 +1,1 @@
+"""qtest driver library (``qtests.qos``) and the pytest suites that drive QEMU with it."""

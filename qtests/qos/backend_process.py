@@ -1,0 +1,257 @@
+"""The vDPA backend as a real child process (``python -m backends``), seen from a test.
+
+`BackendProcess` starts the backend, waits for its ``READY`` line (bounded, naming what it
+waited for), drains its stdout to a file so it can never block on a full pipe, connects to its
+QMP-compatible monitor with the same `QmpClient` the suite uses for QEMU, and always stops it:
+SIGTERM (the backend writes its journal file and exits 0), then SIGKILL. Logs, journal and
+stdout/stderr stay in the test's log directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from qtests.qos.qmp import QmpClient
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+READY = b"READY"
+
+
+def backend_python() -> str:
+    """The interpreter that runs the backend: the project's venv when present."""
+    venv = REPO_ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def stop_process(proc: subprocess.Popen[Any], name: str, grace: float = 10.0) -> int:
+    """SIGTERM, wait ``grace`` seconds, then SIGKILL; returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) ignored SIGTERM for %.1fs: killing", name, proc.pid, grace)
+            proc.kill()
+    return proc.wait(timeout=grace)
+
+
+class BackendProcess:
+    """One backend process with its vhost-user socket, monitor and logs."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        name: str = "backend",
+        run_dir: Path | None = None,
+        queues: int = 1,
+        wire: str = "null",
+        faults: Iterable[str] = (),
+        mac: str | None = None,
+        extra_args: Iterable[str] = (),
+    ) -> None:
+        self.name = name
+        self.log_dir = Path(log_dir)
+        run_dir = Path(run_dir) if run_dir is not None else self.log_dir
+        self.queues = queues
+        self.wire = wire
+        self.faults = list(faults)
+        self.mac = mac
+        self.extra_args = list(extra_args)
+        self.socket = str(run_dir / f"{name}.sock")
+        self.monitor_path = str(run_dir / f"{name}-mon.sock")
+        self.log_path = self.log_dir / f"{name}.log"
+        self.journal_path = self.log_dir / f"{name}-journal.jsonl"
+        self.stdout_path = self.log_dir / f"{name}.stdout"
+        self.stderr_path = self.log_dir / f"{name}.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+        self._qmp: QmpClient | None = None
+        self._drain: threading.Thread | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        cmd = [backend_python(), "-m", "backends",
+               "--socket", self.socket, "--monitor", self.monitor_path,
+               "--log", str(self.log_path), "--journal-file", str(self.journal_path),
+               "--queues", str(self.queues), "--wire", self.wire]  # fmt: skip
+        for fault in self.faults:
+            cmd += ["--fault", fault]
+        if self.mac:
+            cmd += ["--mac", self.mac]
+        return [*cmd, *self.extra_args]
+
+    def tails(self, chars: int = 3000) -> str:
+        parts = []
+        for path in (self.stderr_path, self.log_path):
+            try:
+                parts.append(f"--- {path}:\n{path.read_text(errors='replace')[-chars:]}")
+            except OSError:
+                pass
+        return "\n".join(parts)
+
+    def start(self, timeout: float = 30.0) -> BackendProcess:
+        for stale in (self.socket, self.monitor_path):
+            if os.path.exists(stale):
+                os.unlink(stale)
+        cmd = self.command()
+        log.info("%s: %s", self.name, " ".join(cmd))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}
+        with self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+            )  # fmt: skip
+        assert self.proc.stdout is not None
+        out = self.stdout_path.open("wb")
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        deadline = time.monotonic() + timeout
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(fd, selectors.EVENT_READ)
+                while not any(line.split()[:1] == [READY] for line in buf.splitlines()):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise BackendError(
+                            f"timed out after {timeout:g}s waiting for {self.name}'s READY line;"
+                            f" stdout so far {buf[-500:]!r}\n{self.tails()}"
+                        )
+                    if not sel.select(remaining):
+                        continue
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        rc = self.proc.wait(timeout=10)
+                        raise BackendError(
+                            f"{self.name} exited ({rc}) before printing READY; "
+                            f"stdout {buf[-500:]!r}\n{self.tails()}"
+                        )
+                    buf += chunk
+        except BaseException:
+            out.write(buf)
+            out.close()
+            self.stop()
+            raise
+        out.write(buf)
+        out.flush()
+        self._drain = threading.Thread(
+            target=self._drain_stdout, args=(fd, out), name=f"{self.name}-stdout", daemon=True
+        )
+        self._drain.start()
+        return self
+
+    @staticmethod
+    def _drain_stdout(fd: int, out: Any) -> None:
+        try:
+            while chunk := os.read(fd, 65536):
+                out.write(chunk)
+                out.flush()
+        except OSError:
+            pass
+        finally:
+            out.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL with no clean-up: simulates a crashed backend (reconnect tests)."""
+        self._close_qmp()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.returncode = self.proc.wait(timeout=10)
+        self._join_drain()
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """Stop the process (idempotent, never raises); returns its exit status."""
+        self._close_qmp()
+        if self.proc is None:
+            return None
+        try:
+            self.returncode = stop_process(self.proc, self.name, grace)
+        except Exception:  # never let clean-up hide the test's own failure
+            log.exception("stopping %s failed", self.name)
+        self._join_drain()
+        return self.returncode
+
+    def _join_drain(self) -> None:
+        if self._drain is not None:
+            self._drain.join(timeout=5)
+            self._drain = None
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def _close_qmp(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+
+    def __enter__(self) -> BackendProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- monitor ---------------------------------------------------------------------------
+    @property
+    def qmp(self) -> QmpClient:
+        if self._qmp is None:
+            client = QmpClient(f"{self.name}-monitor")
+            client.connect(self.monitor_path)
+            self._qmp = client
+        return self._qmp
+
+    def cmd(self, command: str, **args: Any) -> Any:
+        return self.qmp.command(command, args)
+
+    def journal(self, kinds: list[str] | None = None, since: int | None = None) -> list[dict]:
+        args: dict[str, Any] = {}
+        if kinds is not None:
+            args["kinds"] = kinds
+        if since is not None:
+            args["since"] = since
+        return list(self.cmd("query-journal", **args)["entries"])
+
+    def mark(self) -> int:
+        return int(self.cmd("journal-mark")["seq"])
+
+    def vrings(self) -> list[dict[str, Any]]:
+        return list(self.cmd("query-vrings")["vrings"])
+
+    def vring(self, index: int) -> dict[str, Any]:
+        for vr in self.vrings():
+            if vr["index"] == index:
+                return vr
+        raise KeyError(f"{self.name} has no vring {index}")
+
+    def wire_spec(self) -> str:
+        """The wire as the backend describes it (ephemeral ports resolved)."""
+        return str(self.cmd("query-wire")["wire"]["kind"])
+
+    def read_journal_file(self) -> list[dict]:
+        """The JSON-lines journal the backend writes at exit (after :meth:`stop`)."""
+        return [
+            json.loads(line) for line in self.journal_path.read_text().splitlines() if line.strip()
+        ]

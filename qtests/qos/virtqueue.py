@@ -1,0 +1,413 @@
+"""Driver side of a virtio split virtqueue, kept in guest memory through qtest.
+
+Layout (virtio 1.2, 2.7): descriptor table ``<QIHH>`` x N; available ring ``flags, idx,
+ring[N], used_event``; used ring ``flags, idx, {id, len}[N], avail_event`` (all u16 but the
+``<II>`` used elements).  Indices are free-running u16 and wrap past 65535.
+
+Fast path: `add` only stages descriptors; `publish`/`kick` write every staged descriptor run,
+the avail entries and finally the avail index in one pipelined qtest round trip (b64write), so
+a batch of many chains costs one round trip plus the notify.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .alloc import GuestAllocator
+from .pci import InterruptSource
+from .qtest import QTest
+from .waiting import poll_until
+
+DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+USED_ELEM = struct.Struct("<II")  # id, len
+U16 = struct.Struct("<H")
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 32768
+
+#: A buffer: (guest-physical address, length).
+Buffer = tuple[int, int]
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """virtio 1.2 2.7.10: must the other side be notified after moving old -> new?"""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+def ring_sizes(num: int) -> tuple[int, int, int]:
+    """Bytes of (descriptor table, avail ring incl. used_event, used ring incl. avail_event)."""
+    return 16 * num, 6 + 2 * num, 6 + 8 * num
+
+
+class VirtqueueError(Exception):
+    """Driver misuse or a device that broke the ring protocol (names the queue)."""
+
+
+class VirtqueueFull(VirtqueueError):
+    pass
+
+
+@dataclass(slots=True)
+class UsedElem:
+    """One completed chain: its head descriptor, bytes written by the device, caller token."""
+
+    head: int
+    length: int
+    token: Any
+
+
+@dataclass(slots=True)
+class _Chain:
+    descs: list[int]
+    token: Any
+    table: int | None
+    in_len: int
+
+
+class SplitVirtqueue:
+    """One split virtqueue owned by the driver.
+
+    ``notify`` is called (with the queue) to notify the device; the transport sets it.
+    ``interrupt`` (optional) is the queue's interrupt source (MSI-X word or ISR).
+    """
+
+    def __init__(
+        self,
+        qt: QTest,
+        alloc: GuestAllocator,
+        index: int,
+        size: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        name: str | None = None,
+        notify: Callable[[SplitVirtqueue], None] | None = None,
+    ) -> None:
+        if size <= 0 or size & (size - 1) or size > MAX_QUEUE_SIZE:
+            raise VirtqueueError(f"queue size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
+        self.qt = qt
+        self.alloc = alloc
+        self.index = index
+        self.size = size
+        self.name = name or f"vq{index}"
+        self.event_idx = event_idx
+        #: Indirect descriptors negotiated (VIRTIO_F_RING_INDIRECT_DESC).
+        self.indirect = indirect
+        self.notify = notify
+        self.interrupt: InterruptSource | None = None
+        dsz, asz, usz = ring_sizes(size)
+        self.desc = alloc.alloc(dsz, tag=f"{self.name} desc")
+        self.avail = alloc.alloc(asz, tag=f"{self.name} avail")
+        self.used = alloc.alloc(usz, tag=f"{self.name} used")
+        qt.write_many([(self.desc, bytes(dsz)), (self.avail, bytes(asz)), (self.used, bytes(usz))])
+        self._free: collections.deque[int] = collections.deque(range(size))
+        self._chains: list[_Chain | None] = [None] * size
+        self._staged_desc: dict[int, bytes] = {}
+        self._staged_tables: list[tuple[int, bytes]] = []
+        self._new_heads: list[int] = []
+        #: Driver's avail idx (free-running u16, as last published).
+        self.avail_idx = 0
+        #: Next used idx the driver will consume (free-running u16).
+        self.last_used_idx = 0
+        self._kicked_idx = 0
+        self.in_flight = 0  # chains added (published or not) and not yet used
+        self.kicks = 0
+        self.kicks_suppressed = 0
+        self._destroyed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"SplitVirtqueue({self.name}, size={self.size}, avail={self.avail_idx}, "
+            f"last_used={self.last_used_idx}, in_flight={self.in_flight})"
+        )
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def avail_event_addr(self) -> int:
+        return self.used + 4 + 8 * self.size
+
+    @property
+    def used_event_addr(self) -> int:
+        return self.avail + 4 + 2 * self.size
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    # ------------------------------------------------------------------ adding chains
+    def add(
+        self,
+        out: Sequence[Buffer] = (),
+        inp: Sequence[Buffer] = (),
+        token: Any = None,
+        *,
+        indirect: bool | None = None,
+    ) -> int:
+        """Stage a chain of device-readable ``out`` then device-writable ``inp`` buffers.
+
+        Returns the head index.  Nothing is visible to the device until `publish`/`kick`.
+        ``indirect=True`` puts the chain in an indirect table (needs the feature).
+        """
+        bufs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in inp]
+        if not bufs:
+            raise VirtqueueError(f"{self.name}: empty chain")
+        in_len = sum(n for _, n in inp)
+        use_indirect = bool(indirect) and len(bufs) > 0
+        if use_indirect and not self.indirect:
+            raise VirtqueueError(f"{self.name}: indirect descriptors were not negotiated")
+        ndesc = 1 if use_indirect else len(bufs)
+        if ndesc > len(self._free):
+            raise VirtqueueFull(
+                f"{self.name}: chain needs {ndesc} descriptors, {len(self._free)} free"
+            )
+        descs = [self._free.popleft() for _ in range(ndesc)]
+        table = None
+        if use_indirect:
+            table = self.alloc.alloc(16 * len(bufs), 16, tag=f"{self.name} indirect")
+            last = len(bufs) - 1
+            entries = b"".join(
+                DESC.pack(
+                    a, n, f | (VRING_DESC_F_NEXT if i < last else 0), i + 1 if i < last else 0
+                )
+                for i, (a, n, f) in enumerate(bufs)
+            )
+            self._staged_tables.append((table, entries))
+            self._staged_desc[descs[0]] = DESC.pack(table, len(entries), VRING_DESC_F_INDIRECT, 0)
+        else:
+            last = len(bufs) - 1
+            for i, (a, n, f) in enumerate(bufs):
+                if i < last:
+                    self._staged_desc[descs[i]] = DESC.pack(
+                        a, n, f | VRING_DESC_F_NEXT, descs[i + 1]
+                    )
+                else:
+                    self._staged_desc[descs[i]] = DESC.pack(a, n, f, 0)
+        head = descs[0]
+        self._chains[head] = _Chain(descs, token, table, in_len)
+        self._new_heads.append(head)
+        self.in_flight += 1
+        return head
+
+    def publish(self) -> int:
+        """Write staged descriptors, avail entries and the new avail idx; return #chains."""
+        heads = self._new_heads
+        if not heads:
+            return 0
+        writes: list[tuple[int, bytes]] = list(self._staged_tables)
+        if self._staged_desc:
+            idxs = sorted(self._staged_desc)
+            run_start = prev = idxs[0]
+            parts = [self._staged_desc[prev]]
+            for i in idxs[1:]:
+                if i != prev + 1:
+                    writes.append((self.desc + 16 * run_start, b"".join(parts)))
+                    run_start, parts = i, []
+                parts.append(self._staged_desc[i])
+                prev = i
+            writes.append((self.desc + 16 * run_start, b"".join(parts)))
+        n = len(heads)
+        start = self.avail_idx % self.size
+        first = min(n, self.size - start)
+        writes.append((self.avail + 4 + 2 * start, struct.pack(f"<{first}H", *heads[:first])))
+        if n > first:
+            rest = heads[first:]
+            writes.append((self.avail + 4, struct.pack(f"<{len(rest)}H", *rest)))
+        new_idx = (self.avail_idx + n) & 0xFFFF
+        writes.append((self.avail + 2, U16.pack(new_idx)))
+        self.qt.write_many(writes)
+        self.avail_idx = new_idx
+        self._staged_desc.clear()
+        self._staged_tables.clear()
+        self._new_heads = []
+        return n
+
+    def kick(self, *, force: bool = False) -> bool:
+        """Publish, then notify the device unless it asked not to be (or ``force``).
+
+        Honours VRING_USED_F_NO_NOTIFY, or avail_event with EVENT_IDX.  Returns True if the
+        device was notified.
+        """
+        self.publish()
+        old, new = self._kicked_idx, self.avail_idx
+        self._kicked_idx = new
+        if force:
+            need = True
+        elif new == old:
+            return False
+        elif self.event_idx:
+            need = vring_need_event(self.qt.readw(self.avail_event_addr), new, old)
+        else:
+            need = not self.qt.readw(self.used) & VRING_USED_F_NO_NOTIFY
+        if not need:
+            self.kicks_suppressed += 1
+            return False
+        if self.notify is None:
+            raise VirtqueueError(f"{self.name}: no notifier attached")
+        self.notify(self)
+        self.kicks += 1
+        return True
+
+    def add_and_kick(
+        self,
+        out: Sequence[Buffer] = (),
+        inp: Sequence[Buffer] = (),
+        token: Any = None,
+        *,
+        indirect: bool | None = None,
+    ) -> int:
+        head = self.add(out, inp, token, indirect=indirect)
+        self.kick()
+        return head
+
+    # ------------------------------------------------------------------ used ring
+    def device_used_idx(self) -> int:
+        return self.qt.readw(self.used + 2)
+
+    def pending_used(self) -> int:
+        """Used elements the device published that the driver has not consumed."""
+        return (self.device_used_idx() - self.last_used_idx) & 0xFFFF
+
+    def get_used(self, max_count: int | None = None) -> list[UsedElem]:
+        """Consume the used elements available now (at most ``max_count``)."""
+        used_idx = self.device_used_idx()
+        n = (used_idx - self.last_used_idx) & 0xFFFF
+        if n == 0:
+            return []
+        if n > self.in_flight:
+            raise VirtqueueError(
+                f"{self.name}: device moved used idx {self.last_used_idx} -> {used_idx} "
+                f"but only {self.in_flight} chain(s) are in flight"
+            )
+        if max_count is not None:
+            n = min(n, max_count)
+        start = self.last_used_idx % self.size
+        first = min(n, self.size - start)
+        raw = self.qt.read(self.used + 4 + 8 * start, 8 * first)
+        if n > first:
+            raw += self.qt.read(self.used + 4, 8 * (n - first))
+        out: list[UsedElem] = []
+        errors: list[str] = []
+        for head, length in USED_ELEM.iter_unpack(raw):
+            chain = self._chains[head] if head < self.size else None
+            if chain is None:
+                errors.append(f"used id {head} is not the head of an in-flight chain")
+                continue
+            self._chains[head] = None
+            self._free.extend(chain.descs)
+            if chain.table is not None:
+                self.alloc.free(chain.table)
+            self.in_flight -= 1
+            if length > chain.in_len:
+                errors.append(
+                    f"used id {head}: len {length} > {chain.in_len} device-writable bytes"
+                )
+            out.append(UsedElem(head, length, chain.token))
+        self.last_used_idx = (self.last_used_idx + n) & 0xFFFF
+        if errors:
+            raise VirtqueueError(f"{self.name}: " + "; ".join(errors))
+        return out
+
+    def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[UsedElem]:
+        """Wait until ``count`` used elements are available; consume and return them."""
+        if count > self.in_flight:
+            raise VirtqueueError(
+                f"{self.name}: waiting for {count} used chain(s) but {self.in_flight} in flight"
+            )
+        if self._new_heads:
+            raise VirtqueueError(f"{self.name}: waiting for used with unpublished chains")
+        poll_until(
+            lambda: self.pending_used() >= count,
+            timeout,
+            f"{count} used element(s) on {self.name}",
+            detail=self._state,
+        )
+        return self.get_used(count)
+
+    def _state(self) -> str:
+        return (
+            f"device used idx {self.device_used_idx()}, last_used {self.last_used_idx}, "
+            f"avail idx {self.avail_idx}, in flight {self.in_flight}"
+        )
+
+    # ------------------------------------------------------------------ notification control
+    def used_flags(self) -> int:
+        return self.qt.readw(self.used)
+
+    def avail_event(self) -> int:
+        """The device's avail_event (meaningful with EVENT_IDX)."""
+        return self.qt.readw(self.avail_event_addr)
+
+    def set_used_event(self, idx: int) -> None:
+        self.qt.writew(self.used_event_addr, idx & 0xFFFF)
+
+    def set_avail_flags(self, flags: int) -> None:
+        self.qt.writew(self.avail, flags)
+
+    def enable_interrupts(self) -> None:
+        """Ask for an interrupt at the next used element."""
+        if self.event_idx:
+            self.set_used_event(self.last_used_idx)
+        else:
+            self.set_avail_flags(0)
+
+    def disable_interrupts(self) -> None:
+        """Ask the device not to interrupt (a hint; devices may still do so)."""
+        if self.event_idx:
+            self.set_used_event((self.last_used_idx - 1) & 0xFFFF)
+        else:
+            self.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT)
+
+    def wait_interrupt(self, timeout: float = 5.0) -> None:
+        if self.interrupt is None:
+            raise VirtqueueError(f"{self.name}: no interrupt source attached")
+        poll_until(
+            self.interrupt.fired,
+            timeout,
+            f"interrupt of {self.name} ({self.interrupt.describe()})",
+            detail=self._state,
+        )
+
+    # ------------------------------------------------------------------ state / lifetime
+    def set_base(self, idx: int, *, write_used: bool = True) -> None:
+        """Start the ring at index ``idx`` (avail and used), e.g. to test u16 wrap.
+
+        Only meaningful if the device starts from the same index (vhost-user learns it via
+        SET_VRING_BASE from QEMU's vmstate, i.e. after a migration); QEMU's own virtio core
+        always resets its last_avail_idx to 0.  Nothing may be in flight.
+        """
+        if self.in_flight or self._new_heads:
+            raise VirtqueueError(f"{self.name}: set_base with {self.in_flight} chain(s) in flight")
+        idx &= 0xFFFF
+        self.avail_idx = self.last_used_idx = self._kicked_idx = idx
+        writes = [(self.avail + 2, U16.pack(idx))]
+        if write_used:
+            writes.append((self.used + 2, U16.pack(idx)))
+        self.qt.write_many(writes)
+
+    def tokens_in_flight(self) -> list[Any]:
+        return [c.token for c in self._chains if c is not None]
+
+    def destroy(self) -> list[Any]:
+        """Free ring memory and indirect tables; returns tokens of chains still in flight."""
+        if self._destroyed:
+            return []
+        self._destroyed = True
+        tokens = []
+        for c in self._chains:
+            if c is not None:
+                tokens.append(c.token)
+                if c.table is not None:
+                    self.alloc.free(c.table)
+        self._chains = [None] * self.size
+        for addr in (self.desc, self.avail, self.used):
+            self.alloc.free(addr)
+        return tokens
