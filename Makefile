@@ -31,7 +31,7 @@ qtests: setup
 
 # One pytest session for unit tests and qtests; exit 5 ("no tests collected") is a failure.
 check: setup lint
-	$(PY) -m pytest backends/tests qtests $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 images: setup
 	$(PY) -m guest_images build

@@ -1,26 +1,58 @@
 """Shared pytest fixtures for the qtest suites.
 
-``log_dir``: a per-test directory for QEMU stderr, qtest logs and backend logs.  By default it
-lives under pytest's ``tmp_path``; set ``QOS_LOG_DIR=/some/dir`` to keep logs in one place
-(one sub-directory per test node id).
+``log_dir``: a per-test directory for QEMU stderr, qtest logs, backend logs and journals:
+``test-logs/<test id>/`` in the checkout (``QOS_LOG_DIR=/some/dir`` puts them elsewhere). It is
+emptied when the test starts and kept afterwards, pass or fail.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from qtests.qos.testbed import Testbed
 
 
 def _safe_name(nodeid: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[:150]
 
 
+LOG_ROOT = Path(__file__).resolve().parent.parent / "test-logs"
+
+
 @pytest.fixture
-def log_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
-    root = os.environ.get("QOS_LOG_DIR")
-    path = Path(root) / _safe_name(request.node.nodeid) if root else tmp_path / "logs"
-    path.mkdir(parents=True, exist_ok=True)
+def log_dir(request: pytest.FixtureRequest) -> Path:
+    root = Path(os.environ.get("QOS_LOG_DIR") or LOG_ROOT)
+    path = root / _safe_name(request.node.nodeid)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
     return path
+
+
+@pytest.fixture
+def make_testbed(log_dir: Path) -> Iterator[Callable[..., Testbed]]:
+    """Factory for testbeds (backend process + QEMU + driver); every one is closed at teardown,
+    whatever the test did."""
+    beds: list[Testbed] = []
+
+    def make(**kw: Any) -> Testbed:
+        tb = Testbed(log_dir, **kw)
+        beds.append(tb)
+        return tb
+
+    yield make
+    for tb in reversed(beds):
+        tb.close()
+
+
+@pytest.fixture
+def testbed(make_testbed: Callable[..., Testbed]) -> Testbed:
+    """A started single-queue testbed: driver at DRIVER_OK, mergeable RX buffers posted."""
+    return make_testbed().start()

@@ -1,0 +1,227 @@
+"""A QEMU process running the test guest: command line, QMP, serial console, shutdown.
+
+The test listens on the console and QMP sockets and QEMU connects to them (client chardevs),
+so no console output is lost and nothing polls for sockets to appear. Guest RAM is always a
+shared memfd backend: vhost-user sees no memory at all otherwise (and QEMU says nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avocado_tests.console import BootInfo, GuestConsole
+from avocado_tests.processes import stop_process
+from avocado_tests.qmp_client import QmpCommandError, QmpConnection
+from guest_images import GuestImage
+
+_log = logging.getLogger(__name__)
+DEFAULT_MAC = "52:54:00:12:34:56"
+
+
+@dataclass(frozen=True)
+class VhostUserNic:
+    """virtio-net-pci backed by ``-netdev vhost-user`` (our backend is the socket server)."""
+
+    socket: Path
+    queues: int = 1
+    mac: str = DEFAULT_MAC
+    reconnect_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class DgramNic:
+    """virtio-net-pci backed by QEMU's built-in ``-netdev dgram`` (frames as UDP payloads)."""
+
+    local_port: int
+    remote_port: int
+    host: str = "127.0.0.1"
+    mac: str = DEFAULT_MAC
+
+
+Nic = VhostUserNic | DgramNic
+
+
+@dataclass
+class VmConfig:
+    nics: list[Nic] = field(default_factory=list)
+    smp: int = 1
+    mem_mb: int = 512
+    accel: str = "tcg"  # "kvm" only when asked for and usable
+    kernel_args: list[str] = field(default_factory=list)  # e.g. vdpa.ip=10.0.0.2/24
+    qemu: str = "qemu-system-x86_64"
+    extra_args: list[str] = field(default_factory=list)
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def qemu_command(image: GuestImage, cfg: VmConfig, console: Path, qmp: Path) -> list[str]:
+    append = ["console=ttyS0", "panic=-1", f"vdpa.nics={len(cfg.nics)}", *cfg.kernel_args]
+    args = [
+        cfg.qemu,
+        "-name", "vdpa-guest",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-machine", "q35,memory-backend=mem",
+        "-accel", cfg.accel,
+        "-m", str(cfg.mem_mb),
+        "-smp", str(cfg.smp),
+        "-object", f"memory-backend-memfd,id=mem,size={cfg.mem_mb}M,share=on",
+        "-kernel", str(image.kernel),
+        "-initrd", str(image.initrd),
+        "-append", " ".join(append),
+        "-chardev", f"socket,id=console,path={console}",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,path={qmp}",
+        "-mon", "chardev=qmp,mode=control",
+    ]  # fmt: skip
+    for i, nic in enumerate(cfg.nics):
+        device = f"virtio-net-pci,id=nic{i},netdev=net{i},mac={nic.mac}"
+        if isinstance(nic, VhostUserNic):
+            chardev = f"socket,id=vu{i},path={nic.socket}"
+            if nic.reconnect_ms is not None:
+                chardev += f",reconnect-ms={nic.reconnect_ms}"
+            args += ["-chardev", chardev,
+                     "-netdev", f"vhost-user,id=net{i},chardev=vu{i},queues={nic.queues}"]  # fmt: skip
+            if nic.queues > 1:
+                device += f",mq=on,vectors={2 * nic.queues + 2}"
+        else:
+            args += ["-netdev", f"dgram,id=net{i},local.type=inet,local.host={nic.host},"
+                     f"local.port={nic.local_port},remote.type=inet,remote.host={nic.host},"
+                     f"remote.port={nic.remote_port}"]  # fmt: skip
+        args += ["-device", device]
+    return [*args, *cfg.extra_args]
+
+
+class GuestVM:
+    def __init__(
+        self,
+        image: GuestImage,
+        config: VmConfig,
+        rundir: Path,
+        logdir: Path,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.image = image
+        self.config = config
+        self.log = log or _log
+        self.console_path = rundir / "console.sock"
+        self.qmp_path = rundir / "qmp.sock"
+        self.qemu_log_path = logdir / "qemu.log"
+        self.console_log_path = logdir / "console.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QmpConnection | None = None
+        self.console: GuestConsole | None = None
+        self.boot: BootInfo | None = None
+        self.started_at = 0.0
+        self._listener: socket.socket | None = None
+
+    def qemu_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.qemu_log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _died(self, what: str) -> AssertionError:
+        assert self.proc is not None
+        return AssertionError(
+            f"QEMU exited with {self.proc.returncode} while {what}; "
+            f"{self.qemu_log_path}:\n{self.qemu_tail()}"
+        )
+
+    def launch(self, timeout: float = 30.0) -> None:
+        """Start QEMU and take its console and QMP connections (not yet the guest boot)."""
+        if shutil.which(self.config.qemu) is None:
+            raise AssertionError(f"QEMU binary {self.config.qemu!r} not found")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(self.console_path))
+        self._listener.listen(1)
+        self.qmp = QmpConnection.listen(self.qmp_path, "qemu-qmp")
+        cmd = qemu_command(self.image, self.config, self.console_path, self.qmp_path)
+        self.log.info("QEMU: %s", " ".join(cmd))
+        with self.qemu_log_path.open("wb") as qlog:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT
+            )
+        self.started_at = time.monotonic()
+        self.console = GuestConsole(self._accept_console(timeout), self.console_log_path)
+        try:
+            self.qmp.accept(timeout)
+        except QmpCommandError as exc:
+            if self.proc.poll() is not None:
+                raise self._died("connecting QMP") from exc
+            raise
+
+    def _accept_console(self, timeout: float) -> socket.socket:
+        assert self._listener is not None and self.proc is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._listener, selectors.EVENT_READ)
+            while True:
+                if sel.select(timeout=0.2):
+                    conn, _ = self._listener.accept()
+                    self._listener.close()
+                    self._listener = None
+                    return conn
+                if self.proc.poll() is not None:
+                    raise self._died("waiting for its console connection")
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"QEMU did not connect its console within {timeout:g}s: {self.qemu_tail()}"
+                    )
+
+    def wait_ready(self, timeout: float = 90.0) -> BootInfo:
+        assert self.console is not None and self.proc is not None
+        try:
+            self.boot = self.console.wait_ready(timeout, self.started_at)
+        except AssertionError as exc:
+            if self.proc.poll() is not None:
+                raise self._died(f"booting ({exc})") from exc
+            raise
+        self.log.info(
+            "guest ready after %.2f s (guest uptime %s s): %s",
+            self.boot.seconds,
+            self.boot.guest_uptime,
+            self.boot.interfaces,
+        )
+        return self.boot
+
+    def run(self, command: str, timeout: float = 30.0) -> str:
+        """Run a guest shell command that must succeed; its output."""
+        assert self.console is not None
+        return self.console.run(command, timeout).check()
+
+    def shutdown(self, timeout: float = 15.0) -> int | None:
+        """Stop QEMU (QMP quit, then SIGTERM, then SIGKILL) and close everything; exit code."""
+        rc = None
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                if self.qmp is None:
+                    raise QmpCommandError("no QMP connection")
+                self.qmp.cmd("quit", timeout=5)
+            except QmpCommandError as exc:
+                self.log.info("QMP quit failed (%s): SIGTERM", exc)
+                self.proc.terminate()
+        if self.proc is not None:
+            rc = stop_process(self.proc, "QEMU", self.log, grace=timeout)
+        for closer in (self.qmp, self.console, self._listener):
+            if closer is not None:
+                try:
+                    closer.close()
+                except OSError as exc:
+                    self.log.debug("close: %r", exc)
+        self.qmp = self.console = self._listener = None
+        return rc
