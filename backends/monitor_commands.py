@@ -238,6 +238,23 @@ class MonitorCommands:
                 help="deliver a frame (hex) to the guest on RX of queue pair 'queue'",
             ),
             Command("query-wire", self.query_wire, help="wire and per-queue packet counters"),
+            Command(
+                "hold-tx",
+                self.hold_tx,
+                (Arg("enable", ArgType.BOOL),),
+                help="hold TX completions (chains stay popped, frames unsent) or release them",
+            ),
+            Command(
+                "iotlb-request",
+                self.iotlb_request,
+                (
+                    Arg("iova", ArgType.UINT),
+                    Arg("perm", ArgType.UINT, True),
+                    Arg("type", ArgType.STR, True),
+                ),
+                help="send an IOTLB MISS (type 'miss', default) or ACCESS_FAIL ('access-fail') "
+                "for 'iova' with vhost perm 'perm' (default 1 = RO) on the backend channel",
+            ),
             Command("suspend", self.suspend, help="stop processing queues (kicks are kept)"),
             Command("resume", self.resume, help="resume processing, replaying kicks"),
             Command("quit", self.quit, help="stop the backend"),
@@ -506,7 +523,28 @@ class MonitorCommands:
             "wire": {"kind": str(kind), **counters.get("wire", {})},
             "queues": counters.get("queues", []),
             "backlog": counters.get("backlog", []),
+            "tx_held": int(getattr(net, "tx_held", 0)),
         }
+
+    def hold_tx(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Returns how many TX chains were held when the command ran."""
+        net = self._need_net()
+        return {"held": int(net.hold_tx(args["enable"])), "enabled": args["enable"]}
+
+    def iotlb_request(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A backend-initiated IOTLB request, e.g. a MISS while QEMU has the device stopped.
+        Its ack lands in the journal (iotlb.miss_ack / iotlb.access_fail_ack)."""
+        kind = args.get("type", "miss")
+        perm = args.get("perm", int(Perm.RO))
+        if kind not in ("miss", "access-fail"):
+            raise CommandError("Parameter 'type' expects 'miss' or 'access-fail'")
+        if not 1 <= perm <= 3:
+            raise CommandError("Parameter 'perm' expects 1 (RO), 2 (WO) or 3 (RW)")
+        channel = getattr(self._transport_connection(), "backend", None)
+        if channel is None:
+            raise CommandError("no backend channel (no vhost-user connection with BACKEND_REQ)")
+        send = channel.send_miss if kind == "miss" else channel.send_access_fail
+        return {"sent": bool(send(args["iova"], perm))}
 
     def suspend(self, _: dict[str, Any]) -> dict[str, Any]:
         self.device.suspend()

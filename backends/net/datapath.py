@@ -13,6 +13,13 @@ and re-enabled with the usual race check. A chain too short to hold the header i
 ring content: :class:`VqError` ``net-tx-header`` (NEEDS_RESET). Fault ``drop-tx``: chains are
 consumed and counted as sent but never reach the wire.
 
+TX hold (:meth:`NetDevice.hold_tx`, monitor ``hold-tx``): TX chains are popped and their frames
+read, but neither sent nor completed - the chains stay in flight, as with a zero-copy or DMA
+engine whose transmit completions are pending. Releasing the hold sends the held frames in
+order and completes their chains. When the ring stops (GET_VRING_BASE: ``queue_stopped``) the
+held frames are dropped here and the device rewinds their chains, so whoever starts the ring
+next (the migration destination) transmits them: exactly once either way.
+
 RX (queue 2k): frames from the wire or :meth:`NetDevice.inject` go to a bounded per-pair
 backlog (overflow counted as drops on the RX queue); the backlog is drained on an RX kick, on a
 new frame, and when the ring (re)starts. Wire frames for a pair that is not enabled (its RX
@@ -148,6 +155,9 @@ class NetDevice:
         # per pair: (avail idx, last_avail_idx) when the posted mergeable buffers were found
         # too few for the head frame; nothing to retry until the driver adds more
         self._stalled: list[tuple[int, int] | None] = [None] * queue_pairs
+        self._tx_hold = False
+        # per TX vq: chains popped while the hold was on, oldest first, with their frames
+        self._held: dict[int, list[tuple[Chain, bytes]]] = {}
         wire.set_receiver(self._on_wire_frame)
         if loop is not None:
             self.set_loop(loop)
@@ -189,7 +199,49 @@ class NetDevice:
             bl.clear()
         self._scheduled.clear()
         self._stalled = [None] * self.queue_pairs
+        self._held.clear()
         self.config.status = VIRTIO_NET_S_LINK_UP
+
+    def queue_stopped(self, vq_index: int) -> None:
+        """The ring stops (GET_VRING_BASE): drop held TX frames; the device rewinds their
+        chains (VdpaDevice.stop_vq), so they are transmitted by whoever runs the ring next."""
+        held = self._held.pop(vq_index, None)
+        if held:
+            log.info("vq %d stopped with %d held TX chain(s): given back", vq_index, len(held))
+
+    # -- TX hold -----------------------------------------------------------------------------
+    @property
+    def tx_held(self) -> int:
+        """TX chains popped and held (neither sent nor completed)."""
+        return sum(len(h) for h in self._held.values())
+
+    def hold_tx(self, enable: bool) -> int:
+        """Hold TX completions (see the module docstring) or release them: held frames are
+        sent and their chains completed when their queue next runs (now, if it is active).
+        Returns how many chains were held at the call."""
+        held = self.tx_held
+        self._tx_hold = bool(enable)
+        if not enable:
+            for i in [i for i, h in self._held.items() if h]:
+                self._continue(i)
+        return held
+
+    def _complete_held(self, i: int) -> None:
+        dev = self._dev
+        assert dev is not None
+        held = self._held.pop(i, None)
+        if not held:
+            return
+        vq = dev.vqs[i]
+        st = self.stats[i]
+        drop = self._fault("drop-tx")
+        for chain, frame in held:
+            vq.push(chain, 0)
+            st.packets += 1
+            st.bytes += len(frame)
+            if not drop:
+                self.wire.send(frame, i >> 1)
+        dev.notify_used(i)
 
     # -- wiring ------------------------------------------------------------------------------
     def set_loop(self, loop: EventLoop) -> None:
@@ -286,6 +338,9 @@ class NetDevice:
         send = self.wire.send
         budget = self.tx_budget if self._loop is not None else 0
         done = 0
+        hold = self._tx_hold
+        if not hold and self._held.get(i):
+            self._complete_held(i)
         try:
             vq.set_notification(False)
             while True:
@@ -302,6 +357,9 @@ class NetDevice:
                         f"less than the {hdr_len}-byte virtio_net_hdr",
                     )
                 frame = _join_out(chain, hdr_len)
+                if hold:  # popped, not completed: stays in flight
+                    self._held.setdefault(i, []).append((chain, frame))
+                    continue
                 vq.push(chain, 0)
                 done += 1
                 if frame:
@@ -315,6 +373,7 @@ class NetDevice:
                     self._schedule(i)  # kicks stay suppressed: we come back anyway
                     break
         except BaseException:
+            self._held.pop(i, None)  # rewound with the rest: popped again, in order
             _give_back(vq)
             raise
         finally:

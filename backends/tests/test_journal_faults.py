@@ -118,3 +118,15 @@ def test_unknown_fault_names_are_refused_with_the_list(op: str) -> None:
         assert name in str(ei.value)
     with pytest.raises(ValueError):
         Faults(["nope"])
+
+
+def test_entries_carry_a_monotonic_timestamp() -> None:
+    """``mono_ns`` (CLOCK_MONOTONIC, host-wide) orders entries of different processes."""
+    import time
+
+    j = Journal()
+    before = time.monotonic_ns()
+    a = j.record("vq.stop", vq=0, mono_ns=1)  # a colliding field name is kept aside
+    b = j.record("vq.start", vq=0)
+    assert before <= a["mono_ns"] <= b["mono_ns"] <= time.monotonic_ns()
+    assert a["mono_ns_"] == 1

@@ -65,6 +65,8 @@ EXPECTED_COMMANDS = {
     "clear-fault",
     "inject-packet",
     "query-wire",
+    "hold-tx",
+    "iotlb-request",
     "suspend",
     "resume",
     "quit",
@@ -790,6 +792,36 @@ def test_suspend_resume_quit(backend: Backend) -> None:
 
     run(go)
     wait_for(lambda: backend.quits == ["quit"], "on_quit to be called")
+
+
+def test_hold_tx_command(backend: Backend) -> None:
+    backend.add_memory()
+    backend.driver_ok()
+
+    async def go() -> None:
+        async with qmp_client(backend.path) as qmp:
+            assert await qmp.execute("hold-tx", {"enable": True}) == {"held": 0, "enabled": True}
+            assert (await qmp.execute("query-wire"))["tx_held"] == 0
+            assert await qmp.execute("hold-tx", {"enable": False}) == {"held": 0, "enabled": False}
+            with pytest.raises(ExecuteError, match="expected: boolean"):
+                await qmp.execute("hold-tx", {"enable": 1})
+
+    run(go)
+
+
+def test_iotlb_request_checks_arguments_and_needs_a_backend_channel(backend: Backend) -> None:
+    async def go() -> None:
+        async with qmp_client(backend.path) as qmp:
+            with pytest.raises(ExecuteError, match="'type' expects"):
+                await qmp.execute("iotlb-request", {"iova": 0x1000, "type": "bogus"})
+            with pytest.raises(ExecuteError, match="'perm' expects"):
+                await qmp.execute("iotlb-request", {"iova": 0x1000, "perm": 0})
+            with pytest.raises(ExecuteError, match="no backend channel"):
+                await qmp.execute("iotlb-request", {"iova": 0x1000, "type": "access-fail"})
+            with pytest.raises(ExecuteError, match="'iova' is missing"):
+                await qmp.execute("iotlb-request", {})
+
+    run(go)
 
 
 def test_quit_without_on_quit_stops_the_loop(backend: Backend) -> None:

@@ -624,3 +624,65 @@ def test_rx_miss_keeps_frame_in_backlog() -> None:
     bufs = dict(posted)
     got = b"".join(rig.read_chain(bufs[h], ln) for h, ln in used)
     assert got == hdr(2) + f and rig.net.backlog() == 0
+
+
+# -- TX hold (chains popped but unfinished: what GET_VRING_BASE must drain or rewind) ----------
+
+
+def _held_rig(faults: Faults | None = None) -> tuple[Rig, list[bytes]]:
+    """Two frames sent, then the hold on and three more popped but not completed."""
+    rig = make_rig(faults=faults)
+    frames = [frame(100 + k, seed=k) for k in range(5)]
+    q = rig.vqs[1]
+    for f in frames[:2]:
+        q.add(rig.tx_buffers([hdr() + f]))
+    q.kick()
+    assert rig.net.hold_tx(True) == 0
+    for f in frames[2:]:
+        q.add(rig.tx_buffers([hdr() + f]))
+    q.kick()
+    assert [d for d, _ in rig.wire.sent] == frames[:2]
+    assert rig.net.tx_held == 3 and rig.dev.vqs[1].inflight == 3
+    assert len(q.take_used()) == 2  # the held chains are not used
+    return rig, frames
+
+
+def test_tx_hold_release_sends_held_frames_in_order_once() -> None:
+    rig, frames = _held_rig()
+    assert rig.net.hold_tx(False) == 3
+    assert [d for d, _ in rig.wire.sent] == frames
+    assert len(rig.vqs[1].take_used()) == 3 and rig.net.tx_held == 0
+    assert rig.net.stats[1].packets == 5
+
+
+def test_tx_hold_stop_rewinds_held_chains_for_the_next_owner() -> None:
+    """GET_VRING_BASE with held chains: last_avail_idx excludes them, the frames are not sent
+    here, and a ring restarted at that base (the migration destination) sends them once."""
+    rig, frames = _held_rig()
+    st = rig.dev.stop_vq(1)
+    assert (st.last_avail_idx, st.used_idx) == (2, 2)
+    assert rig.net.tx_held == 0 and rig.dev.vqs[1].inflight == 0
+    rig.net.hold_tx(False)
+    assert [d for d, _ in rig.wire.sent] == frames[:2]
+    rig.dev.set_vq_state(1, st)
+    rig.dev.start_vq(1)
+    assert [d for d, _ in rig.wire.sent] == frames
+    assert len(rig.vqs[1].take_used()) == 3
+
+
+def test_no_drain_before_base_fault_counts_held_chains() -> None:
+    rig, frames = _held_rig(Faults(["no-drain-before-base"]))
+    st = rig.dev.stop_vq(1)
+    assert st.last_avail_idx == 5 and st.used_idx == 2  # the 3 held chains are lost
+    rig.dev.set_vq_state(1, st)
+    rig.dev.start_vq(1)
+    rig.net.hold_tx(False)
+    assert [d for d, _ in rig.wire.sent] == frames[:2]
+
+
+def test_tx_hold_dropped_on_reset() -> None:
+    rig, _ = _held_rig()
+    rig.dev.reset()
+    assert rig.net.tx_held == 0
+    rig.net.hold_tx(False)
+    assert len(rig.wire.sent) == 2

@@ -524,6 +524,85 @@ def test_refused_miss_is_tolerated(fe: Frontend, mem: GuestMemory, backend: Back
         r.close()
 
 
+def test_refused_miss_is_asked_again_on_the_next_kick(
+    fe: Frontend, mem: GuestMemory, backend: BackendThread
+) -> None:
+    """A MISS acked with failure brings no UPDATE: the queue stays parked, and the next kick
+    must send the MISS again (the guest may have mapped the IOVA meanwhile)."""
+    r = start_iommu(fe, mem, backend)
+    try:
+        mark = backend.mark()
+        send_tx(mem, r.tx, frame())
+        first = fe.recv_backend()
+        refused = m.IotlbMsg.unpack(first.payload)
+        fe.reply_backend(first, 1)  # e.g. the vIOMMU has no mapping yet
+        backend.wait_journal("iotlb.miss_ack", mark)
+        assert backend.call(lambda: backend.backend.device.parked)  # parked, alive
+        after = backend.mark()
+        r.tx.kick()  # the guest mapped it and kicks again: a second MISS, then progress
+        pump_misses(fe, lambda: bool(r.tx.pop_used()))
+        again = [e["iova"] for e in backend.query(["iotlb.miss_sent"], after)]
+        assert refused.iova in again
+        assert not backend.query(["error.protocol"], mark)
+    finally:
+        r.close()
+
+
+def test_access_fail_request_and_its_refusal(
+    fe: Frontend, mem: GuestMemory, backend: BackendThread
+) -> None:
+    r = start_iommu(fe, mem, backend)
+    try:
+        send_tx(mem, r.tx, frame())  # serve the start-up misses first
+        pump_misses(fe, lambda: bool(r.tx.pop_used()))
+        mark = backend.mark()
+
+        def channel():
+            conn = backend.backend.server.connection
+            assert conn is not None and conn.backend is not None
+            return conn.backend
+
+        assert backend.call(lambda: channel().send_access_fail(IOVA_OFFSET + PAGE, 2))
+        msg = fe.recv_backend()
+        got = m.IotlbMsg.unpack(msg.payload)
+        assert (got.type, got.iova, got.perm) == (m.IotlbType.ACCESS_FAIL, IOVA_OFFSET + PAGE, 2)
+        assert msg.header.need_reply
+        fe.reply_backend(msg, 1)  # QEMU 10: "Access failure IOTLB message type not supported"
+        (ack,) = backend.wait_journal("iotlb.access_fail_ack", mark)
+        assert (ack["iova"], ack["perm"], ack["status"]) == (IOVA_OFFSET + PAGE, 2, 1)
+        assert backend.query(["iotlb.access_fail_sent"], mark)
+        # MISS acks still pair with their MISS afterwards
+        assert fe.iotlb_invalidate(IOVA_OFFSET, mem.slots[0].size) == 0
+        send_tx(mem, r.tx, frame())
+        pump_misses(fe, lambda: bool(r.tx.pop_used()))
+        acks = backend.query(["iotlb.miss_ack"], mark)
+        assert acks and all(a["status"] == 0 for a in acks)
+        assert backend.call(lambda: channel().outstanding()) == []
+        assert not backend.query(["error.protocol"], mark)
+    finally:
+        r.close()
+
+
+def test_set_features_starts_an_empty_iotlb(
+    fe: Frontend, mem: GuestMemory, backend: BackendThread
+) -> None:
+    """QEMU sends SET_FEATURES on every vhost start but no INVALIDATE for what the guest
+    unmapped while vhost was stopped: each start must begin with an empty IOTLB."""
+    r = start_iommu(fe, mem, backend)
+    try:
+        send_tx(mem, r.tx, frame())
+        pump_misses(fe, lambda: bool(r.tx.pop_used()))
+        assert _mappings(backend)
+        mark = backend.mark()
+        fe.set_features(fe.features)  # what a vhost restart sends
+        assert _mappings(backend) == []
+        assert backend.query(["dma.set_map"], mark)[0]["removed"] > 0
+        send_tx(mem, r.tx, frame())  # translated afresh through MISS
+        assert pump_misses(fe, lambda: bool(r.tx.pop_used()))
+    finally:
+        r.close()
+
+
 def test_update_ack_and_bad_updates(fe: Frontend, mem: GuestMemory, backend: BackendThread) -> None:
     r = start_iommu(fe, mem, backend)
     try:

@@ -399,6 +399,15 @@ class VdpaDevice:
                 log.exception("on_iotlb_miss failed")
                 self._rec("error.device", vq=i, error="miss-callback", detail=str(ex))
 
+    def iotlb_miss_refused(self, iova: int, perm: int) -> None:
+        """The front-end answered the MISS for (iova, perm) without an UPDATE (vIOMMU fault,
+        device stopped). Queues parked on it stay parked, but the next kick asks again:
+        the guest may map the IOVA meanwhile, and nothing else would ever retry."""
+        try:
+            self._misses.discard((iova, Perm(perm)))
+        except ValueError:
+            pass
+
     @property
     def parked(self) -> dict[int, tuple[int, Perm]]:
         """Queues waiting for an IOTLB update: vq -> (iova, perm)."""

@@ -43,10 +43,25 @@ FAULTS: dict[str, str] = {
         "on an IOTLB miss the device parks the queue silently and never sends a MISS to the "
         "front-end: TX stalls. Caught by the vIOMMU suite (expects iotlb.miss + progress)."
     ),
+    "ignore-rem-mem-reg": (
+        "REM_MEM_REG is acknowledged but the region stays mapped (host memory and IOTLB), so "
+        "the device can still reach a DIMM QEMU unplugged. Hook: vhost_user/memory_table.py "
+        "MemoryTable.remove. Caught by the memory hotplug suite (qtests/test_memory_hotplug.py: "
+        "the backend's map must equal QEMU's memory devices after every unplug, and a "
+        "descriptor into the removed range must be rejected)."
+    ),
+    "mem-table-full-replace": (
+        "every SET_MEM_TABLE unmaps and re-maps every region (new region ids) instead of "
+        "keeping the unchanged ones, as naive backends do. Hook: vhost_user/memory_table.py "
+        "MemoryTable._apply_table. Caught by the memory hotplug suite with --no-mem-slots "
+        "(regions a plug or unplug did not touch must keep their id)."
+    ),
     "no-drain-before-base": (
         "stop_vq / GET_VRING_BASE neither finishes nor rewinds popped-but-unfinished chains: the "
-        "returned last_avail_idx counts them. Caught by the migration / ring-state suites "
-        "(buffers lost across the stop; last_avail - used != inflight-free state)."
+        "returned last_avail_idx counts them. Unfinished chains exist while TX completions are "
+        "held (monitor hold-tx). Caught by the migration / ring-state suites "
+        "(qtests/test_migration.py: held TX frames never reach either wire; "
+        "last_avail - used != inflight-free state)."
     ),
 }
 

@@ -1,9 +1,13 @@
 """An ordered, bounded, queryable record of control-plane events.
 
-Every entry is a plain dict ``{'seq', 'ts_ns', 'kind', **fields}`` whose values are JSON-safe
+Every entry is a plain dict ``{'seq', 'ts_ns', 'mono_ns', 'kind', **fields}`` whose values are JSON-safe
 (enums become ints, bytes become hex strings, tuples become lists). Kinds are dotted strings
 (``dma.map``, ``vq.start``, ``error.vq`` ...); :meth:`Journal.query` matches a kind exactly or
 by a prefix ending in ``.`` (``'dma.'``) or ``.*`` (``'dma.*'``).
+
+``ts_ns`` is wall-clock time (CLOCK_REALTIME, for humans and logs); ``mono_ns`` is
+CLOCK_MONOTONIC, which never steps and is shared by every process on the host, so entries of
+two backends (migration source and destination) can be ordered by it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY = 100_000
-_RESERVED = frozenset({"seq", "ts_ns"})
+_RESERVED = frozenset({"seq", "ts_ns", "mono_ns"})
 
 
 def json_safe(value: Any) -> Any:
@@ -63,7 +67,12 @@ class Journal:
 
     def record(self, kind: str, **fields: Any) -> dict[str, Any]:
         self._seq += 1
-        entry: dict[str, Any] = {"seq": self._seq, "ts_ns": time.time_ns(), "kind": kind}
+        entry: dict[str, Any] = {
+            "seq": self._seq,
+            "ts_ns": time.time_ns(),
+            "mono_ns": time.monotonic_ns(),
+            "kind": kind,
+        }
         for k, v in fields.items():
             entry[k + "_" if k in _RESERVED else k] = json_safe(v)
         self._entries.append(entry)

@@ -10,6 +10,7 @@ any IOTLB or mem-table change invalidates the cache.
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,7 +29,12 @@ __all__ = [
 
 # -- split ring layout -------------------------------------------------------------------
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-U16 = struct.Struct("<H")
+# Ring indexes / flags / event fields are read and written concurrently by the other side, so
+# each access must be ONE 16-bit load or store. struct's explicit little-endian codecs ("<H")
+# move one byte at a time: a driver polling used->idx while it goes 0x00ff -> 0x0100 can read
+# 0x0000 (or we read a torn avail->idx). The native codec is a single memcpy of 2 bytes (one
+# aligned store on x86); virtio rings are little-endian, so native is right on LE hosts.
+U16 = struct.Struct("H" if sys.byteorder == "little" else "<H")
 USED_ELEM = struct.Struct("<II")  # id, len
 DESC_SIZE = DESC.size
 
@@ -176,11 +182,16 @@ class RingArea:
             done += take
 
     def pack(self, s: struct.Struct, off: int, *values: int) -> None:
+        """Store ``values`` with one copy of the final bytes. Not ``pack_into``: CPython
+        zero-fills the target before packing, so a driver polling used->idx could read 0
+        between the two stores (seen in qtests as used idx 0x2d80 -> 0 -> 0x2e00)."""
+        data = s.pack(*values)
         if self.single:
-            s.pack_into(self._buf, self._base + off, *values)
-            self._dma.mark_dirty(self._gpa + off, s.size)
+            start = self._base + off
+            self._buf[start : start + len(data)] = data
+            self._dma.mark_dirty(self._gpa + off, len(data))
             return
-        self.write(off, s.pack(*values))
+        self.write(off, data)
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """The backend channel (SET_BACKEND_REQ_FD): backend-initiated requests to QEMU.
 
-Only IOTLB MISS is sent. It must never block the backend: QEMU answers a MISS by sending an
-IOTLB UPDATE on the *main* socket and waiting for its ack there before it acks the MISS, so
-the backend keeps serving the main socket and reads the MISS acks asynchronously here.
-QEMU refuses a MISS while the device is stopped: a non-zero ack is journalled, not an error.
+IOTLB MISS is sent by the device; ACCESS_FAIL only on request (monitor ``iotlb-request``:
+QEMU 10 refuses it, "not supported"). Nothing here may block the backend: QEMU answers a MISS
+by sending an IOTLB UPDATE on the *main* socket and waiting for its ack there before it acks
+the MISS, so the backend keeps serving the main socket and reads the acks asynchronously here.
+QEMU refuses (acks with non-zero) a MISS while the device is stopped and a MISS for an IOVA
+the vIOMMU does not map (or maps without the access asked): journalled, not an error; the
+``on_refused(iova, perm)`` callback lets the device ask again later instead of waiting for an
+UPDATE that will never come.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class BackendChannel:
         *,
         reply_ack: bool,
         on_closed: Callable[[BackendChannel], None] | None = None,
+        on_refused: Callable[[int, int], None] | None = None,
     ) -> None:
         try:
             mode = os.fstat(fd).st_mode
@@ -53,38 +58,55 @@ class BackendChannel:
         self.journal = journal
         self.reply_ack = reply_ack
         self.on_closed = on_closed
+        self.on_refused = on_refused
         self.closed = False
         self._reader = MessageReader(self.sock)
-        self._outstanding: collections.deque[tuple[int, int]] = collections.deque()
+        # (iova, perm, IOTLB type) of each request awaiting its ack, oldest first
+        self._outstanding: collections.deque[tuple[int, int, int]] = collections.deque()
         self.misses_sent = 0
         self.misses_refused = 0
         loop.add_reader(self.sock.fileno(), self._on_readable)
 
-    def outstanding(self) -> list[tuple[int, int]]:
+    def outstanding(self) -> list[tuple[int, int, int]]:
+        """(iova, perm, type) of the requests QEMU has not acked yet."""
         return list(self._outstanding)
 
     def send_miss(self, iova: int, perm: int) -> bool:
         """Send IOTLB MISS(iova, perm); False if not sent (closed, duplicate or too many)."""
+        return self._send_iotlb(m.IotlbType.MISS, iova, perm)
+
+    def send_access_fail(self, iova: int, perm: int) -> bool:
+        """Send IOTLB ACCESS_FAIL(iova, perm) (QEMU 10 acks it with 1: not supported)."""
+        return self._send_iotlb(m.IotlbType.ACCESS_FAIL, iova, perm)
+
+    def _send_iotlb(self, kind: m.IotlbType, iova: int, perm: int) -> bool:
         if self.closed:
             return False
-        key = (iova, int(perm))
+        key = (iova, int(perm), int(kind))
         if self.reply_ack:
-            if key in self._outstanding:
+            if kind == m.IotlbType.MISS and key in self._outstanding:
                 return False  # QEMU is already on it
             if len(self._outstanding) >= MAX_OUTSTANDING:
-                log.warning("backend channel: %d misses outstanding, dropping", MAX_OUTSTANDING)
+                log.warning("backend channel: %d requests outstanding, dropping", MAX_OUTSTANDING)
                 return False
         flags = m.VERSION | (m.FLAG_NEED_REPLY if self.reply_ack else 0)
-        payload = m.IotlbMsg(iova, 0, 0, int(perm), m.IotlbType.MISS).pack()
+        payload = m.IotlbMsg(iova, 0, 0, int(perm), kind).pack()
         try:
             send_message(self.sock, m.encode(m.BackendRequest.IOTLB_MSG, payload, flags))
         except OSError as e:
-            self._fail(f"send of IOTLB MISS failed: {e}")
+            self._fail(f"send of IOTLB {kind.name} failed: {e}")
             return False
-        self.misses_sent += 1
         if self.reply_ack:
             self._outstanding.append(key)
-        self.journal.record("iotlb.miss_sent", iova=iova, perm=int(perm), need_reply=self.reply_ack)
+        if kind == m.IotlbType.MISS:
+            self.misses_sent += 1
+            self.journal.record(
+                "iotlb.miss_sent", iova=iova, perm=int(perm), need_reply=self.reply_ack
+            )
+        else:
+            self.journal.record(
+                "iotlb.access_fail_sent", iova=iova, perm=int(perm), need_reply=self.reply_ack
+            )
         return True
 
     def send_config_change(self) -> None:
@@ -124,12 +146,23 @@ class BackendChannel:
                 )
                 continue
             status = m.unpack_u64(msg.payload)
-            iova, perm = self._outstanding.popleft() if self._outstanding else (-1, 0)
+            iova, perm, kind = (
+                self._outstanding.popleft() if self._outstanding else (-1, 0, m.IotlbType.MISS)
+            )
+            if kind != m.IotlbType.MISS:
+                self.journal.record("iotlb.access_fail_ack", iova=iova, perm=perm, status=status)
+                continue
             self.journal.record("iotlb.miss_ack", iova=iova, perm=perm, status=status)
             if status:
-                # e.g. QEMU refuses a MISS while the device is stopped: not our error
+                # QEMU refuses a MISS while the device is stopped, or for an IOVA the vIOMMU
+                # does not map for that access: not our error, but no UPDATE is coming
                 self.misses_refused += 1
                 log.info("front-end refused IOTLB MISS iova=%#x perm=%d", iova, perm)
+                if self.on_refused is not None and iova >= 0:
+                    try:
+                        self.on_refused(iova, perm)
+                    except Exception:
+                        log.exception("on_refused callback failed")
 
     def _fail(self, why: str, error: bool = True) -> None:
         if error:

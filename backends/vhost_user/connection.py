@@ -611,6 +611,7 @@ class Connection:
             self.journal,
             reply_ack=self.has(PF.REPLY_ACK),
             on_closed=self._backend_closed,
+            on_refused=self.device.iotlb_miss_refused,
         )
         old, self.backend = self.backend, channel
         if old is not None:

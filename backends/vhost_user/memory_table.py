@@ -106,8 +106,16 @@ class MemoryTable:
         return [(r.gpa, r.size, r.uaddr, Perm.RW) for r in self._regions]
 
     def set_iommu(self, enabled: bool) -> None:
-        """ACCESS_PLATFORM negotiated or dropped: rebuild what the IOTLB holds."""
+        """ACCESS_PLATFORM negotiated or dropped (SET_FEATURES): rebuild what the IOTLB holds.
+
+        With a vIOMMU every SET_FEATURES starts an empty IOTLB, as the kernel's vhost-net does
+        (vhost_init_device_iotlb): QEMU sends SET_FEATURES on every vhost start, but no
+        INVALIDATE for what the guest unmaps while vhost is stopped (device reset, VM stop),
+        so a translation cached before the stop may point at a page the IOVA no longer maps.
+        """
         if enabled == self.iommu:
+            if enabled and len(self.device.iotlb):
+                self.device.set_map([])
             return
         self.iommu = enabled
         # With a vIOMMU the IOTLB starts empty (fed by UPDATE); without, it is the identity.
@@ -146,12 +154,13 @@ class MemoryTable:
 
     def _apply_table(self, table: Sequence[MemRegion], fds: list[int], request: str) -> None:
         old = {_key(r): r for r in self._regions}
+        replace_all = self.device.faults.active("mem-table-full-replace")
         kept: list[HostRegion] = []
         new: list[HostRegion] = []
         created: list[HostRegion] = []
         try:
             for m, fd in zip(table, fds, strict=True):
-                r = old.pop(_key(m), None)
+                r = None if replace_all else old.pop(_key(m), None)
                 if r is not None:
                     kept.append(r)  # identity preserved; the duplicate fd is closed later
                 else:
@@ -227,6 +236,8 @@ class MemoryTable:
                 "unknown-region",
                 f"no region gpa={m.gpa:#x} size={m.size:#x} uaddr={m.uaddr:#x} to remove",
             )
+        if self.device.faults.active("ignore-rem-mem-reg"):
+            return r  # the fault: acknowledged, still mapped
         self._regions.remove(r)
         with self._attributed(request):
             self._remove_host(r)

@@ -28,7 +28,11 @@ MAX_PAYLOAD = 4096
 # SCM_RIGHTS descriptors accepted on one message; more means a broken peer.
 MAX_FDS = 8
 MEM_TABLE_MAX_REGIONS = 8  # VHOST_MEMORY_BASELINE_NREGIONS
-MAX_MEM_SLOTS = 256  # what GET_MAX_MEM_SLOTS reports with CONFIGURE_MEM_SLOTS (QEMU caps at 512)
+# What GET_MAX_MEM_SLOTS reports with CONFIGURE_MEM_SLOTS (QEMU caps at 512). At least 509
+# (QEMU's MEMORY_DEVICES_SAFE_MAX_MEMSLOTS): below that QEMU gives virtio-mem with
+# dynamic-memslots=on a single memslot, and refuses to hot-add this backend once a memory
+# device has decided its memslots. libvhost-user reports 509 for the same reason.
+MAX_MEM_SLOTS = 509
 CONFIG_MAX_SIZE = 256
 
 # -- vhost feature bits carried in GET/SET_FEATURES --------------------------------------
@@ -120,8 +124,9 @@ class ProtocolFeature(enum.IntEnum):
     INBAND_NOTIFICATIONS = 14
     CONFIGURE_MEM_SLOTS = 15
     STATUS = 16
-    SHARED_OBJECT = 17
-    DEVICE_STATE = 18
+    XEN_MMAP = 17  # QEMU include/hw/virtio/vhost-user.h; 17 is not SHARED_OBJECT
+    SHARED_OBJECT = 18
+    DEVICE_STATE = 19
 
 
 def protocol_mask(*features: ProtocolFeature) -> int:
