@@ -28,7 +28,6 @@ from typing import Any
 from avocado import Test
 
 import guest_images
-from avocado_tests.backend_proc import BackendProcess
 from avocado_tests.guest_vm import (
     DEFAULT_MAC,
     DgramNic,
@@ -41,6 +40,7 @@ from avocado_tests.guest_vm import (
 from avocado_tests.peer import UdpPeer
 from avocado_tests.ports import free_udp_port
 from guest_images import udpseq
+from qtests.qos.backend_process import BackendProcess
 
 DRIVER_OK = 0x4
 
@@ -122,7 +122,7 @@ class VdpaGuestTest(Test):
         extra = str(self.params.get("backend_faults", default="") or "")
         faults = [*faults, *(f for f in extra.split(",") if f)]
         self.facts["backend_faults"] = faults
-        backend = BackendProcess(self.rundir, self.artifacts, queues=queues, wire=wire,
+        backend = BackendProcess(self.artifacts, run_dir=self.rundir, queues=queues, wire=wire,
                                  faults=faults, mac=self.GUEST_MAC, log=self.log, **kw)  # fmt: skip
 
         def stop() -> None:
@@ -159,10 +159,13 @@ class VdpaGuestTest(Test):
         backend = self.start_backend(queues, wire, faults)
         return VhostUserNic(backend.socket, queues, mac=self.GUEST_MAC)
 
-    def boot_guest(self, nics: list[Nic], smp: int = 1, kernel_args: Iterable[str] = ()) -> GuestVM:
+    def boot_guest(
+        self, nics: list[Nic], smp: int = 1, kernel_args: Iterable[str] = (), **vm: Any
+    ) -> GuestVM:
+        """``vm``: more VmConfig fields (e.g. slots/maxmem_mb for memory hotplug)."""
         args = [f"vdpa.ip={self.GUEST_IP}/{self.PREFIX}", f"vdpa.peer={self.PEER_IP}", *kernel_args]
         cfg = VmConfig(nics=nics, smp=smp, accel=self.accel, kernel_args=args,
-                       qemu=self.qemu_binary)  # fmt: skip
+                       qemu=self.qemu_binary, **vm)  # fmt: skip
         vm = GuestVM(self.image, cfg, self.rundir, self.artifacts, log=self.log)
 
         def shutdown() -> None:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avocado_tests.console import BootInfo, GuestConsole
-from avocado_tests.processes import stop_process
-from avocado_tests.qmp_client import QmpCommandError, QmpConnection
 from guest_images import GuestImage
+from qtests.qos.processes import stop_process
+from qtests.qos.qmp import QmpClient, QmpError
 
 _log = logging.getLogger(__name__)
 DEFAULT_MAC = "52:54:00:12:34:56"
@@ -30,10 +30,12 @@ DEFAULT_MAC = "52:54:00:12:34:56"
 class VhostUserNic:
     """virtio-net-pci backed by ``-netdev vhost-user`` (our backend is the socket server)."""
 
-    socket: Path
+    socket: str | Path
     queues: int = 1
     mac: str = DEFAULT_MAC
     reconnect_ms: int | None = None
+    #: more virtio-net-pci properties, e.g. "bus=rp0,iommu_platform=on,ats=on" (vIOMMU)
+    device_props: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,14 @@ class VmConfig:
     nics: list[Nic] = field(default_factory=list)
     smp: int = 1
     mem_mb: int = 512
+    slots: int = 0  # memory hotplug slots (pc-dimm); needs maxmem_mb
+    maxmem_mb: int | None = None
     accel: str = "tcg"  # "kvm" only when asked for and usable
     kernel_args: list[str] = field(default_factory=list)  # e.g. vdpa.ip=10.0.0.2/24
+    #: more -machine properties, e.g. "kernel-irqchip=split" (intel-iommu with intremap)
+    machine_opts: list[str] = field(default_factory=list)
+    #: arguments placed before the NICs: devices they depend on (intel-iommu, root ports)
+    pre_nic_args: list[str] = field(default_factory=list)
     qemu: str = "qemu-system-x86_64"
     extra_args: list[str] = field(default_factory=list)
 
@@ -69,15 +77,22 @@ def kvm_usable() -> bool:
     return True
 
 
+def memory_option(cfg: VmConfig) -> str:
+    """``-m`` value: the boot RAM, plus hotplug slots and the maximum when asked for."""
+    if cfg.slots and cfg.maxmem_mb:
+        return f"{cfg.mem_mb}M,slots={cfg.slots},maxmem={cfg.maxmem_mb}M"
+    return str(cfg.mem_mb)
+
+
 def qemu_command(image: GuestImage, cfg: VmConfig, console: Path, qmp: Path) -> list[str]:
     append = ["console=ttyS0", "panic=-1", f"vdpa.nics={len(cfg.nics)}", *cfg.kernel_args]
     args = [
         cfg.qemu,
         "-name", "vdpa-guest",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-machine", "q35,memory-backend=mem",
+        "-machine", ",".join(["q35,memory-backend=mem", *cfg.machine_opts]),
         "-accel", cfg.accel,
-        "-m", str(cfg.mem_mb),
+        "-m", memory_option(cfg),
         "-smp", str(cfg.smp),
         "-object", f"memory-backend-memfd,id=mem,size={cfg.mem_mb}M,share=on",
         "-kernel", str(image.kernel),
@@ -88,8 +103,11 @@ def qemu_command(image: GuestImage, cfg: VmConfig, console: Path, qmp: Path) -> 
         "-chardev", f"socket,id=qmp,path={qmp}",
         "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
+    args += cfg.pre_nic_args
     for i, nic in enumerate(cfg.nics):
         device = f"virtio-net-pci,id=nic{i},netdev=net{i},mac={nic.mac}"
+        if isinstance(nic, VhostUserNic) and nic.device_props:
+            device += f",{nic.device_props}"
         if isinstance(nic, VhostUserNic):
             chardev = f"socket,id=vu{i},path={nic.socket}"
             if nic.reconnect_ms is not None:
@@ -123,7 +141,7 @@ class GuestVM:
         self.qemu_log_path = logdir / "qemu.log"
         self.console_log_path = logdir / "console.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.qmp: QmpConnection | None = None
+        self.qmp: QmpClient | None = None
         self.console: GuestConsole | None = None
         self.boot: BootInfo | None = None
         self.started_at = 0.0
@@ -149,21 +167,31 @@ class GuestVM:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.console_path))
         self._listener.listen(1)
-        self.qmp = QmpConnection.listen(self.qmp_path, "qemu-qmp")
+        self.qmp = QmpClient("qemu-qmp")
+        self.qmp.listen(str(self.qmp_path))
         cmd = qemu_command(self.image, self.config, self.console_path, self.qmp_path)
         self.log.info("QEMU: %s", " ".join(cmd))
         with self.qemu_log_path.open("wb") as qlog:
+            # own session: a Ctrl-C meant for an interactive parent (qtests.shell) is not QEMU's
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.started_at = time.monotonic()
-        self.console = GuestConsole(self._accept_console(timeout), self.console_log_path)
+        self.console = self._open_console(self._accept_console(timeout))
         try:
             self.qmp.accept(timeout)
-        except QmpCommandError as exc:
+        except QmpError as exc:
             if self.proc.poll() is not None:
                 raise self._died("connecting QMP") from exc
             raise
+
+    def _open_console(self, sock: socket.socket) -> GuestConsole | None:
+        """What drives the accepted console connection (a subclass may relay it instead)."""
+        return GuestConsole(sock, self.console_log_path)
 
     def _accept_console(self, timeout: float) -> socket.socket:
         assert self._listener is not None and self.proc is not None
@@ -207,16 +235,15 @@ class GuestVM:
     def shutdown(self, timeout: float = 15.0) -> int | None:
         """Stop QEMU (QMP quit, then SIGTERM, then SIGKILL) and close everything; exit code."""
         rc = None
-        if self.proc is not None and self.proc.poll() is None:
+        asked = False
+        if self.proc is not None and self.proc.poll() is None and self.qmp is not None:
             try:
-                if self.qmp is None:
-                    raise QmpCommandError("no QMP connection")
-                self.qmp.cmd("quit", timeout=5)
-            except QmpCommandError as exc:
+                self.qmp.command("quit", timeout=5)
+                asked = True
+            except QmpError as exc:
                 self.log.info("QMP quit failed (%s): SIGTERM", exc)
-                self.proc.terminate()
         if self.proc is not None:
-            rc = stop_process(self.proc, "QEMU", self.log, grace=timeout)
+            rc = stop_process(self.proc, "QEMU", timeout, asked=asked, log=self.log)
         for closer in (self.qmp, self.console, self._listener):
             if closer is not None:
                 try:

@@ -18,10 +18,14 @@ from pathlib import Path
 
 from avocado_tests import frames
 from avocado_tests.pcap import PcapWriter
-from avocado_tests.waits import WaitTimeout
 from guest_images import udpseq
+from qtests.qos.waiting import WaitTimeout
 
 _log = logging.getLogger(__name__)
+
+
+class PeerTimeout(WaitTimeout, AssertionError):
+    """The peer did not see what a scenario awaited: an assertion, so avocado reports FAIL."""
 
 
 class UdpPeer:
@@ -228,9 +232,7 @@ class UdpPeer:
             while ip not in self.neighbors:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise WaitTimeout(
-                        f"timed out after {timeout:g}s waiting for ARP reply from {ip}"
-                    )
+                    raise PeerTimeout(f"ARP reply from {ip}", timeout)
                 request = frames.arp(frames.ARP_REQUEST, self.mac, self._ip, b"\0" * 6,
                                      frames.ip_bytes(ip))  # fmt: skip
                 self._send(frames.ether(frames.BROADCAST, self.mac, frames.ETH_P_ARP, request))
@@ -270,22 +272,22 @@ class UdpPeer:
             return stats
 
     def wait_stream(self, port: int, timeout: float) -> udpseq.SeqStats:
-        """Wait until the stream to ``port`` is complete; WaitTimeout shows what arrived."""
+        """Wait until the stream to ``port`` is complete; PeerTimeout shows what arrived."""
         with self._cond:
             stats = self.streams[port]
             if not self._cond.wait_for(lambda: stats.complete, timeout):
-                raise WaitTimeout(
-                    f"timed out after {timeout:g}s waiting for udpseq stream to port {port}: "
-                    f"{stats.as_dict()}, peer counters {dict(self.counters)}"
+                raise PeerTimeout(
+                    f"udpseq stream to port {port}",
+                    timeout,
+                    f"{stats.as_dict()}, peer counters {dict(self.counters)}",
                 )
             return stats
 
     def wait_counter(self, name: str, minimum: int, timeout: float) -> int:
         with self._cond:
             if not self._cond.wait_for(lambda: self.counters[name] >= minimum, timeout):
-                raise WaitTimeout(
-                    f"timed out after {timeout:g}s waiting for peer counter {name} >= {minimum}: "
-                    f"{dict(self.counters)}"
+                raise PeerTimeout(
+                    f"peer counter {name} >= {minimum}", timeout, f"{dict(self.counters)}"
                 )
             return self.counters[name]
 

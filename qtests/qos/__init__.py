@@ -2,7 +2,8 @@
 
 Modules: `qtest` (protocol client), `qmp` (QMP facade), `machine` (QEMU launch/teardown),
 `alloc` (guest memory), `pci` (config space, BARs, MSI-X), `virtio_pci` (modern transport),
-`virtqueue` (split ring, driver side), `virtio_net` (the net driver), `waiting` (polling).
+`virtqueue` (split ring, driver side), `virtio_net` (the net driver), `waiting` (polling),
+`processes` (stopping children), `backend_process` (the backend as a child process).
 """
 
 from .alloc import AllocError, GuestAllocator, MemRange

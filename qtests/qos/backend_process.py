@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import threading
@@ -22,9 +21,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from qtests.qos.processes import stop_process
 from qtests.qos.qmp import QmpClient
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY = b"READY"
@@ -38,18 +38,6 @@ def backend_python() -> str:
 
 class BackendError(RuntimeError):
     pass
-
-
-def stop_process(proc: subprocess.Popen[Any], name: str, grace: float = 10.0) -> int:
-    """SIGTERM, wait ``grace`` seconds, then SIGKILL; returns the exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) ignored SIGTERM for %.1fs: killing", name, proc.pid, grace)
-            proc.kill()
-    return proc.wait(timeout=grace)
 
 
 class BackendProcess:
@@ -66,8 +54,15 @@ class BackendProcess:
         faults: Iterable[str] = (),
         mac: str | None = None,
         extra_args: Iterable[str] = (),
+        log: logging.Logger | None = None,
+        socket_path: str | None = None,
     ) -> None:
+        """Logs go to ``log_dir``, the sockets to ``run_dir`` (default: ``log_dir``; unix socket
+        paths must stay under 108 bytes). ``log``: where to report (default: this module's).
+        ``socket_path``: the vhost-user socket (default ``run_dir/NAME.sock``), e.g. the path of a
+        backend this one replaces for a QEMU that reconnects."""
         self.name = name
+        self.log = log or _log
         self.log_dir = Path(log_dir)
         run_dir = Path(run_dir) if run_dir is not None else self.log_dir
         self.queues = queues
@@ -75,7 +70,7 @@ class BackendProcess:
         self.faults = list(faults)
         self.mac = mac
         self.extra_args = list(extra_args)
-        self.socket = str(run_dir / f"{name}.sock")
+        self.socket = socket_path or str(run_dir / f"{name}.sock")
         self.monitor_path = str(run_dir / f"{name}-mon.sock")
         self.log_path = self.log_dir / f"{name}.log"
         self.journal_path = self.log_dir / f"{name}-journal.jsonl"
@@ -112,7 +107,7 @@ class BackendProcess:
             if os.path.exists(stale):
                 os.unlink(stale)
         cmd = self.command()
-        log.info("%s: %s", self.name, " ".join(cmd))
+        self.log.info("%s: %s", self.name, " ".join(cmd))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}
         with self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
@@ -155,6 +150,7 @@ class BackendProcess:
             target=self._drain_stdout, args=(fd, out), name=f"{self.name}-stdout", daemon=True
         )
         self._drain.start()
+        self.log.info("%s ready (pid %d)", self.name, self.proc.pid)
         return self
 
     @staticmethod
@@ -190,10 +186,11 @@ class BackendProcess:
         if self.proc is None:
             return None
         try:
-            self.returncode = stop_process(self.proc, self.name, grace)
+            self.returncode = stop_process(self.proc, self.name, grace, log=self.log)
         except Exception:  # never let clean-up hide the test's own failure
-            log.exception("stopping %s failed", self.name)
+            self.log.exception("stopping %s failed", self.name)
         self._join_drain()
+        self.log.info("%s exited with %s", self.name, self.returncode)
         return self.returncode
 
     def _join_drain(self) -> None:

@@ -21,10 +21,15 @@ def mac_bytes(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
 
+#: The 256-byte pattern block of every ``(seq * 7) & 0xFF`` (built once: tests make and check
+#: tens of thousands of frames, e.g. to wrap a ring's u16 indices).
+_BLOCKS = tuple(bytes((start + i) & 0xFF for i in range(256)) for start in range(256))
+
+
 def _pattern(seq: int, length: int) -> bytes:
     if length <= 0:
         return b""
-    block = bytes((seq * 7 + i) & 0xFF for i in range(256))
+    block = _BLOCKS[(seq * 7) & 0xFF]
     return (block * (length // 256 + 1))[:length]
 
 

@@ -499,6 +499,7 @@ class QemuMachine:
                 stderr=self._stderr_file,
                 preexec_fn=_die_with_parent,  # only calls prctl()
                 close_fds=True,
+                start_new_session=True,  # a terminal's Ctrl-C (qtests.shell) is not QEMU's
             )
             try:
                 self.qtest = QTest.accept(

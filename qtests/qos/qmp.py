@@ -61,6 +61,7 @@ class QmpClient:
         )
         self._thread.start()
         self._client: QMPClient | None = None
+        self._listening: QMPClient | None = None  # listen() until accept()
         self._pump: concurrent.futures.Future[None] | None = None
         self._cond = threading.Condition()
         self._pending: list[dict[str, Any]] = []
@@ -119,6 +120,30 @@ class QmpClient:
         """
         t = self.timeout if timeout is None else timeout
         self._run(self._connect(path, time.monotonic() + t, alive), t + 1.0, "connect")
+        self._pump = asyncio.run_coroutine_threadsafe(self._pump_events(), self._loop)
+
+    def listen(self, path: str) -> None:
+        """Listen on ``path`` for a QMP server that connects to us (QEMU ``-chardev socket``
+        without ``server=on``): nothing polls for a socket, and no early event is lost.
+        Finish with :meth:`accept` once the server has been started."""
+        client = QMPClient(self.name)
+        self._run(client.start_server(path), self.timeout, f"listen on {path}")
+        self._listening = client
+
+    def accept(self, timeout: float | None = None) -> None:
+        """Wait for the server to connect to the socket of :meth:`listen` (greeting and
+        capabilities negotiated)."""
+        client = self._listening
+        if client is None:
+            raise QmpError("accept", "listen() first")
+        t = self.timeout if timeout is None else timeout
+        try:
+            self._run(client.accept(), t, "accept")
+        except QmpError:
+            raise
+        except Exception as e:  # connection or negotiation failed
+            raise QmpError("accept", f"{type(e).__name__}: {e}") from e
+        self._client, self._listening = client, None
         self._pump = asyncio.run_coroutine_threadsafe(self._pump_events(), self._loop)
 
     @property
@@ -202,10 +227,10 @@ class QmpClient:
             return
         if self._pump is not None:
             self._pump.cancel()
-        if self._client is not None:
-            client = self._client
-            with contextlib.suppress(Exception):
-                self._run(client.disconnect(), timeout, "disconnect")
+        for client in (self._client, self._listening):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    self._run(client.disconnect(), timeout, "disconnect")
         self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)

@@ -12,6 +12,8 @@ Everything it starts it stops in :meth:`close`, also after a failure.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ GUEST_MAC = "52:54:00:12:34:56"
 
 
 class Testbed:
+    __test__ = False  # not a pytest test class, whatever its name
+
     def __init__(
         self,
         log_dir: Path,
@@ -53,6 +57,9 @@ class Testbed:
         self.net_props = dict(net_props or {})
         self.peer = WirePeer()
         self.backend: BackendProcess | None = None
+        #: Short private directory for the backend's unix sockets (a test's log dir can be too
+        #: long for a 108-byte socket path); created by start_backend, removed by close.
+        self.run_dir: Path | None = None
         self.machine: QemuMachine | None = None
         self.alloc: GuestAllocator | None = None
         self.bus: PciBus | None = None
@@ -61,9 +68,12 @@ class Testbed:
     # -- parts -----------------------------------------------------------------------------
     def start_backend(self) -> BackendProcess:
         prefix = f"{self.name}-" if self.name else ""
+        if self.run_dir is None:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="qos-tb-"))
         self.backend = BackendProcess(
             self.log_dir,
             name=f"{prefix}backend",
+            run_dir=self.run_dir,
             queues=self.queues,
             wire=self.peer.backend_wire_spec(),
             faults=self.faults,
@@ -151,6 +161,8 @@ class Testbed:
         if self.backend is not None:
             self.backend.stop()
         self.peer.close()
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         if errors:
             raise errors[0]
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .alloc import GuestAllocator
+from .iova import DmaMapper
 from .pci import PciBus
 from .qtest import QTest
 from .virtio_defs import (
@@ -189,11 +190,15 @@ class VirtioNetDriver:
         *,
         index: int = 0,
         device_id: int = VIRTIO_NET_PCI_DEVICE_ID,
+        dma: DmaMapper | None = None,
         **kw: int,
     ) -> VirtioNetDriver:
-        """The ``index``-th virtio-net PCI function (modern 1af4:1041 by default)."""
+        """The ``index``-th virtio-net PCI function (modern 1af4:1041 by default).
+
+        ``dma``: the mapper for a device behind a vIOMMU (``iommu_platform=on``): descriptors
+        and ring addresses then carry IOVAs; the driver still reads/writes by GPA."""
         pci = bus.find(VIRTIO_PCI_VENDOR, device_id, index)
-        return cls(VirtioPciDevice(pci, alloc, name=f"virtio-net {pci}"), **kw)
+        return cls(VirtioPciDevice(pci, alloc, name=f"virtio-net {pci}", dma=dma), **kw)
 
     # ------------------------------------------------------------------ init
     def init(

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from .alloc import GuestAllocator
+from .iova import IDENTITY, DmaMapper
 from .pci import PCI_CAP_ID_VNDR, MsiVector, PciDevice
 from .qtest import QTest
 from .virtio_defs import (
@@ -112,14 +113,25 @@ class VirtioPciDevice:
     """A modern virtio-pci function (vendor 1af4, device 0x1040 + type) driven over qtest."""
 
     def __init__(
-        self, pci: PciDevice, alloc: GuestAllocator, *, name: str | None = None, setup: bool = True
+        self,
+        pci: PciDevice,
+        alloc: GuestAllocator,
+        *,
+        name: str | None = None,
+        setup: bool = True,
+        dma: DmaMapper | None = None,
     ) -> None:
-        """Parse the virtio capabilities; ``setup`` also assigns BARs and enables the function."""
+        """Parse the virtio capabilities; ``setup`` also assigns BARs and enables the function.
+
+        ``dma``: how guest-physical addresses become the addresses the device is given (a
+        vIOMMU mapper with ``iommu_platform=on``); identity by default.
+        """
         if pci.vendor_id != VIRTIO_PCI_VENDOR or not 0x1000 <= pci.device_id <= 0x107F:
             raise VirtioPciError(f"{pci!r} is not a virtio-pci device")
         self.pci = pci
         self.qt: QTest = pci.qt
         self.alloc = alloc
+        self.dma: DmaMapper = dma if dma is not None else IDENTITY
         if pci.device_id >= VIRTIO_PCI_MODERN_BASE:
             self.device_type = pci.device_id - VIRTIO_PCI_MODERN_BASE
         else:  # transitional: subsystem ID is the device type
@@ -324,6 +336,17 @@ class VirtioPciDevice:
         self.setup_pci()
         msix = self.pci.msix()
         self.msix_vectors = msix.route_to_ram(self.alloc)
+        if self.msix_vectors and not self.dma.identity:
+            # MSI writes are DMA too: behind a vIOMMU the words must be mapped at the address
+            # the table holds (the mapper maps them IOVA == GPA, so the table stays as is).
+            first = min(v.addr for v in self.msix_vectors)
+            last = max(v.addr for v in self.msix_vectors) + 4
+            bus_addr = self.dma.map_msi(first, last - first)
+            if bus_addr != first:
+                raise VirtioPciError(
+                    f"{self.name}: MSI-X words at {first:#x} mapped at {bus_addr:#x}; "
+                    "only identity-mapped MSI words are supported"
+                )
         msix.enable()
         return self.msix_vectors
 
@@ -399,14 +422,15 @@ class VirtioPciDevice:
             indirect=self.has_feature(F_RING_INDIRECT_DESC),
             name=name or f"{self.name} vq{index}",
             notify=self.notify,
+            dma=self.dma,
         )
         vq.interrupt = IsrInterrupt(self, ISR_QUEUE)
         self.queues[index] = vq
         self.queue_select(index)
         self.common_write(COMMON_QUEUE_SIZE, 2, size)
-        self._common_write64(COMMON_QUEUE_DESC, vq.desc)
-        self._common_write64(COMMON_QUEUE_DRIVER, vq.avail)
-        self._common_write64(COMMON_QUEUE_DEVICE, vq.used)
+        self._common_write64(COMMON_QUEUE_DESC, vq.desc_dma)
+        self._common_write64(COMMON_QUEUE_DRIVER, vq.avail_dma)
+        self._common_write64(COMMON_QUEUE_DEVICE, vq.used_dma)
         notify_off = self.common_read(COMMON_QUEUE_NOTIFY_OFF, 2)
         self._notify_addr[index] = self._cap_addr(
             self.notify_cap, notify_off * self.notify_off_multiplier

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .alloc import GuestAllocator
+from .iova import IDENTITY, DmaDir, DmaMapper
 from .pci import InterruptSource
 from .qtest import QTest
 from .waiting import poll_until
@@ -34,7 +35,7 @@ VRING_USED_F_NO_NOTIFY = 1
 
 MAX_QUEUE_SIZE = 32768
 
-#: A buffer: (guest-physical address, length).
+#: A buffer: (guest-physical address, length) - or (DMA address, length) when ``premapped``.
 Buffer = tuple[int, int]
 
 
@@ -71,6 +72,8 @@ class _Chain:
     token: Any
     table: int | None
     in_len: int
+    #: Streaming DMA mappings made for this chain: (dma address, size, direction).
+    mapped: list[tuple[int, int, DmaDir]] | None = None
 
 
 class SplitVirtqueue:
@@ -78,6 +81,10 @@ class SplitVirtqueue:
 
     ``notify`` is called (with the queue) to notify the device; the transport sets it.
     ``interrupt`` (optional) is the queue's interrupt source (MSI-X word or ISR).
+    ``dma`` turns guest-physical addresses into the DMA addresses the device is given (ring
+    addresses ``desc_dma``/``avail_dma``/``used_dma``, descriptor ``addr`` fields, indirect
+    tables); identity by default.  Buffers are mapped in `add` and unmapped when their chain
+    is used (or the queue destroyed).
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class SplitVirtqueue:
         indirect: bool = False,
         name: str | None = None,
         notify: Callable[[SplitVirtqueue], None] | None = None,
+        dma: DmaMapper | None = None,
     ) -> None:
         if size <= 0 or size & (size - 1) or size > MAX_QUEUE_SIZE:
             raise VirtqueueError(f"queue size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
@@ -109,6 +117,11 @@ class SplitVirtqueue:
         self.avail = alloc.alloc(asz, tag=f"{self.name} avail")
         self.used = alloc.alloc(usz, tag=f"{self.name} used")
         qt.write_many([(self.desc, bytes(dsz)), (self.avail, bytes(asz)), (self.used, bytes(usz))])
+        self.dma: DmaMapper = dma if dma is not None else IDENTITY
+        #: What the device is told (== desc/avail/used without a vIOMMU).
+        self.desc_dma = self.dma.map_coherent(self.desc, dsz)
+        self.avail_dma = self.dma.map_coherent(self.avail, asz)
+        self.used_dma = self.dma.map_coherent(self.used, usz)
         self._free: collections.deque[int] = collections.deque(range(size))
         self._chains: list[_Chain | None] = [None] * size
         self._staged_desc: dict[int, bytes] = {}
@@ -151,11 +164,14 @@ class SplitVirtqueue:
         token: Any = None,
         *,
         indirect: bool | None = None,
+        premapped: bool = False,
     ) -> int:
         """Stage a chain of device-readable ``out`` then device-writable ``inp`` buffers.
 
         Returns the head index.  Nothing is visible to the device until `publish`/`kick`.
         ``indirect=True`` puts the chain in an indirect table (needs the feature).
+        Buffers are guest-physical and mapped through ``dma`` here (unmapped when the chain
+        is used); ``premapped=True``: they already are DMA addresses, used as given.
         """
         bufs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in inp]
         if not bufs:
@@ -169,10 +185,17 @@ class SplitVirtqueue:
             raise VirtqueueFull(
                 f"{self.name}: chain needs {ndesc} descriptors, {len(self._free)} free"
             )
+        mapped: list[tuple[int, int, DmaDir]] | None = None
+        if not premapped and not self.dma.identity:
+            bufs, mapped = self._map_bufs(bufs)
         descs = [self._free.popleft() for _ in range(ndesc)]
         table = None
         if use_indirect:
             table = self.alloc.alloc(16 * len(bufs), 16, tag=f"{self.name} indirect")
+            table_dma = table
+            if not self.dma.identity:
+                table_dma = self.dma.map(table, 16 * len(bufs), DmaDir.TO_DEVICE)
+                mapped = (mapped or []) + [(table_dma, 16 * len(bufs), DmaDir.TO_DEVICE)]
             last = len(bufs) - 1
             entries = b"".join(
                 DESC.pack(
@@ -181,7 +204,9 @@ class SplitVirtqueue:
                 for i, (a, n, f) in enumerate(bufs)
             )
             self._staged_tables.append((table, entries))
-            self._staged_desc[descs[0]] = DESC.pack(table, len(entries), VRING_DESC_F_INDIRECT, 0)
+            self._staged_desc[descs[0]] = DESC.pack(
+                table_dma, len(entries), VRING_DESC_F_INDIRECT, 0
+            )
         else:
             last = len(bufs) - 1
             for i, (a, n, f) in enumerate(bufs):
@@ -192,10 +217,32 @@ class SplitVirtqueue:
                 else:
                     self._staged_desc[descs[i]] = DESC.pack(a, n, f, 0)
         head = descs[0]
-        self._chains[head] = _Chain(descs, token, table, in_len)
+        self._chains[head] = _Chain(descs, token, table, in_len, mapped)
         self._new_heads.append(head)
         self.in_flight += 1
         return head
+
+    def _map_bufs(
+        self, bufs: list[tuple[int, int, int]]
+    ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, DmaDir]]]:
+        """Map every buffer for the device; on failure undo what was mapped."""
+        out: list[tuple[int, int, int]] = []
+        mapped: list[tuple[int, int, DmaDir]] = []
+        try:
+            for a, n, f in bufs:
+                d = DmaDir.FROM_DEVICE if f & VRING_DESC_F_WRITE else DmaDir.TO_DEVICE
+                addr = self.dma.map(a, n, d)
+                mapped.append((addr, n, d))
+                out.append((addr, n, f))
+        except BaseException:
+            self._unmap(mapped)
+            raise
+        return out, mapped
+
+    def _unmap(self, mapped: list[tuple[int, int, DmaDir]] | None) -> None:
+        if mapped:
+            for addr, n, d in mapped:
+                self.dma.unmap(addr, n, d)
 
     def publish(self) -> int:
         """Write staged descriptors, avail entries and the new avail idx; return #chains."""
@@ -303,6 +350,7 @@ class SplitVirtqueue:
                 continue
             self._chains[head] = None
             self._free.extend(chain.descs)
+            self._unmap(chain.mapped)
             if chain.table is not None:
                 self.alloc.free(chain.table)
             self.in_flight -= 1
@@ -376,6 +424,37 @@ class SplitVirtqueue:
             detail=self._state,
         )
 
+    # ------------------------------------------------------------------ raw access (bad guests)
+    def write_desc_raw(
+        self, index: int, addr: int, length: int, flags: int = 0, next_idx: int = 0
+    ) -> None:
+        """Write descriptor ``index`` of the table verbatim: no validation, no bookkeeping.
+
+        For tests of a device facing a malicious or broken driver (loops, out-of-range
+        ``next``, unmapped addresses...).  The descriptor is not taken from the free list;
+        reset the device (and destroy this queue) after using the raw API.
+        """
+        if not 0 <= index < self.size:
+            raise VirtqueueError(f"{self.name}: descriptor {index} outside the table")
+        self.qt.write(self.desc + DESC.size * index, DESC.pack(addr, length, flags, next_idx))
+
+    def publish_raw(self, heads: Sequence[int] = (), *, avail_idx: int | None = None) -> int:
+        """Put ``heads`` verbatim (any u16, even >= size) into the avail ring at the current
+        avail idx, then publish ``avail_idx`` (default: advanced by ``len(heads)``; any u16,
+        e.g. a jump by more than the queue size).  Nothing becomes in flight; `kick` after it
+        notifies the device.  Returns the published avail idx."""
+        if self._new_heads:
+            raise VirtqueueError(f"{self.name}: publish_raw with staged chains")
+        writes: list[tuple[int, bytes]] = []
+        for k, head in enumerate(heads):
+            slot = (self.avail_idx + k) % self.size
+            writes.append((self.avail + 4 + 2 * slot, U16.pack(head & 0xFFFF)))
+        new_idx = (self.avail_idx + len(heads) if avail_idx is None else avail_idx) & 0xFFFF
+        writes.append((self.avail + 2, U16.pack(new_idx)))
+        self.qt.write_many(writes)
+        self.avail_idx = new_idx
+        return new_idx
+
     # ------------------------------------------------------------------ state / lifetime
     def set_base(self, idx: int, *, write_used: bool = True) -> None:
         """Start the ring at index ``idx`` (avail and used), e.g. to test u16 wrap.
@@ -405,9 +484,13 @@ class SplitVirtqueue:
         for c in self._chains:
             if c is not None:
                 tokens.append(c.token)
+                self._unmap(c.mapped)
                 if c.table is not None:
                     self.alloc.free(c.table)
         self._chains = [None] * self.size
+        dsz, asz, usz = ring_sizes(self.size)
+        for dma_addr, n in ((self.desc_dma, dsz), (self.avail_dma, asz), (self.used_dma, usz)):
+            self.dma.unmap_coherent(dma_addr, n)
         for addr in (self.desc, self.avail, self.used):
             self.alloc.free(addr)
         return tokens

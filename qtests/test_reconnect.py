@@ -1,0 +1,208 @@
+"""QEMU reconnects to a restarted backend (``-chardev socket,reconnect-ms=N``).
+
+The backend process dies (SIGKILL: a crash; or SIGTERM: a clean exit) and a new one is started
+on the same vhost-user socket path and the same wire peer (it binds a new ephemeral UDP port;
+the peer learns it with ``connect``). What QEMU 10 does, and what the scenario checks:
+
+* On the disconnect QEMU sets the netdev's link down: the guest sees VIRTIO_NET_S_LINK_UP
+  cleared, with a config interrupt, and vhost is stopped. GET_VRING_BASE cannot be answered, so
+  QEMU takes ``last_avail_idx`` from the used idx in guest memory (chains the dead backend had
+  popped but not completed would be redone). The guest's device status never changes.
+* While the link is down, TX chains the driver *kicks* are handled by QEMU's own virtio-net,
+  which drops them (completes them unsent); chains made available *without* a kick stay in the
+  ring.
+* On reconnect QEMU runs the whole vhost-user init again, sets the link up and starts vhost
+  with SET_VRING_BASE = its ``last_avail_idx``: the new backend transmits the un-kicked chains
+  exactly once, never the dropped ones, and fills RX buffers posted before the crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from qtests.qos.backend_process import BackendProcess
+from qtests.qos.frames import make_frame, parse_frame
+from qtests.qos.testbed import GUEST_MAC, Testbed
+from qtests.qos.virtio_defs import (
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+)
+from qtests.qos.virtio_net import NET_HDR_SIZE, VirtioNetHdr
+from qtests.qos.waiting import poll_until
+from qtests.qos.wire_peer import WirePeerTimeout
+
+pytestmark = pytest.mark.qemu
+
+RX_Q, TX_Q = 0, 1
+TX_STREAM, RX_STREAM = 1, 2
+FRAME_SIZE = 150
+RECONNECT_MS = 50
+GUEST_READY = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+
+
+@dataclass
+class Traffic:
+    tx_used: int = 0  # TX chains completed (by the backend or dropped by QEMU)
+    rx_buffers: int = 0  # RX buffers used
+    tx_seq: int = 0
+    rx_seq: int = 0
+
+
+def _send(tb: Testbed, tr: Traffic, n: int) -> list[int]:
+    seqs = list(range(tr.tx_seq, tr.tx_seq + n))
+    tr.tx_seq += n
+    tb.net.send_burst([make_frame(s, FRAME_SIZE, stream=TX_STREAM) for s in seqs])
+    tr.tx_used += n
+    return seqs
+
+
+def _post_without_kick(tb: Testbed, tr: Traffic, n: int) -> list[int]:
+    """Make ``n`` TX chains available but do not notify the device."""
+    assert tb.alloc is not None and tb.machine is not None
+    vq = tb.net.txq[0]
+    seqs = list(range(tr.tx_seq, tr.tx_seq + n))
+    tr.tx_seq += n
+    writes = []
+    for s in seqs:
+        data = VirtioNetHdr().pack() + make_frame(s, FRAME_SIZE, stream=TX_STREAM)
+        addr = tb.alloc.alloc(len(data), tag="tx without kick")
+        writes.append((addr, data))
+        # the token tells the driver to free the buffer when the chain is used
+        vq.add(
+            [(addr, NET_HDR_SIZE), (addr + NET_HDR_SIZE, len(data) - NET_HDR_SIZE)],
+            (),
+            ("alloc", addr),
+        )
+    tb.machine.qtest.write_many(writes)
+    vq.publish()
+    return seqs
+
+
+def _expect_on_wire(tb: Testbed, seqs: list[int], timeout: float = 10.0) -> None:
+    got = [parse_frame(f) for f in tb.peer.recv_n(len(seqs), timeout=timeout)]
+    want = [(TX_STREAM, s) for s in seqs]
+    assert got == want, f"wire frames {got} != {want} (lost, repeated or reordered)"
+
+
+def _receive(tb: Testbed, tr: Traffic, n: int) -> None:
+    """``n`` frames from the wire, into RX buffers posted at init (no refill)."""
+    for _ in range(n):
+        seq = tr.rx_seq
+        tr.rx_seq += 1
+        tb.peer.send(make_frame(seq, FRAME_SIZE, stream=RX_STREAM))
+        rx = tb.net.recv(refill=False)
+        assert parse_frame(rx.data) == (RX_STREAM, seq), f"RX frame {seq} lost or repeated"
+        tr.rx_buffers += rx.num_buffers
+
+
+def take_backend_down(tb: Testbed, *, crash: bool) -> BackendProcess:
+    """SIGKILL (crash) or SIGTERM the backend; wait until the guest sees the link go down."""
+    old = tb.backend
+    assert old is not None
+    cfg_irq = tb.net.dev.config_interrupt
+    cfg_irq.clear()
+    if crash:
+        old.kill()
+    else:
+        assert old.stop() == 0, f"{old.name} did not exit cleanly on SIGTERM"
+        disconnects = [e for e in old.read_journal_file() if e["kind"] == "vhost.disconnect"]
+        assert disconnects and disconnects[-1]["reason"] == "backend shutting down"
+    poll_until(lambda: not tb.net.config().link_up, 10, "the guest to see LINK_UP cleared")
+    poll_until(cfg_irq.fired, 5, "the config interrupt for the link change")
+    return old
+
+
+def start_replacement(tb: Testbed, old: BackendProcess, faults: list[str]) -> BackendProcess:
+    """A new backend on the old one's socket path, talking to the same wire peer."""
+    n = 2
+    while (tb.log_dir / f"backend-{n}.log").exists():
+        n += 1
+    new = BackendProcess(
+        tb.log_dir,
+        name=f"backend-{n}",
+        run_dir=tb.run_dir,
+        queues=tb.queues,
+        wire=tb.peer.backend_wire_spec(),
+        faults=faults,
+        mac=GUEST_MAC,
+        extra_args=tb.backend_args,
+        socket_path=old.socket,
+    )
+    tb.backend = new  # from now on the testbed stops this one (the old one is gone)
+    new.start()
+    spec = new.wire_spec()
+    assert spec.endswith(f":{tb.peer.port}"), f"{spec}: not the same peer port"
+    tb.peer.connect(spec)
+    return new
+
+
+def wait_device_back(tb: Testbed, backend: BackendProcess) -> dict[int, dict[str, Any]]:
+    """QEMU reconnected: both rings started, DRIVER_OK, the guest's link up. Returns the
+    SET_VRING_BASE (vq.set_state) entries by ring."""
+
+    def started() -> bool:
+        rings = {e["vq"] for e in backend.journal(kinds=["vq.start"])}
+        return {RX_Q, TX_Q} <= rings and backend.cmd("query-status")["running"]
+
+    poll_until(started, 15, f"QEMU to reconnect to {backend.name} and start both rings")
+    st = backend.cmd("query-status")
+    assert st["connection"]["connected"] and "DRIVER_OK" in st["status_names"]
+    poll_until(lambda: tb.net.config().link_up, 10, "the guest to see LINK_UP again")
+    return {e["vq"]: e for e in backend.journal(kinds=["vq.set_state"])}
+
+
+def reconnect_scenario(
+    tb: Testbed,
+    *,
+    crash: bool,
+    restarts: int = 1,
+    faults_after: list[str] | None = None,
+    wire_timeout: float = 10.0,
+) -> None:
+    """Traffic; then ``restarts`` times: backend down, TX kicked (dropped by QEMU) and TX
+    not kicked while down, replacement up, indices / exactly-once / both directions."""
+    tr = Traffic()
+    _expect_on_wire(tb, _send(tb, tr, 5))
+    _receive(tb, tr, 3)
+    for _ in range(restarts):
+        old = take_backend_down(tb, crash=crash)
+        # kicked while the link is down: QEMU's own virtio-net completes them unsent (the
+        # wire checks below would see them: they would come before the un-kicked ones)
+        _send(tb, tr, 2)
+        unkicked = _post_without_kick(tb, tr, 3)
+        new = start_replacement(tb, old, faults_after or [])
+        bases = wait_device_back(tb, new)
+        assert tb.net.dev.status == GUEST_READY, "the guest's device status changed"
+        # QEMU restored last_avail_idx from the used idx: everything before the un-kicked
+        # chains was completed (sent, or dropped by QEMU)
+        assert bases[TX_Q]["last_avail_idx"] == tr.tx_used & 0xFFFF, bases[TX_Q]
+        assert bases[RX_Q]["last_avail_idx"] == tr.rx_buffers & 0xFFFF, bases[RX_Q]
+        _expect_on_wire(tb, unkicked, wire_timeout)  # exactly once; the dropped ones never
+        tb.net.wait_tx()
+        tr.tx_used += len(unkicked)
+        _expect_on_wire(tb, _send(tb, tr, 4))
+        _receive(tb, tr, 3)
+    tb.peer.expect_silence(0.1)  # no dropped frame or duplicate showed up late
+
+
+@pytest.mark.parametrize(
+    ("crash", "restarts"), [(True, 2), (False, 1)], ids=["sigkill-twice", "sigterm"]
+)
+def test_backend_restart_resumes_traffic(
+    make_testbed: Callable[..., Testbed], crash: bool, restarts: int
+) -> None:
+    tb = make_testbed(reconnect_ms=RECONNECT_MS).start()
+    reconnect_scenario(tb, crash=crash, restarts=restarts)
+
+
+def test_lost_frames_after_reconnect_are_caught(make_testbed: Callable[..., Testbed]) -> None:
+    """The same scenario notices a replacement backend that loses TX frames."""
+    tb = make_testbed(reconnect_ms=RECONNECT_MS).start()
+    with pytest.raises(WirePeerTimeout, match="got 0 of 3 frames"):
+        reconnect_scenario(tb, crash=True, faults_after=["drop-tx"], wire_timeout=1.0)
