@@ -125,6 +125,10 @@ def qemu_command(image: GuestImage, cfg: VmConfig, console: Path, qmp: Path) -> 
 
 
 class GuestVM:
+    #: Start QEMU in its own session, so a terminal's Ctrl-C meant for an interactive parent
+    #: (qtests.shell) does not reach it. Off for tests: a killed test's group takes QEMU along.
+    own_session = False
+
     def __init__(
         self,
         image: GuestImage,
@@ -172,13 +176,12 @@ class GuestVM:
         cmd = qemu_command(self.image, self.config, self.console_path, self.qmp_path)
         self.log.info("QEMU: %s", " ".join(cmd))
         with self.qemu_log_path.open("wb") as qlog:
-            # own session: a Ctrl-C meant for an interactive parent (qtests.shell) is not QEMU's
             self.proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=qlog,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=self.own_session,
             )
         self.started_at = time.monotonic()
         self.console = self._open_console(self._accept_console(timeout))

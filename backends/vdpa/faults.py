@@ -14,8 +14,10 @@ from .journal import Journal
 FAULTS: dict[str, str] = {
     "stale-iotlb": (
         "dma_unmap / IOTLB invalidate is journalled but the translation keeps working (a cached "
-        "stale translation): the device still reaches memory the guest unmapped. Caught by the "
-        "vIOMMU suite (invalidate, then expect a MISS / no access)."
+        "stale translation): the device still reaches memory the guest unmapped. Hook: "
+        "vdpa/iotlb.py IOTLB.dma_unmap. Caught by the vIOMMU suite (qtests/test_viommu.py "
+        "test_meta_stale_iotlb_is_caught: an RX into a remapped IOVA lands in the old page; "
+        "per-packet map/unmap sends another packet's bytes)."
     ),
     "remap-all": (
         "every IOTLB change (map, unmap, batch commit, set_map) drops and recreates every "
@@ -36,12 +38,15 @@ FAULTS: dict[str, str] = {
     ),
     "translate-by-gpa": (
         "with a vIOMMU (ACCESS_PLATFORM) the device treats IOVAs as guest-physical addresses "
-        "instead of translating them through the IOTLB. Caught by the vIOMMU suite (IOVA != GPA "
-        "mappings)."
+        "instead of translating them through the IOTLB. Hook: vdpa/dma.py DmaSpace.translate. "
+        "Caught by the vIOMMU suite (qtests/test_viommu.py test_meta_translate_by_gpa_is_caught: "
+        "IOVAs far above RAM, no traffic and an unmapped-translation error)."
     ),
     "no-miss": (
         "on an IOTLB miss the device parks the queue silently and never sends a MISS to the "
-        "front-end: TX stalls. Caught by the vIOMMU suite (expects iotlb.miss + progress)."
+        "front-end: TX stalls. Hook: vdpa/device.py VdpaDevice.handle_miss. Caught by the "
+        "vIOMMU suite (qtests/test_viommu.py test_meta_no_miss_is_caught: bounded wait for TX, "
+        "'0 MISS sent')."
     ),
     "ignore-rem-mem-reg": (
         "REM_MEM_REG is acknowledged but the region stays mapped (host memory and IOTLB), so "

@@ -1,0 +1,707 @@
+"""Scenario 2: vIOMMU dynamic mapping, end to end (real QEMU 10 + the backend process).
+
+The guest side is the qtest driver with a virtio-iommu-pci (``boot-bypass=off``) in front of
+the virtio-net device (behind a pcie-root-port, ``iommu_platform=on,ats=on``; the driver does
+not enable ATS, so vhost watches plain IOMMU unmaps).  Rings and buffers are reachable only
+through IOVAs from a window far above RAM (0x8_0000_0000+), so a backend that treats IOVAs as
+guest-physical addresses finds nothing there.  MSI-X writes go through the vIOMMU as well
+(only 0xfee00000-0xfeefffff bypasses it): the driver identity-maps its MSI words write-only
+(qtests/qos/virtio_iommu.py); the tests wait on used rings, and check the words fired.
+
+What QEMU does (observed with 10.0, hw/virtio/vhost.c + virtio-iommu.c):
+
+* vhost start: one UPDATE per used ring (``vhost_device_iotlb_miss(used, write)``); everything
+  else arrives on the backend's MISS: QEMU translates (one 4 KiB granule), sends UPDATE on the
+  main socket (NEED_REPLY) and only then acks the MISS with 0.  UPDATE perm is always RW
+  (``address_space_get_iotlb_entry`` reports RW for RAM): the vIOMMU's permission check
+  happens on the MISS only.
+* MISS for an IOVA the domain does not map, or maps without the access asked: virtio-iommu
+  logs "no mapping" / "permission error" once and queues a fault event; no UPDATE; the MISS
+  is acked with 1.  The backend stays parked (alive); a device reset recovers.
+* Guest UNMAP: QEMU sends INVALIDATE (NEED_REPLY) before the UNMAP request completes (strict).
+* MISS while vhost is stopped, and ACCESS_FAIL, are acked with 1 ("Unexpected IOTLB message
+  when virtio device is stopped" / "Access failure IOTLB message type not supported").
+
+Each scenario is a plain function raising AssertionError; the meta-tests run the same function
+against a backend with a fault and expect that failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qtests.qos.frames import make_frame
+from qtests.qos.iova import PAGE_SIZE
+from qtests.qos.machine import QemuMachine
+from qtests.qos.testbed import GUEST_MAC, Testbed
+from qtests.qos.virtio_defs import F_ACCESS_PLATFORM, VIRTIO_PCI_VENDOR, bit
+from qtests.qos.virtio_iommu import (
+    DEFAULT_IOVA_WINDOW,
+    FAULT_R_MAPPING,
+    MAP_F_READ,
+    MAP_F_WRITE,
+    FaultEvent,
+    MapOp,
+    ResvRegion,
+    UnmapOp,
+    ViommuDma,
+    VirtioIommuDriver,
+    endpoint_id,
+)
+from qtests.qos.virtio_net import NET_HDR_SIZE, VIRTIO_NET_PCI_DEVICE_ID, VirtioNetDriver
+from qtests.qos.waiting import WaitTimeout, poll_until
+from qtests.qos.wire_peer import WirePeerTimeout
+
+pytestmark = pytest.mark.qemu
+
+DOMAIN = 1
+WINDOW_LO, WINDOW_HI = DEFAULT_IOVA_WINDOW
+IOTLB_KINDS = ["iotlb.", "dma.map", "dma.unmap", "error."]
+
+
+# ----------------------------------------------------------------------------- the testbed
+class ViommuTestbed(Testbed):
+    """`Testbed` with a virtio-iommu in front of the virtio-net device."""
+
+    def __init__(self, log_dir: Path, *, strict: bool = True, ats: bool = True, **kw: Any):
+        super().__init__(log_dir, **kw)
+        self.strict = strict
+        self.ats = ats
+        self.viommu: VirtioIommuDriver | None = None
+        self._dma: ViommuDma | None = None
+        self.endpoint = -1
+        self.resv: list[ResvRegion] = []
+
+    def build_machine(self) -> QemuMachine:
+        assert self.backend is not None, "start_backend() first"
+        prefix = f"{self.name}-" if self.name else ""
+        m = QemuMachine(
+            self.log_dir,
+            name=f"{prefix}qemu",
+            memory=self.memory,
+            maxmem=self.maxmem,
+            slots=self.slots,
+        )
+        # before the devices it translates: their DMA address space is fixed at realize
+        m.add_virtio_iommu(props={"boot-bypass": False})
+        m.add_pcie_root_port("rp0", chassis=1)
+        m.add_vhost_user_netdev(
+            self.backend.socket, queues=self.queues, reconnect_ms=self.reconnect_ms
+        )
+        props: dict[str, Any] = {"mac": GUEST_MAC, "bus": "rp0", "iommu_platform": True}
+        if self.ats:
+            props["ats"] = True
+        props.update(self.net_props)
+        m.add_virtio_net(**props)
+        return m
+
+    def init_net(self, **init_kw: Any) -> VirtioNetDriver:
+        assert self.bus is not None and self.alloc is not None
+        if self.viommu is None:
+            self.viommu = VirtioIommuDriver.find(self.bus, self.alloc)
+            self.viommu.init()
+            pci = self.bus.find(VIRTIO_PCI_VENDOR, VIRTIO_NET_PCI_DEVICE_ID)
+            self.endpoint = endpoint_id(pci)
+            self.resv = self.viommu.probe(self.endpoint)
+            self.viommu.attach(self.endpoint, DOMAIN)
+            self._dma = ViommuDma(self.viommu, DOMAIN, strict=self.strict)
+        net = VirtioNetDriver.find(self.bus, self.alloc, dma=self._dma)
+        init_kw["extra_features"] = init_kw.get("extra_features", 0) | bit(F_ACCESS_PLATFORM)
+        net.init(**init_kw)
+        assert net.has_feature(F_ACCESS_PLATFORM), "ACCESS_PLATFORM was not negotiated"
+        self._net = net
+        return net
+
+    def reinit_net(self, **init_kw: Any) -> VirtioNetDriver:
+        """Reset the device (status 0: vhost stops) and bring it up again on new rings."""
+        self.net.close()
+        self._net = None
+        return self.init_net(**init_kw)
+
+    @property
+    def dma(self) -> ViommuDma:
+        assert self._dma is not None, "init_net() first"
+        return self._dma
+
+    @property
+    def iommu(self) -> VirtioIommuDriver:
+        assert self.viommu is not None, "init_net() first"
+        return self.viommu
+
+
+@pytest.fixture
+def make_vbed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
+    beds: list[ViommuTestbed] = []
+
+    def make(**kw: Any) -> ViommuTestbed:
+        tb = ViommuTestbed(log_dir, **kw)
+        beds.append(tb)
+        return tb
+
+    yield make
+    for tb in reversed(beds):
+        tb.close()
+
+
+# ----------------------------------------------------------------------------- helpers
+def journal(tb: Testbed, since: int, kinds: list[str] | None = None) -> list[dict[str, Any]]:
+    assert tb.backend is not None
+    return tb.backend.journal(kinds=kinds or IOTLB_KINDS, since=since)
+
+
+def assert_no_backend_errors(entries: list[dict[str, Any]]) -> None:
+    errors = [e for e in entries if str(e["kind"]).startswith("error.")]
+    assert not errors, f"the backend reported {len(errors)} error(s), first: {errors[0]}"
+
+
+def covers(e: dict[str, Any], iova: int) -> bool:
+    """Does the journalled range (dma.map/unmap, iotlb.update/invalidate) contain ``iova``?"""
+    return int(e["iova"]) <= iova < int(e["iova"]) + int(e["size"])
+
+
+def missed_in(e: dict[str, Any], iova: int, size: int) -> bool:
+    """Is the first missing IOVA of an ``iotlb.miss`` entry inside [iova, iova+size)?"""
+    return iova <= int(e["iova"]) < iova + size
+
+
+class HostMap:
+    """The backend's memory table: QEMU user address -> GPA."""
+
+    def __init__(self, tb: Testbed) -> None:
+        assert tb.backend is not None
+        self.regions = [
+            (int(r["uaddr"]), int(r["size"]), int(r["gpa"]))
+            for r in tb.backend.cmd("query-mem-table")["regions"]
+        ]
+
+    def gpa(self, uaddr: int) -> int | None:
+        for u, size, g in self.regions:
+            if u <= uaddr < u + size:
+                return g + (uaddr - u)
+        return None
+
+
+def is_data(iova: int, flags: int) -> bool:
+    """A streaming buffer mapping (rings are mapped read+write, MSI words below the window)."""
+    return WINDOW_LO <= iova < WINDOW_HI and flags != MAP_F_READ | MAP_F_WRITE
+
+
+def consumed_mappings(tb: ViommuTestbed, hist_mark: int) -> list[tuple[int, int, int, int]]:
+    """Data-buffer mappings the device used since ``hist_mark``: (iova, size, gpa, flags).
+
+    Strict: the ones the driver unmapped (it unmaps a buffer when its chain is used).  Static
+    (nothing is unmapped): the live ones - the caller keeps those the backend UPDATEd."""
+    if tb.strict:
+        return [
+            (iova, size, gpa, flags)
+            for op, iova, size, gpa, flags in tb.dma.history_since(hist_mark)
+            if op == "unmap" and is_data(iova, flags)
+        ]
+    return [
+        (iova, size, gpa, flags)
+        for iova, (size, gpa, flags) in tb.dma.mappings().items()
+        if is_data(iova, flags)
+    ]
+
+
+def assert_miss_then_update(
+    entries: list[dict[str, Any]], mappings: list[tuple[int, int, int, int]], host: HostMap
+) -> None:
+    """Every buffer the device used was first MISSed, then UPDATEd (dma.map) - nothing maps
+    it earlier in the window - and the UPDATE translates to the page the driver mapped."""
+    assert mappings, "no data buffer was used through the vIOMMU"
+    for iova, size, gpa, flags in mappings:
+        miss = next(
+            (e for e in entries if e["kind"] == "iotlb.miss" and missed_in(e, iova, size)), None
+        )
+        maps = [e for e in entries if e["kind"] == "dma.map" and covers(e, iova)]
+        what = f"buffer IOVA {iova:#x}+{size:#x} (GPA {gpa:#x}, flags {flags})"
+        assert miss is not None, f"the backend never sent a MISS for {what}"
+        assert maps, f"the backend never got an UPDATE for {what}"
+        assert maps[0]["seq"] > miss["seq"], (
+            f"{what}: mapped at seq {maps[0]['seq']} before its MISS at seq {miss['seq']}"
+        )
+        m = maps[0]
+        got = host.gpa(int(m["uaddr"]) + (iova - int(m["iova"])))
+        assert got == gpa, f"{what}: the UPDATE points at GPA {got}, not {gpa:#x}"
+
+
+def stalled(tb: Testbed, what: str, e: Exception) -> AssertionError:
+    """The failure of a wait for traffic, with what the backend says about it."""
+    notes = ""
+    if tb.backend is not None and tb.backend.running:
+        entries = journal(tb, 0, ["iotlb.miss_sent", "error."])
+        errors = [e for e in entries if str(e["kind"]).startswith("error.")]
+        sent = len(entries) - len(errors)
+        notes = f"; backend: {sent} MISS sent"
+        if errors:
+            last = errors[-1]
+            notes += f", {len(errors)} error(s), last {last['kind']}: {last.get('detail', last)}"
+    return AssertionError(f"{what} stalled: {e}{notes}")
+
+
+def wait_entry(
+    tb: Testbed,
+    kind: str,
+    since: int,
+    match: Callable[[dict[str, Any]], bool],
+    what: str,
+    timeout: float = 5.0,
+) -> dict[str, Any]:
+    """The first journal entry of ``kind`` after ``since`` that ``match``es (polled)."""
+
+    def find() -> dict[str, Any] | None:
+        return next((e for e in journal(tb, since, [kind]) if match(e)), None)
+
+    try:
+        return poll_until(find, timeout, what)
+    except WaitTimeout as e:
+        raise AssertionError(str(e)) from e
+
+
+def wait_refused(tb: Testbed, since: int, iova: int, timeout: float = 5.0) -> dict[str, Any]:
+    """QEMU's non-zero ack of the backend's MISS for the page of ``iova``."""
+    page = iova & ~(PAGE_SIZE - 1)
+    ack = wait_entry(
+        tb,
+        "iotlb.miss_ack",
+        since,
+        lambda e: page <= int(e["iova"]) < page + PAGE_SIZE,
+        f"QEMU's answer to the backend's MISS for IOVA {iova:#x}",
+        timeout,
+    )
+    assert ack["status"] != 0, f"QEMU accepted the MISS for IOVA {iova:#x}: {ack}"
+    return ack
+
+
+def wait_fault(tb: ViommuTestbed, iova: int, access: str, timeout: float = 5.0) -> FaultEvent:
+    """The virtio-iommu fault event (reason MAPPING) for the page of ``iova``.  ``access``:
+    'write' / 'read' (a permission fault names the access), '' (no mapping at all: QEMU
+    names no access)."""
+    page = iova & ~(PAGE_SIZE - 1)
+
+    def find() -> FaultEvent | None:
+        tb.iommu.poll_faults()
+        return next(
+            (
+                f
+                for f in tb.iommu.faults
+                if page <= f.address < page + PAGE_SIZE
+                and f.reason == FAULT_R_MAPPING
+                and (f.write, f.read) == (access == "write", access == "read")
+            ),
+            None,
+        )
+
+    try:
+        return poll_until(find, timeout, f"a virtio-iommu fault event for IOVA {iova:#x}")
+    except WaitTimeout as e:
+        raise AssertionError(f"{e}; events so far: {[str(f) for f in tb.iommu.faults]}") from e
+
+
+def assert_alive(tb: ViommuTestbed) -> None:
+    """Backend and QEMU both still answer their monitors."""
+    assert tb.backend is not None and tb.backend.running, "the backend process died"
+    assert tb.backend.cmd("query-status") is not None
+    assert tb.qmp.command("query-status")["status"] == "running"
+
+
+def rx_into(tb: ViommuTestbed, iova: int, frame: bytes, timeout: float = 5.0) -> int:
+    """Post one premapped RX buffer at ``iova`` (one page), send ``frame`` from the wire,
+    wait for the used element; returns the length the device wrote."""
+    rxq = tb.net.rxq[0]
+    rxq.add((), [(iova, PAGE_SIZE)], "premapped", premapped=True)
+    rxq.kick(force=True)
+    tb.peer.send(frame)
+    try:
+        (used,) = rxq.wait_used(1, timeout)
+    except WaitTimeout as e:
+        raise stalled(tb, f"RX into IOVA {iova:#x}", e) from e
+    return used.length
+
+
+def tx_from(tb: ViommuTestbed, iova: int, length: int) -> None:
+    """Post one premapped TX chain of ``length`` bytes at ``iova`` and kick."""
+    txq = tb.net.txq[0]
+    txq.add([(iova, length)], (), "premapped", premapped=True)
+    txq.kick(force=True)
+
+
+# ----------------------------------------------------------------------------- scenarios
+def scenario_byte_exact(tb: ViommuTestbed, sizes: list[int], timeout: float = 10.0) -> None:
+    """TX and RX frames byte-exact through IOVAs only; the journal shows MISS -> UPDATE for
+    every buffer used, each UPDATE pointing at the right guest page; no backend error."""
+    assert tb.backend is not None
+    host = HostMap(tb)
+    tb.iommu.poll_faults()  # only faults from here on count
+    mark, hmark = tb.backend.mark(), tb.dma.history_mark()
+    before = tb.backend.cmd("query-iotlb")["mappings"]
+    frames = [make_frame(i, size, stream=1) for i, size in enumerate(sizes)]
+    try:
+        tb.net.send_burst(frames, hdr_separate=True, timeout=timeout)
+        got = tb.peer.recv_n(len(frames), timeout=timeout)
+    except (WaitTimeout, WirePeerTimeout) as e:
+        raise stalled(tb, "guest TX through the vIOMMU", e) from e
+    for i, (want, have) in enumerate(zip(frames, got, strict=True)):
+        assert have == want, f"TX frame {i} ({len(want)} bytes) corrupted on the wire"
+    rx = [make_frame(i, size, stream=2) for i, size in enumerate(sizes)]
+    for f in rx:
+        tb.peer.send(f)
+    try:
+        received = [tb.net.recv(timeout=timeout, refill=False).data for _ in rx]
+    except WaitTimeout as e:
+        raise stalled(tb, "guest RX through the vIOMMU", e) from e
+    for i, (want, have) in enumerate(zip(rx, received, strict=True)):
+        assert have == want, f"RX frame {i} ({len(want)} bytes) corrupted in guest memory"
+    tb.net.post_rx(0)
+    entries = journal(tb, mark)
+    assert_no_backend_errors(entries)
+    used = consumed_mappings(tb, hmark)
+    if not tb.strict:  # static: the pages the backend was given during this scenario
+        updated = [e for e in entries if e["kind"] == "dma.map"]
+        used = [m for m in used if any(covers(e, m[0]) for e in updated)]
+    assert_miss_then_update(entries, used, host)
+    cached = [(iova, m) for iova, *_ in used for m in before if covers(m, iova)]
+    assert not cached, f"buffer IOVAs the backend could reach before the traffic: {cached[:3]}"
+    faults = tb.iommu.poll_faults()
+    assert not faults, f"the vIOMMU reported faults for mapped DMA: {[str(f) for f in faults]}"
+
+
+def scenario_dynamic(tb: ViommuTestbed, packets: int) -> None:
+    """Map per packet, send, unmap (strict), ``packets`` times, one packet in flight: every
+    packet reuses the IOVA the previous one just unmapped (LIFO), each time for another
+    guest page.  Byte-exact on the wire; for every IOVA the backend got the INVALIDATE of
+    use k before the MISS of use k+1 (no use without a fresh UPDATE)."""
+    assert tb.backend is not None
+    mark, hmark = tb.backend.mark(), tb.dma.history_mark()
+    for seq in range(packets):
+        frame = make_frame(seq, 60 + seq % 1400, stream=3)
+        try:
+            tb.net.send(frame, hdr_separate=False, timeout=5)
+            got = tb.peer.recv(timeout=5)
+        except (WaitTimeout, WirePeerTimeout) as e:
+            raise stalled(tb, f"packet {seq} of {packets}", e) from e
+        assert got == frame, f"packet {seq}: the wire carried other bytes (a stale translation)"
+    uses = consumed_mappings(tb, hmark)
+    assert len(uses) == packets, f"{len(uses)} buffer mappings used for {packets} packets"
+    entries = journal(tb, mark, ["iotlb.miss", "iotlb.invalidate", "dma.map", "dma.unmap"])
+    # per IOVA page: the journal must alternate MISS -> map ... INVALIDATE, one round per use
+    by_page: dict[int, list[dict[str, Any]]] = {}
+    for e in entries:
+        by_page.setdefault(int(e["iova"]) & ~0xFFF, []).append(e)
+    pages: dict[int, int] = {}
+    for iova, _size, _gpa, _flags in uses:
+        pages[iova & ~0xFFF] = pages.get(iova & ~0xFFF, 0) + 1
+    assert len(pages) < packets, "IOVAs were never reused: the scenario proves nothing"
+    for page, n_uses in pages.items():
+        seen = [e["kind"] for e in by_page.get(page, [])]
+        rounds = 0
+        state = "unmapped"
+        for kind in seen:
+            if kind == "iotlb.miss":
+                assert state == "unmapped", (
+                    f"IOVA {page:#x}: MISS while mapped (round {rounds}): {seen[:12]}"
+                )
+                state = "missed"
+            elif kind == "dma.map":
+                assert state == "missed", (
+                    f"IOVA {page:#x}: mapped without a MISS (round {rounds}): {seen[:12]}"
+                )
+                state = "mapped"
+            elif kind == "iotlb.invalidate":
+                assert state == "mapped", f"IOVA {page:#x}: INVALIDATE of nothing: {seen[:12]}"
+                state = "unmapped"
+                rounds += 1
+        assert rounds == n_uses, (
+            f"IOVA {page:#x}: {n_uses} uses but {rounds} MISS/UPDATE/INVALIDATE rounds "
+            f"(a use without a fresh translation); journal: {seen[:12]}"
+        )
+
+
+def scenario_stale_mapping(tb: ViommuTestbed) -> None:
+    """IOVA X -> page A, RX into X, UNMAP X (the INVALIDATE reaches the backend before the
+    UNMAP completes), remap X -> page B, RX into X again: the frame lands in B; A keeps what
+    the guest wrote into it after the unmap.  Needs a driver with no RX buffers posted."""
+    assert tb.backend is not None and tb.machine is not None and tb.alloc is not None
+    qt = tb.machine.qtest
+    a, b = tb.alloc.alloc(PAGE_SIZE, tag="page A"), tb.alloc.alloc(PAGE_SIZE, tag="page B")
+    x = tb.dma.iova.alloc(PAGE_SIZE)
+    qt.memset(a, PAGE_SIZE, 0xAA)
+    qt.memset(b, PAGE_SIZE, 0xBB)
+    tb.dma.map_pages(a, PAGE_SIZE, MAP_F_WRITE, iova=x)
+    f1 = make_frame(1, 300, stream=4)
+    n = rx_into(tb, x, f1)
+    assert n == NET_HDR_SIZE + len(f1), f"first RX wrote {n} bytes"
+    assert qt.read(a + NET_HDR_SIZE, len(f1)) == f1, "the first frame did not land in page A"
+    mark = tb.backend.mark()
+    tb.dma.unmap_pages(x)
+    assert any(covers(e, x) for e in journal(tb, mark, ["iotlb.invalidate"])), (
+        f"the UNMAP of IOVA {x:#x} completed before QEMU's INVALIDATE reached the backend"
+    )
+    qt.memset(a, PAGE_SIZE, 0x5A)  # the guest reuses page A for something else
+    tb.dma.map_pages(b, PAGE_SIZE, MAP_F_WRITE, iova=x)
+    f2 = make_frame(2, 400, stream=4)
+    n = rx_into(tb, x, f2)
+    assert qt.read(a, PAGE_SIZE) == b"\x5a" * PAGE_SIZE, (
+        f"the device wrote into page A through the stale translation of IOVA {x:#x}"
+    )
+    assert n == NET_HDR_SIZE + len(f2) and qt.read(b + NET_HDR_SIZE, len(f2)) == f2, (
+        "the second frame did not land in page B"
+    )
+    kinds = [
+        e["kind"]
+        for e in journal(tb, mark, ["iotlb.invalidate", "iotlb.miss", "dma.map"])
+        if (missed_in(e, x, PAGE_SIZE) if e["kind"] == "iotlb.miss" else covers(e, x))
+    ]
+    assert kinds[:3] == ["iotlb.invalidate", "iotlb.miss", "dma.map"], (
+        f"IOVA {x:#x} after the unmap: {kinds} (expected INVALIDATE, then MISS, then UPDATE)"
+    )
+    tb.dma.unmap_pages(x)
+
+
+def scenario_refused(tb: ViommuTestbed) -> None:
+    """The vIOMMU's permissions and absence of mappings are enforced on the MISS: QEMU
+    answers without an UPDATE and the device must neither write a READ-only buffer, nor read a
+    WRITE-only one, nor reach an IOVA that was never mapped - and must survive all three:
+    parked but alive, a device reset recovers, and after the guest maps the missing IOVA a
+    new kick gets the frame out.  Needs a driver with no RX buffers posted."""
+    assert tb.backend is not None and tb.machine is not None and tb.alloc is not None
+    qt = tb.machine.qtest
+    # RX buffer the vIOMMU maps READ-only
+    p = tb.alloc.alloc(PAGE_SIZE, tag="read-only RX page")
+    qt.memset(p, PAGE_SIZE, 0x11)
+    iova_r = tb.dma.map_pages(p, PAGE_SIZE, MAP_F_READ)
+    mark = tb.backend.mark()
+    rxq = tb.net.rxq[0]
+    rxq.add((), [(iova_r, PAGE_SIZE)], "read-only", premapped=True)
+    rxq.kick(force=True)
+    tb.peer.send(make_frame(7, 200, stream=6))
+    wait_refused(tb, mark, iova_r)
+    wait_fault(tb, iova_r, "write")
+    assert not [e for e in journal(tb, mark, ["dma.map"]) if covers(e, iova_r)], (
+        f"the backend got an UPDATE for the READ-only RX buffer {iova_r:#x}"
+    )
+    assert qt.read(p, PAGE_SIZE) == b"\x11" * PAGE_SIZE, "the device wrote a READ-only buffer"
+    assert rxq.pending_used() == 0, "the device completed an RX chain it could not write"
+    # TX buffer the vIOMMU maps WRITE-only
+    t = tb.alloc.alloc(PAGE_SIZE, tag="write-only TX page")
+    frame = make_frame(8, 300, stream=6)
+    qt.write(t, bytes(NET_HDR_SIZE) + frame)
+    iova_w = tb.dma.map_pages(t, PAGE_SIZE, MAP_F_WRITE)
+    tx_from(tb, iova_w, NET_HDR_SIZE + len(frame))
+    wait_refused(tb, mark, iova_w)
+    wait_fault(tb, iova_w, "read")
+    tb.peer.expect_silence(0.2)
+    assert not [e for e in journal(tb, mark, ["dma.map"]) if covers(e, iova_w)], (
+        f"the backend got an UPDATE for the WRITE-only TX buffer {iova_w:#x}"
+    )
+    assert_alive(tb)
+    assert_no_backend_errors(journal(tb, mark))
+    # a device reset recovers both queues
+    tb.reinit_net(post_rx=False)
+    tb.net.post_rx(0)
+    ok = make_frame(9, 100, stream=6)
+    try:
+        tb.net.send(ok)
+        assert tb.peer.recv() == ok, "TX after the reset carried other bytes"
+        tb.peer.send(ok)
+        assert tb.net.recv().data == ok, "RX after the reset carried other bytes"
+    except (WaitTimeout, WirePeerTimeout) as e:
+        raise stalled(tb, "traffic after the device reset", e) from e
+    # an IOVA never mapped: refused; the guest maps it, kicks again, and the frame goes out
+    n = tb.dma.iova.alloc(PAGE_SIZE)
+    frame = make_frame(10, 500, stream=6)
+    qt.write(t, bytes(NET_HDR_SIZE) + frame)
+    mark = tb.backend.mark()
+    tx_from(tb, n, NET_HDR_SIZE + len(frame))
+    wait_refused(tb, mark, n)
+    wait_fault(tb, n, "")
+    tb.peer.expect_silence(0.2)
+    assert_alive(tb)
+    tb.dma.map_pages(t, PAGE_SIZE, MAP_F_READ, iova=n)
+    tb.net.txq[0].kick(force=True)
+    try:
+        assert tb.peer.recv() == frame, "the frame sent after the late map carried other bytes"
+        tb.net.txq[0].wait_used(1)
+    except (WaitTimeout, WirePeerTimeout) as e:
+        raise stalled(tb, "TX after the guest mapped the refused IOVA and kicked again", e) from e
+    assert_no_backend_errors(journal(tb, mark))
+
+
+def scenario_invalidate_during_miss(tb: ViommuTestbed, scratch: int = 8) -> None:
+    """INVALIDATEs that reach the backend while its MISS is outstanding neither deadlock nor
+    lose the MISS.
+
+    Forcing it: TX parks on a refused MISS for IOVA X (not mapped yet).  Then ONE kick of the
+    virtio-iommu queue carries MAP X, UNMAP S1 .. UNMAP Sn; QEMU handles them all before it
+    returns to its main loop.  INVALIDATE S1 makes the backend retry TX and send MISS(X);
+    QEMU cannot read that MISS before it has sent INVALIDATE S2..Sn and had them answered -
+    so they arrive while the MISS is outstanding.  Then the MISS is served, the frame goes
+    out."""
+    assert tb.backend is not None and tb.machine is not None and tb.alloc is not None
+    qt = tb.machine.qtest
+    pages = [tb.alloc.alloc(PAGE_SIZE, tag=f"scratch {i}") for i in range(scratch)]
+    scratch_iovas = [tb.dma.map_pages(pg, PAGE_SIZE, MAP_F_READ) for pg in pages]
+    t = tb.alloc.alloc(PAGE_SIZE, tag="TX page")
+    frame = make_frame(11, 700, stream=7)
+    qt.write(t, bytes(NET_HDR_SIZE) + frame)
+    x = tb.dma.iova.alloc(PAGE_SIZE)
+    mark = tb.backend.mark()
+    tx_from(tb, x, NET_HDR_SIZE + len(frame))
+    wait_refused(tb, mark, x)
+    mark = tb.backend.mark()
+    tb.dma.apply([MapOp(t, PAGE_SIZE, MAP_F_READ, iova=x)] + [UnmapOp(i) for i in scratch_iovas])
+    try:
+        assert tb.peer.recv() == frame, "the frame carried other bytes"
+        tb.net.txq[0].wait_used(1)
+    except (WaitTimeout, WirePeerTimeout) as e:
+        raise stalled(tb, "TX whose MISS was outstanding during INVALIDATEs", e) from e
+    entries = journal(tb, mark, ["iotlb.miss_sent", "iotlb.miss_ack", "iotlb.invalidate"])
+    sent = next(
+        (e for e in entries if e["kind"] == "iotlb.miss_sent" and missed_in(e, x, PAGE_SIZE)),
+        None,
+    )
+    assert sent is not None, f"no MISS for IOVA {x:#x} after it was mapped"
+    ack = next(
+        (
+            e
+            for e in entries
+            if e["kind"] == "iotlb.miss_ack"
+            and e["seq"] > sent["seq"]
+            and e["iova"] == sent["iova"]
+        ),
+        None,
+    )
+    assert ack is not None and ack["status"] == 0, f"the MISS for {x:#x} was not served: {ack}"
+    during = [
+        e
+        for e in entries
+        if e["kind"] == "iotlb.invalidate" and sent["seq"] < e["seq"] < ack["seq"]
+    ]
+    assert during, "no INVALIDATE arrived while the MISS was outstanding (forcing failed)"
+    invalidated = {int(e["iova"]) for e in entries if e["kind"] == "iotlb.invalidate"}
+    assert invalidated >= set(scratch_iovas), "an UNMAP was not invalidated in the backend"
+    assert_no_backend_errors(journal(tb, mark))
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize(
+    ("strict", "init_kw"),
+    [
+        (True, {}),
+        (False, {"mrg_rxbuf": False, "rx_hdr_separate": True, "indirect": True}),
+    ],
+    ids=["strict-mrg", "static-nomrg-indirect"],
+)
+def test_traffic_only_through_iovas(
+    make_vbed: Callable[..., ViommuTestbed], strict: bool, init_kw: dict[str, Any]
+) -> None:
+    tb = make_vbed(strict=strict).start(**init_kw)
+    assert tb.backend is not None
+    cfg = tb.iommu.config
+    assert cfg is not None and cfg.granule == PAGE_SIZE and cfg.input_end >= WINDOW_HI - 1
+    assert tb.endpoint == 0x100, f"endpoint {tb.endpoint:#x}: the NIC is 01:00.0 behind rp0"
+    msi = [(r.start, r.end) for r in tb.resv if r.is_msi]
+    assert msi == [(0xFEE00000, 0xFEEFFFFF)], f"PROBE reserved regions: {tb.resv}"
+    # the rings the backend was given are IOVAs from the window, not GPAs
+    for vq in (tb.net.rxq[0], tb.net.txq[0]):
+        ring = tb.backend.vring(vq.index)
+        assert (ring["desc"], ring["avail"], ring["used"]) == (
+            vq.desc_dma,
+            vq.avail_dma,
+            vq.used_dma,
+        )
+        assert WINDOW_LO <= ring["desc"] < WINDOW_HI and ring["desc"] != vq.desc
+    scenario_byte_exact(tb, [60, 61, 128, 512, 1000, 1514] * 4)
+    # MSI-X writes are DMA through the vIOMMU too: the identity-mapped words received them
+    for vq in (tb.net.rxq[0], tb.net.txq[0]):
+        assert vq.interrupt is not None and vq.interrupt.fired(), f"no MSI-X for {vq.name}"
+
+
+def test_dynamic_map_unmap_thousands(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    tb = make_vbed(strict=True).start()
+    scenario_dynamic(tb, 2000)
+
+
+def test_stale_mapping_never_reaches_the_old_page(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    tb = make_vbed().start(post_rx=False)
+    scenario_stale_mapping(tb)
+
+
+def test_refused_access_is_not_performed_and_recovers(
+    make_vbed: Callable[..., ViommuTestbed],
+) -> None:
+    tb = make_vbed().start(post_rx=False)
+    scenario_refused(tb)
+
+
+def test_invalidate_while_a_miss_is_outstanding(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    tb = make_vbed().start()
+    scenario_invalidate_during_miss(tb)
+    scenario_byte_exact(tb, [64, 1514])  # and the datapath is still fine
+
+
+def test_miss_while_stopped_and_access_fail_are_refused(
+    make_vbed: Callable[..., ViommuTestbed],
+) -> None:
+    tb = make_vbed().start()
+    assert tb.backend is not None and tb.machine is not None
+    warm = make_frame(1, 100, stream=8)
+    tb.net.send(warm)
+    assert tb.peer.recv() == warm
+    x = tb.net.txq[0].desc_dma  # mapped: only the stopped device makes QEMU refuse it
+    mark = tb.backend.mark()
+    tb.qmp.command("stop")
+    tb.machine.wait_for_status("paused")
+    wait_entry(tb, "vq.stop", mark, lambda e: True, "vhost to stop the rings", 5.0)
+    assert tb.backend.cmd("iotlb-request", iova=x, perm=1) == {"sent": True}
+    wait_refused(tb, mark, x)
+    assert tb.backend.cmd("iotlb-request", iova=x, perm=1, type="access-fail") == {"sent": True}
+    fail_ack = wait_entry(tb, "iotlb.access_fail_ack", mark, lambda e: True, "ACCESS_FAIL ack")
+    assert fail_ack["status"] != 0
+    assert not [e for e in journal(tb, mark, ["dma.map"]) if covers(e, x)]
+    tb.qmp.command("cont")
+    tb.machine.wait_for_status("running")
+    mark = tb.backend.mark()
+    assert tb.backend.cmd("iotlb-request", iova=x, perm=1, type="access-fail") == {"sent": True}
+    fail_ack = wait_entry(tb, "iotlb.access_fail_ack", mark, lambda e: True, "ACCESS_FAIL ack")
+    assert fail_ack["status"] != 0, "QEMU 10 accepted an ACCESS_FAIL"
+    # running again, the same MISS is served
+    assert tb.backend.cmd("iotlb-request", iova=x, perm=1) == {"sent": True}
+    ack = wait_entry(tb, "iotlb.miss_ack", mark, lambda e: e["iova"] == x, "MISS ack")
+    assert ack["status"] == 0, f"QEMU refused a MISS for the mapped ring page {x:#x}"
+    err = tb.machine.stderr_text()
+    assert "Unexpected IOTLB message when virtio device is stopped" in err
+    assert "Access failure IOTLB message type not supported" in err
+    again = make_frame(2, 1400, stream=8)
+    tb.net.send(again)
+    assert tb.peer.recv() == again
+    assert_alive(tb)
+    assert_no_backend_errors(journal(tb, 0))
+
+
+# ----------------------------------------------------------------------------- meta-tests
+def test_meta_stale_iotlb_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    tb = make_vbed(faults=["stale-iotlb"]).start(post_rx=False)
+    with pytest.raises(AssertionError, match="stale translation"):
+        scenario_stale_mapping(tb)
+    tb2 = make_vbed(name="dyn", faults=["stale-iotlb"]).start()
+    with pytest.raises(AssertionError, match="stale translation"):
+        scenario_dynamic(tb2, 20)
+
+
+def test_meta_translate_by_gpa_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    tb = make_vbed(faults=["translate-by-gpa"]).start()
+    # IOVAs read as GPAs point past the end of RAM: the device fails, nothing moves
+    with pytest.raises(AssertionError, match="stalled: .*unmapped translation at 0x8"):
+        scenario_byte_exact(tb, [60, 1514], timeout=2.0)
+
+
+def test_meta_no_miss_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    tb = make_vbed(faults=["no-miss"]).start()
+    with pytest.raises(AssertionError, match="stalled: timed out .*backend: 0 MISS sent"):
+        scenario_byte_exact(tb, [60, 1514], timeout=2.0)
