@@ -1,0 +1,5 @@
+import sys
+
+from qtests.shell.cli import main
+
+sys.exit(main())
