@@ -10,10 +10,10 @@ that no numbered frame is lost or repeated, that RX buffers posted before a stop
 it, that RX ``last_avail_idx`` counts buffers (a frame may take two mergeable buffers), and that
 TX chains made available while the VM is stopped go out exactly once after ``cont``.
 
-Fault ``no-drain-before-base`` cannot be observed from here: the virtio-net personality never
-keeps a popped chain across an event-loop iteration (TX completes every chain it pops, RX gives
-back the chains of a frame it cannot place), so at GET_VRING_BASE there is nothing in flight to
-drain; ``vq.get_state`` journals ``inflight == 0`` with or without the fault.
+Chains in flight at the stop: the backend's ``hold-tx`` keeps TX chains popped but not completed
+(transmit completions pending, as a DMA engine would). GET_VRING_BASE must rewind them so that
+``cont`` transmits them exactly once; fault ``no-drain-before-base`` counts them as consumed and
+is caught by QEMU's own view (last-avail-idx ahead of used-idx).
 """
 
 from __future__ import annotations
@@ -156,6 +156,50 @@ def test_ring_state_survives_stop_cont_cycles(testbed: Testbed) -> None:
 
 def test_ring_state_with_event_idx(make_testbed: Callable[..., Testbed]) -> None:
     ring_state_scenario(make_testbed().start(event_idx=True), cycles=2)
+
+
+def held_tx_scenario(tb: Testbed, held: int = 4) -> None:
+    """TX chains popped but not completed when the VM stops come back as avail after cont."""
+    assert tb.backend is not None
+    backend = tb.backend
+    st = RingCounts()
+    _expect_on_wire(tb, _tx(tb, st, TX_PER_CYCLE))
+    st.tx += TX_PER_CYCLE
+    backend.cmd("hold-tx", enable=True)
+    pending = _tx(tb, st, held, wait=False)
+    poll_until(
+        lambda: backend.cmd("query-wire")["tx_held"] == held,
+        10,
+        f"the backend to hold {held} popped TX chains",
+    )
+    tb.peer.expect_silence(0.05)  # held: neither sent ...
+    assert tb.net.txq[0].last_used_idx == st.tx  # ... nor completed
+    mark = backend.mark()
+    tb.qmp.command("stop")
+    s = tb.vring_base_from_qemu(TX_Q)
+    assert (s["last-avail-idx"], s["used-idx"]) == (st.tx, st.tx), (
+        f"QEMU vq {TX_Q} after stop with {held} chains in flight: last-avail-idx "
+        f"{s['last-avail-idx']}, used-idx {s['used-idx']}, expected {st.tx} (rewound)"
+    )
+    e = _journal_by_vq(tb, "vq.get_state", mark)[TX_Q]
+    assert e["last_avail_idx"] == st.tx, f"GET_VRING_BASE answered {e}, expected {st.tx}"
+    backend.cmd("hold-tx", enable=False)
+    cont_and_check(tb, st)
+    _expect_on_wire(tb, pending)  # the rewound chains, exactly once
+    tb.net.wait_tx()
+    st.tx += held
+    assert tb.net.txq[0].last_used_idx == st.tx
+    tb.peer.expect_silence(0.1)
+
+
+def test_chains_in_flight_at_stop_are_rewound(testbed: Testbed) -> None:
+    held_tx_scenario(testbed)
+
+
+def test_no_drain_before_base_is_caught(make_testbed: Callable[..., Testbed]) -> None:
+    tb = make_testbed(faults=["no-drain-before-base"]).start()
+    with pytest.raises(AssertionError, match="chains in flight: last-avail-idx"):
+        held_tx_scenario(tb)
 
 
 def test_vring_base_off_by_one_is_caught(make_testbed: Callable[..., Testbed]) -> None:
