@@ -22,14 +22,11 @@ process's :class:`~backends.loop.EventLoop`: non-blocking sockets, any number of
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import os
 import re
 import socket
-import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +38,7 @@ from backends.monitor_commands import (
     MonitorCommands,
     journal_event,
 )
+from backends.unix_socket import remove_stale_socket
 
 if TYPE_CHECKING:
     from backends.net.datapath import NetDevice
@@ -340,7 +338,7 @@ class Monitor:
         if self._listener is not None:
             raise RuntimeError("monitor already started")
         self._closed = False
-        self._remove_stale_socket()
+        remove_stale_socket(self.path, what="monitor")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(self.path)
@@ -378,28 +376,6 @@ class Monitor:
     @property
     def client_count(self) -> int:
         return len(self._clients)
-
-    def _remove_stale_socket(self) -> None:
-        """Unlink a socket left by a dead process; refuse to steal a live monitor's path."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, "exists and is not a socket", self.path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(self.path)
-        except (ConnectionRefusedError, FileNotFoundError):  # nobody listens: left over
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            return
-        except OSError:
-            pass  # e.g. a full backlog: somebody listens
-        finally:
-            probe.close()
-        raise FileExistsError(errno.EADDRINUSE, "another process is listening there", self.path)
 
     def _unlink_own_socket(self) -> None:
         try:

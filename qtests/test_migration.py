@@ -52,16 +52,14 @@ from qtests.qos.backend_process import BackendProcess
 from qtests.qos.frames import PEER_MAC, mac_bytes, make_frame, parse_frame
 from qtests.qos.machine import QemuMachine
 from qtests.qos.migration import MigrationPair, MigrationStats, PrecopyHold, set_capabilities
-from qtests.qos.qtest import QTest
 from qtests.qos.testbed import GUEST_MAC, Testbed
-from qtests.qos.virtio_defs import F_ACCESS_PLATFORM, NET_F_GUEST_ANNOUNCE, VIRTIO_PCI_VENDOR, bit
-from qtests.qos.virtio_iommu import ViommuDma, VirtioIommuDriver, endpoint_id
+from qtests.qos.viommu_testbed import ViommuTestbed
+from qtests.qos.virtio_defs import NET_F_GUEST_ANNOUNCE, bit
 from qtests.qos.virtio_net import (
     CTRL_ANNOUNCE,
     CTRL_ANNOUNCE_ACK,
     CTRL_OK,
     NET_S_ANNOUNCE,
-    VIRTIO_NET_PCI_DEVICE_ID,
     VirtioNetDriver,
     VirtioNetError,
     VirtioNetHdr,
@@ -505,50 +503,12 @@ def test_after_dimm_hotplug(make_testbed: Callable[..., Testbed]) -> None:
     assert any(r["gpa"] == dimm["addr"] and r["size"] == DIMM_SIZE for r in regions), regions
 
 
-class ViommuBed(Testbed):
-    """A testbed whose virtio-net sits behind a virtio-iommu (``boot-bypass=off``): rings and
-    buffers are reached through IOVAs the driver maps (qtests/qos/virtio_iommu.py)."""
-
-    def __init__(self, log_dir: Path, **kw: Any) -> None:
-        super().__init__(log_dir, **kw)
-        self.viommu: VirtioIommuDriver | None = None
-
-    def build_machine(self) -> QemuMachine:
-        assert self.backend is not None
-        m = QemuMachine(
-            self.log_dir, name=f"{self.name}-qemu", memory=self.memory, maxmem=self.maxmem
-        )
-        m.add_virtio_iommu(props={"boot-bypass": False})  # before what it translates
-        m.add_pcie_root_port("rp0", chassis=1)
-        m.add_vhost_user_netdev(self.backend.socket)
-        m.add_virtio_net(mac=GUEST_MAC, bus="rp0", iommu_platform=True, ats=True)
-        return m
-
-    def init_net(self, **init_kw: Any) -> VirtioNetDriver:
-        assert self.bus is not None and self.alloc is not None
-        self.viommu = VirtioIommuDriver.find(self.bus, self.alloc)
-        self.viommu.init()
-        pci = self.bus.find(VIRTIO_PCI_VENDOR, VIRTIO_NET_PCI_DEVICE_ID)
-        self.viommu.attach(endpoint_id(pci), VIOMMU_DOMAIN)
-        dma = ViommuDma(self.viommu, VIOMMU_DOMAIN, strict=True)
-        net = VirtioNetDriver.find(self.bus, self.alloc, dma=dma)
-        net.init(extra_features=bit(F_ACCESS_PLATFORM), **init_kw)
-        assert net.has_feature(F_ACCESS_PLATFORM), "ACCESS_PLATFORM was not negotiated"
-        self._net = net
-        return net
-
-    def rebind_viommu(self, qtest: QTest) -> None:
-        assert self.viommu is not None
-        self.viommu.dev.rebind(qtest)
-        self.viommu.qt = qtest
-
-
 @pytest.fixture
-def make_viommu_bed(log_dir: Path) -> Iterator[Callable[..., ViommuBed]]:
-    beds: list[ViommuBed] = []
+def make_viommu_bed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
+    beds: list[ViommuTestbed] = []
 
-    def make(**kw: Any) -> ViommuBed:
-        beds.append(ViommuBed(log_dir, **kw))
+    def make(**kw: Any) -> ViommuTestbed:
+        beds.append(ViommuTestbed(log_dir, **kw))
         return beds[-1]
 
     yield make
@@ -556,13 +516,13 @@ def make_viommu_bed(log_dir: Path) -> Iterator[Callable[..., ViommuBed]]:
         tb.close()
 
 
-def test_with_viommu(make_viommu_bed: Callable[..., ViommuBed]) -> None:
+def test_with_viommu(make_viommu_bed: Callable[..., ViommuTestbed]) -> None:
     """The device behind a virtio-iommu on both sides: A and B translate IOVAs through their
     IOTLBs (B learns them by MISS after the switchover); the dirty log still carries GPAs."""
     pair = MigrationPair(make_viommu_bed, memory=MEMORY)
     pair.start_source()
     src = pair.src
-    assert isinstance(src, ViommuBed)
+    assert isinstance(src, ViommuTestbed)
     pair.also_rebind.append(src.rebind_viommu)
     pair.start_destination()
     a, b = src.backend, pair.dst.backend

@@ -36,9 +36,8 @@ import pytest
 
 from qtests.qos.frames import make_frame
 from qtests.qos.iova import PAGE_SIZE
-from qtests.qos.machine import QemuMachine
-from qtests.qos.testbed import GUEST_MAC, Testbed
-from qtests.qos.virtio_defs import F_ACCESS_PLATFORM, VIRTIO_PCI_VENDOR, bit
+from qtests.qos.testbed import Testbed
+from qtests.qos.viommu_testbed import ViommuTestbed
 from qtests.qos.virtio_iommu import (
     DEFAULT_IOVA_WINDOW,
     FAULT_R_MAPPING,
@@ -46,91 +45,16 @@ from qtests.qos.virtio_iommu import (
     MAP_F_WRITE,
     FaultEvent,
     MapOp,
-    ResvRegion,
     UnmapOp,
-    ViommuDma,
-    VirtioIommuDriver,
-    endpoint_id,
 )
-from qtests.qos.virtio_net import NET_HDR_SIZE, VIRTIO_NET_PCI_DEVICE_ID, VirtioNetDriver
+from qtests.qos.virtio_net import NET_HDR_SIZE
 from qtests.qos.waiting import WaitTimeout, poll_until
 from qtests.qos.wire_peer import WirePeerTimeout
 
 pytestmark = pytest.mark.qemu
 
-DOMAIN = 1
 WINDOW_LO, WINDOW_HI = DEFAULT_IOVA_WINDOW
 IOTLB_KINDS = ["iotlb.", "dma.map", "dma.unmap", "error."]
-
-
-# ----------------------------------------------------------------------------- the testbed
-class ViommuTestbed(Testbed):
-    """`Testbed` with a virtio-iommu in front of the virtio-net device."""
-
-    def __init__(self, log_dir: Path, *, strict: bool = True, ats: bool = True, **kw: Any):
-        super().__init__(log_dir, **kw)
-        self.strict = strict
-        self.ats = ats
-        self.viommu: VirtioIommuDriver | None = None
-        self._dma: ViommuDma | None = None
-        self.endpoint = -1
-        self.resv: list[ResvRegion] = []
-
-    def build_machine(self) -> QemuMachine:
-        assert self.backend is not None, "start_backend() first"
-        prefix = f"{self.name}-" if self.name else ""
-        m = QemuMachine(
-            self.log_dir,
-            name=f"{prefix}qemu",
-            memory=self.memory,
-            maxmem=self.maxmem,
-            slots=self.slots,
-        )
-        # before the devices it translates: their DMA address space is fixed at realize
-        m.add_virtio_iommu(props={"boot-bypass": False})
-        m.add_pcie_root_port("rp0", chassis=1)
-        m.add_vhost_user_netdev(
-            self.backend.socket, queues=self.queues, reconnect_ms=self.reconnect_ms
-        )
-        props: dict[str, Any] = {"mac": GUEST_MAC, "bus": "rp0", "iommu_platform": True}
-        if self.ats:
-            props["ats"] = True
-        props.update(self.net_props)
-        m.add_virtio_net(**props)
-        return m
-
-    def init_net(self, **init_kw: Any) -> VirtioNetDriver:
-        assert self.bus is not None and self.alloc is not None
-        if self.viommu is None:
-            self.viommu = VirtioIommuDriver.find(self.bus, self.alloc)
-            self.viommu.init()
-            pci = self.bus.find(VIRTIO_PCI_VENDOR, VIRTIO_NET_PCI_DEVICE_ID)
-            self.endpoint = endpoint_id(pci)
-            self.resv = self.viommu.probe(self.endpoint)
-            self.viommu.attach(self.endpoint, DOMAIN)
-            self._dma = ViommuDma(self.viommu, DOMAIN, strict=self.strict)
-        net = VirtioNetDriver.find(self.bus, self.alloc, dma=self._dma)
-        init_kw["extra_features"] = init_kw.get("extra_features", 0) | bit(F_ACCESS_PLATFORM)
-        net.init(**init_kw)
-        assert net.has_feature(F_ACCESS_PLATFORM), "ACCESS_PLATFORM was not negotiated"
-        self._net = net
-        return net
-
-    def reinit_net(self, **init_kw: Any) -> VirtioNetDriver:
-        """Reset the device (status 0: vhost stops) and bring it up again on new rings."""
-        self.net.close()
-        self._net = None
-        return self.init_net(**init_kw)
-
-    @property
-    def dma(self) -> ViommuDma:
-        assert self._dma is not None, "init_net() first"
-        return self._dma
-
-    @property
-    def iommu(self) -> VirtioIommuDriver:
-        assert self.viommu is not None, "init_net() first"
-        return self.viommu
 
 
 @pytest.fixture

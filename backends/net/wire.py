@@ -35,11 +35,11 @@ import errno
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable
 from typing import Protocol
 
 from backends.loop import EventLoop
+from backends.unix_socket import remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class UnixWire(_DatagramWire):
             raise ValueError("unix wire: empty socket path")
         self.path = path
         self.peer_path = peer_path if peer_path else path + ".peer"
-        _remove_stale_socket(path)
+        remove_stale_socket(path, socket.SOCK_DGRAM, what=f"unix wire {path}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(path)
@@ -328,27 +328,6 @@ class UnixWire(_DatagramWire):
                 os.unlink(self.path)
         except OSError:
             pass
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink PATH if it is a socket nobody is bound to; refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(f"unix wire: {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # stale: left over from a process that died
-        return
-    except OSError as e:
-        raise OSError(e.errno, f"unix wire: cannot probe existing socket {path}: {e}") from e
-    finally:
-        probe.close()
-    raise FileExistsError(f"unix wire: {path} is in use by another process")
 
 
 WIRE_SPECS = "'loopback' | 'null' | 'udp:HOST:PORT:PEERPORT' | 'unix:PATH[:PEERPATH]'"

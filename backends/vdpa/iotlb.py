@@ -164,30 +164,28 @@ class IOTLB:
         if self._fault("remap-all"):
             self._remap_all(t)
 
+    def _rec_whole_unmap(self, m: Mapping, **extra: object) -> None:
+        """Journal the removal of the whole of ``m`` (no split)."""
+        self._rec(
+            "dma.unmap", ids=[m.id], iova=m.iova, size=m.size, uaddr=m.uaddr, perm=m.perm,
+            split=[], **extra,
+        )  # fmt: skip
+
+    def _rec_whole_map(self, m: Mapping, **extra: object) -> None:
+        """Journal ``m`` as a new mapping that replaced nothing."""
+        self._rec(
+            "dma.map", id=m.id, iova=m.iova, size=m.size, uaddr=m.uaddr, perm=m.perm,
+            replaced=[], **extra,
+        )  # fmt: skip
+
     def _remap_all(self, t: _Table) -> None:
         """Fault 'remap-all': drop every mapping and recreate it (new ids)."""
         old = t.maps
         new = [Mapping(m.iova, m.size, m.uaddr, m.perm) for m in old]
         for m in old:
-            self._rec(
-                "dma.unmap",
-                ids=[m.id],
-                iova=m.iova,
-                size=m.size,
-                uaddr=m.uaddr,
-                perm=m.perm,
-                split=[],
-            )
+            self._rec_whole_unmap(m)
         for m in new:
-            self._rec(
-                "dma.map",
-                id=m.id,
-                iova=m.iova,
-                size=m.size,
-                uaddr=m.uaddr,
-                perm=m.perm,
-                replaced=[],
-            )
+            self._rec_whole_map(m)
         t.maps = new
         t.starts = [m.iova for m in new]
 
@@ -297,27 +295,9 @@ class IOTLB:
                 new_maps.append(m)
         diff.removed = sorted(current.values(), key=lambda m: m.iova)
         for m in diff.removed:
-            self._rec(
-                "dma.unmap",
-                ids=[m.id],
-                iova=m.iova,
-                size=m.size,
-                uaddr=m.uaddr,
-                perm=m.perm,
-                split=[],
-                via="set_map",
-            )
+            self._rec_whole_unmap(m, via="set_map")
         for m in diff.added:
-            self._rec(
-                "dma.map",
-                id=m.id,
-                iova=m.iova,
-                size=m.size,
-                uaddr=m.uaddr,
-                perm=m.perm,
-                replaced=[],
-                via="set_map",
-            )
+            self._rec_whole_map(m, via="set_map")
         changed = bool(diff.added or diff.removed)
         if changed:
             t.maps = new_maps

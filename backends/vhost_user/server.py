@@ -10,15 +10,14 @@ disconnect + reconnect never finds the new connection waiting behind a dead one.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from backends.loop import EventLoop
+from backends.unix_socket import remove_stale_socket
 from backends.vhost_user.connection import Connection, Offer
 
 if TYPE_CHECKING:
@@ -91,7 +90,7 @@ class VhostUserServer:
     def start(self) -> None:
         if self._listener is not None:
             raise RuntimeError("vhost-user server already started")
-        self._remove_stale_socket()
+        remove_stale_socket(self.path, what="vhost-user socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(self.path)
@@ -125,23 +124,6 @@ class VhostUserServer:
                 os.unlink(self.path)
         except OSError:
             pass
-
-    def _remove_stale_socket(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, "exists and is not a socket", self.path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(self.path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(self.path)  # left over by a process that died
-            return
-        finally:
-            probe.close()
-        raise FileExistsError(errno.EADDRINUSE, "another backend is listening there", self.path)
 
     # -- connections --------------------------------------------------------------------------
     def _on_accept(self) -> None:

@@ -93,15 +93,22 @@ class Testbed:
             maxmem=self.maxmem,
             slots=self.slots,
         )
+        self.add_platform(m)
         m.add_vhost_user_netdev(
             self.backend.socket, queues=self.queues, reconnect_ms=self.reconnect_ms
         )
+        m.add_virtio_net(**{**self.nic_props(), **self.net_props})
+        return m
+
+    def add_platform(self, m: QemuMachine) -> None:
+        """Devices that must be created before the NIC (a vIOMMU, root ports): none here."""
+
+    def nic_props(self) -> dict[str, Any]:
+        """virtio-net-pci properties (``net_props`` given to the constructor override them)."""
         props: dict[str, Any] = {"mac": GUEST_MAC}
         if self.queues > 1:
             props.update(mq=True, vectors=2 * self.queues + 2)
-        props.update(self.net_props)
-        m.add_virtio_net(**props)
-        return m
+        return props
 
     def start_qemu(self, machine: QemuMachine | None = None) -> QemuMachine:
         self.machine = (machine or self.build_machine()).launch()
