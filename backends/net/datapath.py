@@ -65,6 +65,7 @@ from backends.net.config import (
 )
 from backends.net.header import header_len, rx_header
 from backends.net.wire import Wire
+from backends.vdpa.access import Access, TranslationError
 from backends.vdpa.faults import Faults
 from backends.vdpa.features import (
     VIRTIO_F_ACCESS_PLATFORM,
@@ -74,6 +75,7 @@ from backends.vdpa.features import (
     has,
     mask,
 )
+from backends.vdpa.memory import Piece
 from backends.vdpa.virtqueue import Chain, SplitVirtqueue, VqError
 
 if TYPE_CHECKING:
@@ -341,34 +343,36 @@ class NetDevice:
         hold = self._tx_hold
         if not hold and self._held.get(i):
             self._complete_held(i)
+        push = vq.push
         try:
             vq.set_notification(False)
             while True:
-                chain = vq.pop()
-                if chain is None:
+                chains = vq.pop_batch(budget - done if budget else vq.num)
+                if not chains:
                     if vq.enable_notification_and_check():
                         vq.set_notification(False)
                         continue
                     break
-                if chain.out_len < hdr_len:
-                    raise VqError(
-                        "net-tx-header",
-                        f"vq {i}: TX chain {chain.head} has {chain.out_len} readable bytes, "
-                        f"less than the {hdr_len}-byte virtio_net_hdr",
-                    )
-                frame = _join_out(chain, hdr_len)
-                if hold:  # popped, not completed: stays in flight
-                    self._held.setdefault(i, []).append((chain, frame))
-                    continue
-                vq.push(chain, 0)
-                done += 1
-                if frame:
-                    st.packets += 1
-                    st.bytes += len(frame)
-                    if not drop:
-                        send(frame, qp)
-                else:
-                    st.drops += 1  # header only, no frame
+                for chain in chains:
+                    if chain.out_len < hdr_len:
+                        raise VqError(
+                            "net-tx-header",
+                            f"vq {i}: TX chain {chain.head} has {chain.out_len} readable "
+                            f"bytes, less than the {hdr_len}-byte virtio_net_hdr",
+                        )
+                    frame = _join_out(chain, hdr_len)
+                    if hold:  # popped, not completed: stays in flight
+                        self._held.setdefault(i, []).append((chain, frame))
+                        continue
+                    push(chain, 0)
+                    done += 1
+                    if frame:
+                        st.packets += 1
+                        st.bytes += len(frame)
+                        if not drop:
+                            send(frame, qp)
+                    else:
+                        st.drops += 1  # header only, no frame
                 if budget and done >= budget:
                     self._schedule(i)  # kicks stay suppressed: we come back anyway
                     break
@@ -393,19 +397,22 @@ class NetDevice:
         hdr_len, mrg = self._header_len(dev)
         budget = self.rx_budget if self._loop is not None else 0
         write = dev.dma.write_pieces
+        one_buffer = rx_header(1, hdr_len)  # the header of nearly every frame
         if mrg and self._stalled[qp] is not None:
             if self._stalled[qp] == (vq.avail_idx(), vq.state.last_avail_idx):
                 return  # same buffers as last time, still too few: skip the pop/rewind
             self._stalled[qp] = None
         done = 0
+        pf = _Prefetch(vq)
         try:
             while bl:
                 frame = bl[0]
                 need = hdr_len + len(frame)
+                pf.want = min(len(bl), budget - done) if budget else len(bl)
                 if mrg:
-                    chains = self._take_mergeable(vq, need, hdr_len)
+                    chains = self._take_mergeable(pf, need, hdr_len)
                 else:
-                    chains = self._take_one(vq, need, hdr_len)
+                    chains = self._take_one(pf, need, hdr_len)
                 if chains is None:  # no (or not enough) buffers: wait for the driver's kick
                     if mrg and vq.inflight == 0 and vq.avail_pending():
                         self._stalled[qp] = (vq.avail_idx(), vq.state.last_avail_idx)
@@ -415,7 +422,8 @@ class NetDevice:
                 if not chains:
                     st.drops += 1  # too big for what the guest can ever give us
                     continue
-                data = rx_header(len(chains) if mrg else 1, hdr_len) + frame
+                nbuf = len(chains) if mrg else 1
+                data = (one_buffer if nbuf == 1 else rx_header(nbuf, hdr_len)) + frame
                 if len(chains) == 1:
                     vq.push(chains[0], write(chains[0].inp, data))
                 else:
@@ -431,6 +439,8 @@ class NetDevice:
                     if bl:
                         self._schedule(i)
                     break
+            if pf.chains:  # popped ahead but not needed (not expected): give them back
+                pf.rewind()
         except BaseException:
             _give_back(vq)  # a miss or a malformed chain: nothing half-taken stays popped
             raise
@@ -439,10 +449,11 @@ class NetDevice:
                 dev.notify_used(i)
 
     @staticmethod
-    def _take_one(vq: SplitVirtqueue, need: int, hdr_len: int) -> list[Chain] | None:
+    def _take_one(pf: _Prefetch, need: int, hdr_len: int) -> list[Chain] | None:
         """One chain for a non-mergeable frame; [] = frame does not fit (chain given back)."""
+        vq = pf.vq
         while True:
-            chain = vq.pop()
+            chain = pf.pop()
             if chain is not None:
                 break
             if not vq.enable_notification_and_check():
@@ -454,17 +465,18 @@ class NetDevice:
                 f"less than the {hdr_len}-byte virtio_net_hdr",
             )
         if chain.in_len < need:
-            vq.rewind()
+            pf.rewind()
             return []
         return [chain]
 
     @staticmethod
-    def _take_mergeable(vq: SplitVirtqueue, need: int, hdr_len: int) -> list[Chain] | None:
+    def _take_mergeable(pf: _Prefetch, need: int, hdr_len: int) -> list[Chain] | None:
         """Chains until ``need`` bytes fit; None = not enough posted (all given back)."""
+        vq = pf.vq
         chains: list[Chain] = []
         have = 0
         while have < need:
-            chain = vq.pop()
+            chain = pf.pop()
             if chain is None:
                 # Ask for a kick at the current avail idx *before* giving chains back, so
                 # avail_event (EVENT_IDX) is past everything we have seen; then re-check.
@@ -473,7 +485,7 @@ class NetDevice:
                 if vq.avail_idx() != seen:
                     continue
                 if chains:
-                    vq.rewind()
+                    pf.rewind()
                     if len(chains) >= vq.num:  # the whole ring cannot hold this frame
                         return []
                 return None
@@ -522,6 +534,31 @@ class NetDevice:
         dev.journal.record("net.rx", **totals["rx"])
 
 
+class _Prefetch:
+    """RX chains popped ahead with :meth:`SplitVirtqueue.pop_batch` (one avail-index read
+    for up to ``want`` frames). Every chain it holds is popped and unpushed, the newest in
+    flight, so giving chains back is the queue's rewind (which also empties it)."""
+
+    __slots__ = ("chains", "vq", "want")
+
+    def __init__(self, vq: SplitVirtqueue) -> None:
+        self.vq = vq
+        self.chains: collections.deque[Chain] = collections.deque()
+        self.want = 1
+
+    def pop(self) -> Chain | None:
+        if not self.chains:
+            got = self.vq.pop_batch(max(1, self.want))
+            if not got:
+                return None
+            self.chains.extend(got)
+        return self.chains.popleft()
+
+    def rewind(self) -> None:
+        self.chains.clear()
+        self.vq.rewind()
+
+
 def _give_back(vq: SplitVirtqueue) -> None:
     """Rewind chains popped in this batch but not pushed (chains are pushed as soon as they
     are filled, so these are exactly the ones a miss or a malformed chain interrupted)."""
@@ -530,19 +567,28 @@ def _give_back(vq: SplitVirtqueue) -> None:
 
 
 def _join_out(chain: Chain, hdr_len: int) -> bytes:
-    """The driver-written bytes of ``chain`` after the first ``hdr_len``: one copy."""
+    """The driver-written bytes of ``chain`` after the first ``hdr_len``: one copy (slicing
+    the region's mmap yields bytes directly; no memoryview is exported)."""
     out = chain.out
     if len(out) == 1:
-        with out[0].view() as v:
-            return bytes(v[hdr_len:])
+        return _piece_bytes(out[0], hdr_len)
     skip = hdr_len
-    parts: list[memoryview] = []
+    parts: list[bytes] = []
     for p in out:
         if skip >= p.length:
             skip -= p.length
             continue
-        parts.append(p.view()[skip:] if skip else p.view())
+        parts.append(_piece_bytes(p, skip))
         skip = 0
     if len(parts) == 1:
-        return bytes(parts[0])
+        return parts[0]
     return b"".join(parts)
+
+
+def _piece_bytes(p: Piece, skip: int) -> bytes:
+    r = p.region
+    if r.closed:
+        raise TranslationError("unmapped", p.gpa, p.length, Access.READ, "region closed")
+    start = r.base + p.offset
+    data = r.buf[start + skip : start + p.length]
+    return data if type(data) is bytes else bytes(data)

@@ -3,6 +3,12 @@
 IOVA -> (IOTLB) -> uaddr -> (HostMemory) -> :class:`Piece` (host bytes + GPA). In IOMMU mode
 (``VIRTIO_F_ACCESS_PLATFORM`` negotiated) an IOVA the IOTLB does not cover is a recoverable
 ``TranslationError(kind='miss')``; otherwise it is a plain error. Writes mark the dirty log.
+
+Hot path: the last successful single-piece translation is remembered as an IOVA window (the
+part of one IOTLB mapping that falls inside one host region) together with the generation it
+was computed under. A lookup inside that window with a permitted access is answered with one
+range check instead of the IOTLB bisect + host-memory bisect; any IOTLB, host-memory, IOMMU
+mode or fault change bumps the generation and drops the window.
 """
 
 from __future__ import annotations
@@ -14,9 +20,16 @@ from .dirty_log import DirtyLog
 from .faults import Faults
 from .iotlb import IOTLB
 from .journal import Journal
-from .memory import HostMemory, Piece
+from .memory import HostMemory, HostRegion, Piece
 
 __all__ = ["DmaSpace"]
+
+#: (lo, hi, region, offset - iova, readable, writable, generation): a remembered IOVA window
+#: (module doc). Permissions are booleans so the check is an identity test, not IntFlag math.
+_Window = tuple[int, int, HostRegion, int, bool, bool, tuple[int, int, int, int]]
+_READ = Access.READ
+_WINDOW_PIECES = 4096  # Pieces remembered per window (a ring's worth of buffers, and more)
+_WRITE = Access.WRITE
 
 
 class DmaSpace:
@@ -34,6 +47,10 @@ class DmaSpace:
         self.dirty_log: DirtyLog | None = None
         self._iommu = False
         self._mode = 0
+        self._window: _Window | None = None
+        self._window_pieces: dict[tuple[int, int], Piece] = {}  # (iova, length) -> Piece
+        self._window_skip = 0  # slow-path lookups left before remembering a window again
+        self._window_backoff = 0
 
     @property
     def iommu(self) -> bool:
@@ -61,6 +78,22 @@ class DmaSpace:
         when (part of) the IOVA range is not in the IOTLB (``addr`` = first missing IOVA)."""
         if length <= 0:
             return []
+        w = self._window
+        if (
+            w is not None
+            and w[0] <= iova
+            and iova + length <= w[1]
+            and (w[4] if access is _READ else w[5] if access is _WRITE else False)
+            and w[6] == self.generation
+        ):
+            # Pieces are immutable: the same buffer (rings re-post them) gets the same one
+            cache = self._window_pieces
+            p = cache.get((iova, length))
+            if p is None:
+                p = Piece(w[2], iova + w[3], length)
+                if len(cache) < _WINDOW_PIECES:
+                    cache[(iova, length)] = p
+            return [p]
         if self.iommu and self._fault("translate-by-gpa"):
             return self.host.lookup_gpa(iova, length, access)
         try:
@@ -72,7 +105,13 @@ class DmaSpace:
         lookup = self.host.lookup
         if len(spans) == 1:
             uaddr, n = spans[0]
-            return lookup(uaddr, n, access)
+            pieces = lookup(uaddr, n, access)
+            if len(pieces) == 1:
+                if self._window_skip:
+                    self._window_skip -= 1
+                else:
+                    self._remember(iova, pieces[0])
+            return pieces
         pieces: list[Piece] = []
         for uaddr, n in spans:
             for p in lookup(uaddr, n, access):
@@ -83,6 +122,36 @@ class DmaSpace:
                         continue
                 pieces.append(p)
         return pieces
+
+    def _remember(self, iova: int, piece: Piece) -> None:
+        """Keep the IOVA window around ``iova`` that one mapping + one region cover.
+
+        When windows keep being replaced before anything hit them (every buffer in its own
+        mapping, e.g. a strict vIOMMU), remembering is skipped for up to 64 slow-path
+        lookups at a time, so that workload does not pay for it."""
+        if self._window is not None and not self._window_pieces:
+            self._window_backoff = min(2 * self._window_backoff + 1, 64)
+            self._window_skip = self._window_backoff
+        else:
+            self._window_backoff = 0
+        m = self.iotlb.lookup(iova)
+        if m is None:
+            return
+        r = piece.region
+        lo = max(m.iova, m.iova + r.uaddr - m.uaddr)
+        hi = min(m.iova + m.size, m.iova + r.uaddr + r.size - m.uaddr)
+        if lo <= iova < hi:
+            self._window_pieces = {}
+            perm = int(m.perm)
+            self._window = (
+                lo,
+                hi,
+                r,
+                m.uaddr - m.iova - r.uaddr,
+                bool(perm & 1),  # Perm.RO / Access.READ
+                bool(perm & 2),  # Perm.WO / Access.WRITE
+                self.generation,
+            )
 
     # -- dirty logging ---------------------------------------------------------------------
     def mark_dirty(self, gpa: int, length: int) -> None:
@@ -132,6 +201,11 @@ class DmaSpace:
     ) -> int:
         """Copy ``data`` into the pieces starting ``offset`` bytes in; returns bytes written
         (short when the pieces end first). Logs dirty pages."""
+        if offset == 0 and len(pieces) == 1:  # the common case: one buffer, written whole
+            p = pieces[0]
+            n = p.write(data)
+            self._log_data(p, 0, n)
+            return n
         mv = memoryview(data)
         total = len(mv)
         done = 0

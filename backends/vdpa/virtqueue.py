@@ -9,6 +9,7 @@ any IOTLB or mem-table change invalidates the cache.
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 from dataclasses import asdict, dataclass
@@ -53,6 +54,12 @@ USED_RING = 4
 
 MAX_INDIRECT_ENTRIES = 65536  # bound for one indirect table (1 MiB of descriptors)
 MAX_CHAIN_BYTES = 1 << 32  # virtio 1.2 2.7.5.2: a chain must not exceed 2^32 bytes
+
+
+@functools.lru_cache(maxsize=512)
+def _used_elems(n: int) -> struct.Struct:
+    """``n`` consecutive used elements (id, len) as one struct."""
+    return struct.Struct("<" + "II" * n)
 
 
 def desc_table_size(num: int) -> int:
@@ -323,20 +330,63 @@ class SplitVirtqueue:
         TranslationError(kind='miss') with no state change (retry after the IOTLB update)."""
         if not self.configured:
             return None
+        rings, pending = self._avail()
+        if pending == 0:
+            return None
+        return self._take(rings, self.state.last_avail_idx)
+
+    def pop_batch(self, limit: int) -> list[Chain]:
+        """Up to ``limit`` available chains, validated, with one read of the avail index.
+
+        A chain that fails stops the batch and is left available (state unchanged): the
+        chains before it are returned, and the next call raises what :meth:`pop` would
+        (VqError, or TranslationError(kind='miss')). Raises only when the first one fails."""
+        if not self.configured or limit <= 0:
+            return []
+        rings, pending = self._avail()
+        chains: list[Chain] = []
+        take = self._take
+        for _ in range(min(pending, limit)):
+            try:
+                chains.append(take(rings, self.state.last_avail_idx))
+            except (VqError, TranslationError):
+                if not chains:
+                    raise
+                break
+        return chains
+
+    def _avail(self) -> tuple[_Rings, int]:
+        """The translated rings and how many chains the driver has made available."""
         try:
             rings = self.rings()
-            num = self.num
-            last = self.state.last_avail_idx
             aidx = rings.avail.u16(AVAIL_IDX)
-            pending = (aidx - last) & 0xFFFF
-            if pending == 0:
-                return None
-            if pending > num:
-                raise VqError(
-                    "avail-jump",
-                    f"avail idx {aidx} is {pending} ahead of last_avail_idx {last} (size {num})",
-                )
-            head = rings.avail.u16(AVAIL_RING + 2 * (last & (num - 1)))
+        except TranslationError as e:
+            if e.kind == "miss":
+                raise
+            raise VqError("translate", str(e)) from None
+        except (ValueError, IndexError) as e:  # ring memory unmapped underneath us
+            raise VqError("ring-access", str(e)) from None
+        last = self.state.last_avail_idx
+        pending = (aidx - last) & 0xFFFF
+        if pending > self.num:
+            raise VqError(
+                "avail-jump",
+                f"avail idx {aidx} is {pending} ahead of last_avail_idx {last} (size {self.num})",
+            )
+        return rings, pending
+
+    def _take(self, rings: _Rings, last: int) -> Chain:
+        """Validate and take the chain at avail position ``last``; state changes only when
+        it succeeds."""
+        num = self.num
+        avail = rings.avail
+        try:
+            if avail.single:
+                head = U16.unpack_from(
+                    avail._buf, avail._base + AVAIL_RING + 2 * (last & (num - 1))
+                )[0]
+            else:
+                head = avail.u16(AVAIL_RING + 2 * (last & (num - 1)))
             if head >= num:
                 raise VqError("head-range", f"head {head} >= queue size {num} (avail {last})")
             if head in self._popped:
@@ -356,6 +406,17 @@ class SplitVirtqueue:
         return chain
 
     def _walk(self, table: RingArea, head: int, num: int) -> Chain:
+        if table.single:  # fast path: a chain of one plain descriptor (DPDK TX, most RX)
+            addr, length, flags, _ = DESC.unpack_from(table._buf, table._base + head * DESC_SIZE)
+            if length:
+                if flags == 0:
+                    return Chain(
+                        head, self.dma.translate(addr, length, Access.READ), [], length, 0, 0, 1
+                    )
+                if flags == VRING_DESC_F_WRITE:
+                    return Chain(
+                        head, [], self.dma.translate(addr, length, Access.WRITE), 0, length, 0, 1
+                    )
         out: list[Piece] = []
         inp: list[Piece] = []
         out_len = in_len = 0
@@ -363,6 +424,8 @@ class SplitVirtqueue:
         indirect: bytes | None = None
         limit = num
         translate = self.dma.translate
+        unpack_from = DESC.unpack_from
+        tbuf, tbase = (table._buf, table._base) if table.single else (None, 0)
         idx = head
         count = 0
         total = 0
@@ -372,7 +435,10 @@ class SplitVirtqueue:
                 where = "indirect table" if indirect is not None else "chain"
                 raise VqError("loop", f"{where} from head {head} longer than {limit}")
             if indirect is None:
-                addr, length, flags, nxt = table.unpack(DESC, idx * DESC_SIZE)
+                if tbuf is not None:
+                    addr, length, flags, nxt = unpack_from(tbuf, tbase + idx * DESC_SIZE)
+                else:
+                    addr, length, flags, nxt = table.unpack(DESC, idx * DESC_SIZE)
             else:
                 addr, length, flags, nxt = DESC.unpack_from(indirect, idx * DESC_SIZE)
             if flags & VRING_DESC_F_INDIRECT:
@@ -427,14 +493,21 @@ class SplitVirtqueue:
             return False
         rings = self.rings()
         used = rings.used
-        mask = self.num - 1
+        num = self.num
         old = self._used_pub
-        idx = old
+        n = len(pending)
+        new = (old + n) & 0xFFFF
         try:
-            for head, written in pending:
-                used.pack(USED_ELEM, USED_RING + 8 * (idx & mask), head, written)
-                idx += 1
-            new = idx & 0xFFFF
+            # the elements in runs up to the ring's end (normally one or two struct stores)
+            flat = [v for elem in pending for v in elem]
+            pos = 0
+            idx = old
+            while pos < n:
+                start = idx & (num - 1)
+                k = min(n - pos, num - start)
+                used.pack(_used_elems(k), USED_RING + 8 * start, *flat[2 * pos : 2 * (pos + k)])
+                pos += k
+                idx += k
             used.pack(U16, USED_IDX, new)  # after the elements: the publish
         except (ValueError, IndexError) as e:
             raise VqError("ring-access", str(e)) from None
