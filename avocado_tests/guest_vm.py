@@ -19,7 +19,7 @@ from pathlib import Path
 
 from avocado_tests.console import BootInfo, GuestConsole
 from guest_images import GuestImage
-from qtests.qos.processes import stop_process
+from qtests.qos.processes import die_with_parent, stop_process
 from qtests.qos.qmp import QmpClient, QmpError
 
 _log = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ class GuestVM:
                 stdout=qlog,
                 stderr=subprocess.STDOUT,
                 start_new_session=self.own_session,
+                preexec_fn=die_with_parent,  # only calls prctl()
             )
         self.started_at = time.monotonic()
         self.console = self._open_console(self._accept_console(timeout))

@@ -88,13 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     job_dir = Path(match.group(1)).parent
     results = job_dir / "results.json"
     try:
-        total = int(json.loads(results.read_text()).get("total", 0))
+        summary = json.loads(results.read_text())
+        total = int(summary.get("total", 0))
+        not_run = int(summary.get("cancel", 0)) + int(summary.get("skip", 0))
     except (OSError, ValueError) as exc:
         print(f"run: no readable {results}: {exc}", file=sys.stderr)
         return 2
     if total == 0:
         print("run: the job ran no tests", file=sys.stderr)
         return 2
+    if args.ci and not_run:
+        # avocado exits 0 when tests cancel or skip; in CI a scenario that did not run is a
+        # scenario that proved nothing
+        print(f"run: {not_run} of {total} CI tests were cancelled or skipped", file=sys.stderr)
+        rc = rc or 1
     print(f"results.json: {results}")
     print(f"results.xml:  {job_dir / 'results.xml'}")
     print(f"results.tap:  {job_dir / 'results.tap'}")

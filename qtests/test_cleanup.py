@@ -100,16 +100,38 @@ def test_qemu_launch_fails_after_backend_started(make_testbed):
     tb.start_qemu()
 '''
 
+# A leak the harness cannot prevent: a backend spawned around it (BackendProcess children die
+# with the runner through PR_SET_PDEATHSIG, so the leak is made with a plain Popen).
 LEAKING_TEST = """
 import os
+import subprocess
 from pathlib import Path
 
 from qtests.qos.backend_process import BackendProcess
 
 
 def test_leaks_a_backend(log_dir):
-    b = BackendProcess(log_dir, run_dir=Path(os.environ["CLEANUP_RECORD_DIR"])).start()
-    Path(os.environ["CLEANUP_RECORD_DIR"], "leaked.pid").write_text(str(b.pid))
+    record = Path(os.environ["CLEANUP_RECORD_DIR"])
+    cmd = BackendProcess(log_dir, run_dir=record).command()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    (record / "leaked.pid").write_text(str(p.pid))
+"""
+
+
+# The runner itself dies (SIGKILL: no teardown, no atexit) while QEMU and the backend run.
+KILLED_RUNNER_TEST = """
+import json
+import os
+import signal
+from pathlib import Path
+
+
+def test_runner_is_killed(testbed):
+    record = Path(os.environ["CLEANUP_RECORD_DIR"])
+    pids = [testbed.machine.pid, testbed.backend.pid]
+    (record / "killed.json").write_text(json.dumps(pids))
+    os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
@@ -190,6 +212,19 @@ def test_leak_check_catches_a_leaked_backend(workdir: Path) -> None:
             os.kill(pid, signal.SIGKILL)  # the leak we caused on purpose, by its pid
     poll_until(
         lambda: not processes_referencing(log_root), 10, f"the leaked backend (pid {pid}) to go"
+    )
+
+
+def test_a_killed_runner_takes_qemu_and_the_backend_with_it(workdir: Path) -> None:
+    result, log_root = run_pytest(KILLED_RUNNER_TEST, workdir)
+    assert result.returncode == -signal.SIGKILL, result.stdout[-3000:] + result.stderr[-3000:]
+    qemu, backend = json.loads((workdir / "killed.json").read_text())
+    assert qemu and backend, "the inner test did not record its QEMU and backend"
+    poll_until(
+        lambda: not processes_referencing(log_root),
+        10,
+        f"QEMU (pid {qemu}) and the backend (pid {backend}) to die with their killed runner",
+        detail=lambda: str(processes_referencing(log_root)),
     )
 
 

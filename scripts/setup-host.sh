@@ -47,9 +47,11 @@ apt_update_once() {
 }
 
 ensure_backports_source() {
-    if grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        return
-    fi
+    # only files apt reads, and only lines that are not comments
+    local f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [ -r "$f" ] && grep -qsE '^[^#]*bookworm-backports' "$f" && return
+    done
     say "adding bookworm-backports to /etc/apt/sources.list.d/bookworm-backports.sources"
     cat >/etc/apt/sources.list.d/bookworm-backports.sources <<'EOF'
 Types: deb
@@ -85,15 +87,17 @@ ensure_qemu() {
 
 ensure_system_pkgs() {
     local missing=()
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
     command -v gcc >/dev/null 2>&1 || missing+=(gcc)
     [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
     command -v tmux >/dev/null 2>&1 || missing+=(tmux)
     if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then missing+=(python3-venv); fi
+    # Debian's python3 splits venv out; with another python on PATH this is already fine
     [ ${#missing[@]} -eq 0 ] && return
     if is_debian12 && is_root; then
         say "installing ${missing[*]}"
         apt_update_once
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
             || die "apt-get install ${missing[*]} failed"
         return
     fi
@@ -123,8 +127,8 @@ ensure_venv() {
     echo "$want" >"$stamp"
 }
 
+ensure_system_pkgs   # first: on a minimal Debian 12 it also brings python3 and its venv
 ensure_python
 ensure_qemu
-ensure_system_pkgs
 ensure_venv
 say "ok: $(qemu-system-x86_64 --version | head -1), $("$VENV/bin/python" --version)"

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from qtests.qos.processes import stop_process
+from qtests.qos.processes import die_with_parent, stop_process
 from qtests.qos.qmp import QmpClient
 
 _log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class BackendProcess:
             self.proc = subprocess.Popen(
                 cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+                preexec_fn=die_with_parent,
             )  # fmt: skip
         assert self.proc.stdout is not None
         out = self.stdout_path.open("wb")

@@ -12,7 +12,6 @@ owns the machine.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .alloc import FOUR_GIB, GuestAllocator, MiB
+from .processes import die_with_parent
 from .qmp import QmpClient, QmpError
 from .qtest import QTest
 from .waiting import poll_until
@@ -40,17 +40,6 @@ HALT_BIOS_SIZE = 64 * 1024
 #: Reset vector (0xFFFF0) code: cli; hlt; jmp $-3 (back to hlt).
 HALT_BIOS_CODE = bytes([0xFA, 0xF4, 0xEB, 0xFD])
 HALT_BIOS_OFFSET = 0xFFF0
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-
-
-def _die_with_parent() -> None:  # runs in the forked child before exec
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class QemuError(RuntimeError):
@@ -497,7 +486,7 @@ class QemuMachine:
                 stdin=subprocess.DEVNULL,
                 stdout=self._stdout_file,
                 stderr=self._stderr_file,
-                preexec_fn=_die_with_parent,  # only calls prctl()
+                preexec_fn=die_with_parent,  # only calls prctl()
                 close_fds=True,
                 start_new_session=True,  # a terminal's Ctrl-C (qtests.shell) is not QEMU's
             )

@@ -1,13 +1,29 @@
-"""Stopping a child process for sure: SIGTERM, a bounded wait, then SIGKILL."""
+"""Child processes of the suite: they die with it (PR_SET_PDEATHSIG), and stopping one is
+sure: SIGTERM, a bounded wait, then SIGKILL."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import subprocess
 from typing import Any
 
 _log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for QEMU and backend children: SIGKILL when the runner dies, even if it
+    is itself SIGKILLed (only calls prctl, which is safe between fork and exec)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
 
 #: How long a process gets after SIGTERM when it was already asked to exit another way.
 TERM_GRACE = 5.0
