@@ -567,7 +567,6 @@ def test_avail_and_used_index_wrap_past_65535(net_vm: Callable[..., NetVm]) -> N
     buf = vm.alloc.alloc(4096, tag="wrap frame")
     vm.machine.qtest.write(buf, VirtioNetHdr().pack() + frame)
     total, done = 65536 + 700, 0
-    start = time.monotonic()
     while done < total:
         batch = min(256, total - done)
         for _ in range(batch):
@@ -581,7 +580,6 @@ def test_avail_and_used_index_wrap_past_65535(net_vm: Callable[..., NetVm]) -> N
     while seen < total:
         assert vm.peer.expect(5) == frame
         seen += 1
-    assert time.monotonic() - start < 20
 
 
 @pytest.mark.qemu
