@@ -78,6 +78,8 @@ class BackendProcess:
         self.stderr_path = self.log_dir / f"{name}.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
+        #: True once the test killed it on purpose (kill()): its exit status is then expected
+        self.killed = False
         self._qmp: QmpClient | None = None
         self._drain: threading.Thread | None = None
 
@@ -175,6 +177,7 @@ class BackendProcess:
 
     def kill(self) -> None:
         """SIGKILL with no clean-up: simulates a crashed backend (reconnect tests)."""
+        self.killed = True
         self._close_qmp()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -13,6 +13,7 @@ Everything it starts it stops in :meth:`close`, also after a failure.
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +27,8 @@ from qtests.qos.virtio_net import VirtioNetDriver
 from qtests.qos.wire_peer import WirePeer
 
 GUEST_MAC = "52:54:00:12:34:56"
+#: Exit statuses that mean a process crashed rather than stopped.
+CRASH_STATUSES = {-signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS, -signal.SIGILL, -signal.SIGFPE}
 
 
 class Testbed:
@@ -162,11 +165,28 @@ class Testbed:
         errors: list[BaseException] = []
         if self.machine is not None:
             try:
-                self.machine.shutdown()
+                rc = self.machine.shutdown()
             except BaseException as e:  # keep stopping the rest
                 errors.append(e)
+            else:
+                if rc in CRASH_STATUSES:  # QEMU aborted or faulted: never a pass
+                    errors.append(
+                        AssertionError(
+                            f"QEMU {self.machine.name} crashed (status {rc}):\n"
+                            f"{self.machine.stderr_tail()}"
+                        )
+                    )
         if self.backend is not None:
-            self.backend.stop()
+            backend = self.backend
+            rc = backend.stop()
+            if rc not in (0, None) and not backend.killed:
+                # a backend that crashed after the test's last check must not pass silently
+                errors.append(
+                    AssertionError(
+                        f"{backend.name} exited with status {rc} (0 expected after SIGTERM)\n"
+                        f"{backend.tails()}"
+                    )
+                )
         self.peer.close()
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
