@@ -300,8 +300,7 @@ def test_qtest_memory_and_io(log_dir: Path) -> None:
         with pytest.raises(QTestError, match="FAIL"):
             qt.command("no_such_command")
         assert qt.endianness() == "little"  # the stream is still in step
-        qt.irq_intercept_in("ioapic")
-        assert qt.get_irq(0) in (True, False)
+        qt.irq_intercept_in("ioapic")  # accepted once, refused again (levels: the INTx test)
         with pytest.raises(QTestError, match="already enabled"):
             qt.irq_intercept_in("/machine/q35")
         assert m.qmp.command("query-status")["status"] == "running"
