@@ -1,5 +1,12 @@
 """The dirty-page log shared with QEMU (SET_LOG_BASE): one bit per 4 KiB guest-physical page,
-``buf[page >> 3] |= 1 << (page & 7)``. Single-threaded: no atomic OR needed."""
+``buf[page >> 3] |= 1 << (page & 7)``.
+
+The OR is a plain read-modify-write, not the atomic OR the vhost-user spec asks for. Against
+QEMU alone that is safe: QEMU harvests with an atomic exchange, so a bit we re-set after it
+read the byte is at worst reported dirty twice. It is NOT safe when several vhost-user devices
+of one VM share QEMU's log (QEMU hands the same memfd to every vhost-user device): another
+backend's bit set between our read and our write is lost. Until the OR is atomic, run one
+vhost-user device per VM when migrating (every suite here does)."""
 
 from __future__ import annotations
 
