@@ -144,8 +144,11 @@ class BackendChannel:
                     error="bad-backend-reply",
                     detail=f"flags {hdr.flags:#x} size {len(msg.payload)} fds {n}",
                 )
-                continue
-            status = m.unpack_u64(msg.payload)
+                # it still answers the oldest request: keep the pairing, and treat it as a
+                # refusal so that request can be asked again
+                status = 1
+            else:
+                status = m.unpack_u64(msg.payload)
             iova, perm, kind = (
                 self._outstanding.popleft() if self._outstanding else (-1, 0, m.IotlbType.MISS)
             )

@@ -244,6 +244,8 @@ class Connection:
         except ProtocolError as e:
             self._error(name, e)
             self._reply_failure(request, hdr)
+            if e.fatal:  # answered, but this connection cannot go on
+                self.close(f"{name}: {e.detail}")
         except (ValueError, TranslationError, VqError, OSError) as e:
             self._error(name, ProtocolError("rejected", f"{type(e).__name__}: {e}"))
             self._reply_failure(request, hdr)
@@ -463,6 +465,12 @@ class Connection:
         fd = msg.take_fd()
         try:
             area = LogArea(fd, desc.mmap_size, desc.mmap_offset)
+        except Exception as e:
+            # QEMU frees its old log whatever we answer (it checks only the reply's request
+            # code): marking the old one would lose dirty pages silently. Stop logging and
+            # drop the connection, the only failure QEMU acts on.
+            self._stop_log()
+            raise ProtocolError("log-base", f"cannot map the dirty log: {e}", fatal=True) from e
         finally:
             os.close(fd)
         old, self.log_area = self.log_area, area
