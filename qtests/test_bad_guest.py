@@ -40,7 +40,7 @@ from qtests.qos.virtqueue import (
     VRING_DESC_F_WRITE,
     SplitVirtqueue,
 )
-from qtests.qos.waiting import poll_until
+from qtests.qos.waiting import WaitTimeout, poll_until
 
 pytestmark = pytest.mark.qemu
 
@@ -190,9 +190,11 @@ def _traffic_works(tb: Testbed, seq: int) -> None:
     assert parse_frame(tb.net.recv().data) == (2, seq)
 
 
-def bad_guest_scenario(tb: Testbed, case: Callable[[Testbed, Scratch], Bad]) -> None:
+def bad_guest_scenario(
+    tb: Testbed, case: Callable[[Testbed, Scratch], Bad], timeout: float = 5.0
+) -> None:
     """Good traffic; bad ring content; error + NEEDS_RESET, backend alive, guest status as
-    QEMU keeps it; driver reset + re-init; good traffic again."""
+    QEMU keeps it; the bad chain never used; driver reset + re-init; good traffic again."""
     backend = tb.backend
     assert backend is not None
     _traffic_works(tb, 1)
@@ -204,22 +206,29 @@ def bad_guest_scenario(tb: Testbed, case: Callable[[Testbed, Scratch], Bad]) -> 
     cfg_irq = tb.net.dev.config_interrupt
     cfg_irq.clear()
     mark = backend.mark()
-    tx_used = _tx(tb).device_used_idx()
+    rings = {RX_Q: tb.net.rxq[0], TX_Q: _tx(tb)}
+    used_before = {i: vq.device_used_idx() for i, vq in rings.items()}
     bad = case(tb, scratch)
     if not rx_post:
         _tx(tb).kick(force=True)
-    errors = poll_until(
-        lambda: backend.journal(kinds=["error."], since=mark),
-        5,
-        f"the backend to journal an error for the bad {bad.error} content on vq {bad.vq}",
-    )
+    try:
+        errors = poll_until(
+            lambda: backend.journal(kinds=["error."], since=mark),
+            timeout,
+            f"the backend to journal an error for the bad {bad.error} content on vq {bad.vq}",
+        )
+    except WaitTimeout as e:
+        names = backend.cmd("query-status")["status_names"]
+        raise AssertionError(f"{e}; backend status {names}") from e
     first = errors[0]
     assert (first["kind"], first["vq"], first["error"]) == ("error.vq", bad.vq, bad.error), errors
     status = backend.cmd("query-status")
     assert backend.running, f"{backend.name} died on bad ring content"
     assert "NEEDS_RESET" in status["status_names"] and not status["running"], status
     assert status["connection"]["connected"], "the backend dropped QEMU's connection"
-    assert _tx(tb).device_used_idx() == tx_used, "a malformed chain was used"
+    used_after = {i: vq.device_used_idx() for i, vq in rings.items()}
+    assert used_after[bad.vq] == used_before[bad.vq], f"a malformed chain on vq {bad.vq} was used"
+    assert used_after == used_before, f"used idx moved: {used_before} -> {used_after}"
     # QEMU 10 keeps the guest-visible status to itself (see the module docstring)
     assert tb.net.dev.status == GUEST_READY, (
         f"guest-visible status {tb.net.dev.status:#x}: QEMU now propagates NEEDS_RESET?"
@@ -242,3 +251,21 @@ def test_bad_ring_content_needs_reset_and_recovers(
     make_testbed: Callable[..., Testbed], name: str
 ) -> None:
     bad_guest_scenario(make_testbed().start(**INIT), CASES[name])
+
+
+#: Representative malformations for the meta-test (loop, index range, order, indirect).
+META_CASES = ["descriptor-loop", "head-out-of-range", "readable-after-writable", "indirect-nested"]
+
+
+@pytest.mark.parametrize("name", META_CASES)
+def test_meta_no_chain_validation_is_caught(
+    make_testbed: Callable[..., Testbed], name: str
+) -> None:
+    """A device that skips bad chains silently leaves no error and no NEEDS_RESET."""
+    tb = make_testbed(faults=["no-chain-validation"]).start(**INIT)
+    with pytest.raises(
+        AssertionError,
+        match=r"waiting for the backend to journal an error for the bad [a-z-]+ content .*"
+        r"backend status \[(?!.*NEEDS_RESET)",
+    ):
+        bad_guest_scenario(tb, CASES[name], timeout=1.0)

@@ -142,14 +142,22 @@ def test_tx_scenario_catches_drop_tx(make_testbed: Callable[..., Testbed]) -> No
 
 
 # ---------------------------------------------------------------------------- RX
-@pytest.mark.qemu
-def test_rx_mergeable_byte_exact(testbed: Testbed) -> None:
-    tb, net = testbed, testbed.net
+def rx_mergeable_byte_exact(tb: Testbed) -> None:
+    """Scenario: frames of every size over 2 KiB mergeable buffers, num_buffers right."""
+    net = tb.net
     assert net.mergeable and net.rx_buf_size == RX_BUF
     for seq, size in enumerate(SIZES):
-        rx = send_and_receive(tb, net, make_frame(seq, size))
-        assert rx.num_buffers == rx.hdr.num_buffers == len(mergeable_lengths(size))
-        assert rx.lengths == mergeable_lengths(size), f"{size}-byte frame"
+        frame = make_frame(seq, size)
+        tb.peer.send(frame)
+        rx = net.recv(0)
+        want = len(mergeable_lengths(size))
+        # num_buffers first: the driver joins that many buffers, so a wrong count shows as
+        # a truncated frame below
+        assert rx.hdr.num_buffers == want, (
+            f"{size}-byte frame: num_buffers {rx.hdr.num_buffers}, expected {want}"
+        )
+        assert rx.data == frame, f"sent the {_what(frame)}, received the {_what(rx.data)}"
+        assert rx.num_buffers == want and rx.lengths == mergeable_lengths(size), f"{size} bytes"
     big = send_and_receive(tb, net, make_frame(99, 9000))
     assert big.num_buffers == 5 > 1
     # a burst of every size, queued on the wire before the driver looks
@@ -169,6 +177,18 @@ def test_rx_mergeable_byte_exact(testbed: Testbed) -> None:
     vr = tb.backend.vring(0)
     frames = 2 * len(SIZES) + 1 + len(burst) + 1
     assert vr["packets"] == frames and vr["drops"] == 0
+
+
+@pytest.mark.qemu
+def test_rx_mergeable_byte_exact(testbed: Testbed) -> None:
+    rx_mergeable_byte_exact(testbed)
+
+
+@pytest.mark.qemu
+def test_meta_rx_bad_num_buffers_is_caught(make_testbed: Callable[..., Testbed]) -> None:
+    tb = make_testbed(faults=["rx-bad-num-buffers"]).start()
+    with pytest.raises(AssertionError, match=r"4000-byte frame: num_buffers 1, expected 2"):
+        rx_mergeable_byte_exact(tb)
 
 
 @pytest.mark.qemu
@@ -249,13 +269,9 @@ def complete_one(tb: Testbed, vq: SplitVirtqueue, seq: int) -> None:
         send_and_receive(tb, tb.net, frame)
 
 
-@pytest.mark.qemu
-@pytest.mark.parametrize("direction", ["tx", "rx"])
-def test_event_idx_used_event_defers_interrupts(
-    make_testbed: Callable[..., Testbed], direction: str
-) -> None:
-    """The backend interrupts only once the used index passes used_event."""
-    tb = make_testbed().start(event_idx=True)
+def used_event_defers_interrupts(tb: Testbed, direction: str) -> None:
+    """Scenario (EVENT_IDX): the backend interrupts only once the used index passes
+    used_event."""
     vq = tb.net.txq[0] if direction == "tx" else tb.net.rxq[0]
     assert vq.event_idx and vq.interrupt is not None
     complete_one(tb, vq, 1)
@@ -277,6 +293,14 @@ def test_event_idx_used_event_defers_interrupts(
     complete_one(tb, vq, 40)
     assert calls(tb, vq) == start + 2
     vq.wait_interrupt(2)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("direction", ["tx", "rx"])
+def test_event_idx_used_event_defers_interrupts(
+    make_testbed: Callable[..., Testbed], direction: str
+) -> None:
+    used_event_defers_interrupts(make_testbed().start(event_idx=True), direction)
 
 
 @pytest.mark.qemu
@@ -314,9 +338,9 @@ def test_event_idx_avail_event_decides_kicks(make_testbed: Callable[..., Testbed
     assert kicks(tb, tx) == k0 + 2
 
 
-@pytest.mark.qemu
-def test_no_interrupt_flag_without_event_idx(testbed: Testbed) -> None:
-    tb, net = testbed, testbed.net
+def no_interrupt_flag_suppresses(tb: Testbed) -> None:
+    """Scenario (no EVENT_IDX): VRING_AVAIL_F_NO_INTERRUPT suppresses interrupts."""
+    net = tb.net
     tx = net.txq[0]
     assert not tx.event_idx and tx.interrupt is not None
     tx.interrupt.clear()
@@ -333,6 +357,25 @@ def test_no_interrupt_flag_without_event_idx(testbed: Testbed) -> None:
     expect_on_wire(tb.peer, [make_frame(9, 128)])
     assert calls(tb, tx) == start + 1
     tx.wait_interrupt(2)
+
+
+@pytest.mark.qemu
+def test_no_interrupt_flag_without_event_idx(testbed: Testbed) -> None:
+    no_interrupt_flag_suppresses(testbed)
+
+
+@pytest.mark.qemu
+def test_meta_ignore_used_event_is_caught(make_testbed: Callable[..., Testbed]) -> None:
+    """One backend with the fault: the driver negotiates EVENT_IDX, then (re-initialised)
+    does without it; both suppression scenarios must fail on the first completion."""
+    tb = make_testbed(faults=["ignore-used-event"]).start(event_idx=True)
+    for direction in ("tx", "rx"):
+        with pytest.raises(AssertionError, match=r": interrupted before used_event"):
+            used_event_defers_interrupts(tb, direction)
+    tb.net.close()
+    tb.init_net()
+    with pytest.raises(AssertionError, match="interrupted despite VRING_AVAIL_F_NO_INTERRUPT"):
+        no_interrupt_flag_suppresses(tb)
 
 
 # ---------------------------------------------------------------------------- wrap-around

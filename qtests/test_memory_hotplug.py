@@ -399,11 +399,23 @@ def plug_unplug_scenario(tb: Testbed, mode: str) -> None:
     # -- back to base RAM, unplug
     net = reinit_net(tb, net, machine.make_allocator())
     before, mark = BackendMap.read(tb), b.mark()
+    tb.qmp.clear_events()  # the plug's DEVICE_CHECK _OST must not satisfy the wait below
     dimms.unplug(dev.id)
-    for source in (OST_EVENT_DEVICE_CHECK, OST_EVENT_EJECT_REQUEST):  # the OSPM's _OST reports
-        tb.qmp.wait_event(
-            "ACPI_DEVICE_OST", 1.0, match=lambda e, s=source: e["data"]["info"]["source"] == s
-        )
+    # the OSPM's _OST for the eject request, reported by QEMU for this DIMM
+    tb.qmp.wait_event(
+        "ACPI_DEVICE_OST",
+        1.0,
+        match=lambda e: (
+            (e["data"]["info"]["source"], e["data"]["info"].get("device"))
+            == (OST_EVENT_EJECT_REQUEST, dev.id)
+        ),
+    )
+    checks = [
+        e
+        for e in tb.qmp.get_events("ACPI_DEVICE_OST")
+        if e["data"]["info"]["source"] == OST_EVENT_DEVICE_CHECK
+    ]
+    assert not checks, f"a DEVICE_CHECK _OST during the unplug: {checks}"
     assert_map_matches_qemu(tb, base)
     expect_one_change(tb, mode, mark, before, key=key, plug=False)
     traffic.both(net)

@@ -629,3 +629,13 @@ def test_meta_no_miss_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None
     tb = make_vbed(faults=["no-miss"]).start()
     with pytest.raises(AssertionError, match="stalled: timed out .*backend: 0 MISS sent"):
         scenario_byte_exact(tb, [60, 1514], timeout=2.0)
+
+
+def test_meta_ignore_iotlb_perm_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    tb = make_vbed(faults=["ignore-iotlb-perm"]).start(post_rx=False)
+    # the device asks for read access to the READ-only RX page: the vIOMMU grants it
+    with pytest.raises(AssertionError, match=r"QEMU accepted the MISS for IOVA 0x8") as ei:
+        scenario_refused(tb)
+    # and the device then wrote the frame into the page the guest mapped READ-only
+    (used,) = tb.net.rxq[0].wait_used(1, 5.0)
+    assert used.token == "read-only" and used.length > NET_HDR_SIZE, (used, ei.value)

@@ -398,6 +398,7 @@ class NetDevice:
         budget = self.rx_budget if self._loop is not None else 0
         write = dev.dma.write_pieces
         one_buffer = rx_header(1, hdr_len)  # the header of nearly every frame
+        bad_nbuf = self._fault("rx-bad-num-buffers")
         if mrg and self._stalled[qp] is not None:
             if self._stalled[qp] == (vq.avail_idx(), vq.state.last_avail_idx):
                 return  # same buffers as last time, still too few: skip the pop/rewind
@@ -422,7 +423,7 @@ class NetDevice:
                 if not chains:
                     st.drops += 1  # too big for what the guest can ever give us
                     continue
-                nbuf = len(chains) if mrg else 1
+                nbuf = len(chains) if mrg and not bad_nbuf else 1  # bad_nbuf: the fault
                 data = (one_buffer if nbuf == 1 else rx_header(nbuf, hdr_len)) + frame
                 if len(chains) == 1:
                     vq.push(chains[0], write(chains[0].inp, data))

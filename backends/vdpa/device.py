@@ -382,6 +382,8 @@ class VdpaDevice:
     def handle_miss(self, i: int | None, e: TranslationError) -> None:
         """Park queue ``i`` on an IOTLB miss and ask the front-end (once per iova+perm)."""
         perm = Perm.WO if e.access & Access.WRITE else Perm.RO
+        if self.faults.active("ignore-iotlb-perm"):
+            perm = Perm.RO  # the fault: ask for read access whatever the device needs
         if i is not None:
             self._parked[i] = (e.addr, perm)
         key = (e.addr, perm)
@@ -433,7 +435,10 @@ class VdpaDevice:
 
     def _flush_and_call(self, i: int) -> None:
         vq = self.vqs[i]
+        published = vq.used_published
         vq.flush()
+        if vq.used_published != published and self.faults.active("ignore-used-event"):
+            vq.need_call = True  # the fault: interrupt on every publish, suppression ignored
         if vq.need_call:
             vq.need_call = False
             self._call(i)

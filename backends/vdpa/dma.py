@@ -142,7 +142,7 @@ class DmaSpace:
         hi = min(m.iova + m.size, m.iova + r.uaddr + r.size - m.uaddr)
         if lo <= iova < hi:
             self._window_pieces = {}
-            perm = int(m.perm)
+            perm = 3 if self._fault("ignore-iotlb-perm") else int(m.perm)  # the fault: RW
             self._window = (
                 lo,
                 hi,

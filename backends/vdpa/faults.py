@@ -68,6 +68,36 @@ FAULTS: dict[str, str] = {
         "(qtests/test_migration.py: held TX frames never reach either wire; "
         "last_avail - used != inflight-free state)."
     ),
+    "no-chain-validation": (
+        "the device does not validate descriptor chains: a chain that fails a loop / index "
+        "range / order / indirect-table check (or an avail idx that jumps by more than the "
+        "queue size) is silently skipped (consumed, never used, nothing journalled, no "
+        "NEEDS_RESET) instead of failing the queue. Hook: vdpa/virtqueue.py "
+        "SplitVirtqueue._take / _avail. Caught by the bad-guest suite (qtests/test_bad_guest.py "
+        "test_meta_no_chain_validation_is_caught: 'to journal an error for the bad ...')."
+    ),
+    "rx-bad-num-buffers": (
+        "with MRG_RXBUF the RX header's num_buffers is always 1, even when a frame spans "
+        "several buffers. Hook: net/datapath.py NetDevice._rx. Caught by the datapath suite "
+        "(qtests/test_datapath.py test_meta_rx_bad_num_buffers_is_caught: 'num_buffers 1, "
+        "expected 2')."
+    ),
+    "ignore-used-event": (
+        "the device interrupts the driver on every used-index publish, ignoring EVENT_IDX "
+        "used_event and VRING_AVAIL_F_NO_INTERRUPT. Hook: vdpa/device.py "
+        "VdpaDevice._flush_and_call. Caught by the datapath suite (qtests/test_datapath.py "
+        "test_meta_ignore_used_event_is_caught: 'interrupted before used_event', "
+        "'interrupted despite VRING_AVAIL_F_NO_INTERRUPT')."
+    ),
+    "ignore-iotlb-perm": (
+        "the device ignores vhost access permissions: IOTLB translate does not check a "
+        "mapping's perm, and an IOTLB MISS always asks for read access (RO) whatever access "
+        "the device needs, so a vIOMMU that checks permissions on the MISS grants it and the "
+        "device writes a READ-only buffer. Hooks: vdpa/iotlb.py IOTLB.translate, vdpa/dma.py "
+        "DmaSpace._remember, vdpa/device.py VdpaDevice.handle_miss. Caught by the vIOMMU suite "
+        "(qtests/test_viommu.py test_meta_ignore_iotlb_perm_is_caught: 'QEMU accepted the "
+        "MISS' / 'the device wrote a READ-only buffer')."
+    ),
 }
 
 

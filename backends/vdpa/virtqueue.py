@@ -54,6 +54,20 @@ USED_RING = 4
 
 MAX_INDIRECT_ENTRIES = 65536  # bound for one indirect table (1 MiB of descriptors)
 MAX_CHAIN_BYTES = 1 << 32  # virtio 1.2 2.7.5.2: a chain must not exceed 2^32 bytes
+#: VqError kinds of chain validation (what the ``no-chain-validation`` fault skips silently).
+CHAIN_CHECKS = frozenset(
+    {
+        "head-range",
+        "head-inflight",
+        "next-range",
+        "loop",
+        "indirect-len",
+        "indirect-nested",
+        "indirect-next",
+        "order",
+        "len-overflow",
+    }
+)
 
 
 @functools.lru_cache(maxsize=512)
@@ -331,9 +345,12 @@ class SplitVirtqueue:
         if not self.configured:
             return None
         rings, pending = self._avail()
-        if pending == 0:
-            return None
-        return self._take(rings, self.state.last_avail_idx)
+        while pending:
+            chain = self._take(rings, self.state.last_avail_idx)
+            if chain is not None:
+                return chain
+            pending -= 1  # skipped (the no-chain-validation fault)
+        return None
 
     def pop_batch(self, limit: int) -> list[Chain]:
         """Up to ``limit`` available chains, validated, with one read of the avail index.
@@ -348,12 +365,18 @@ class SplitVirtqueue:
         take = self._take
         for _ in range(min(pending, limit)):
             try:
-                chains.append(take(rings, self.state.last_avail_idx))
+                chain = take(rings, self.state.last_avail_idx)
             except (VqError, TranslationError):
                 if not chains:
                     raise
                 break
+            if chain is not None:
+                chains.append(chain)
         return chains
+
+    def _fault(self, name: str) -> bool:
+        faults = self.dma.faults
+        return faults is not None and faults.active(name)
 
     def _avail(self) -> tuple[_Rings, int]:
         """The translated rings and how many chains the driver has made available."""
@@ -369,15 +392,18 @@ class SplitVirtqueue:
         last = self.state.last_avail_idx
         pending = (aidx - last) & 0xFFFF
         if pending > self.num:
+            if self._fault("no-chain-validation"):  # the fault: skip to avail idx silently
+                self.state.last_avail_idx = aidx
+                return rings, 0
             raise VqError(
                 "avail-jump",
                 f"avail idx {aidx} is {pending} ahead of last_avail_idx {last} (size {self.num})",
             )
         return rings, pending
 
-    def _take(self, rings: _Rings, last: int) -> Chain:
+    def _take(self, rings: _Rings, last: int) -> Chain | None:
         """Validate and take the chain at avail position ``last``; state changes only when
-        it succeeds."""
+        it succeeds. None: the chain was skipped (only with the no-chain-validation fault)."""
         num = self.num
         avail = rings.avail
         try:
@@ -392,6 +418,11 @@ class SplitVirtqueue:
             if head in self._popped:
                 raise VqError("head-inflight", f"head {head} made available again while in use")
             chain = self._walk(rings.desc, head, num)
+        except VqError as e:
+            if e.kind in CHAIN_CHECKS and self._fault("no-chain-validation"):
+                self.state.last_avail_idx = (last + 1) & 0xFFFF  # the fault: skip silently
+                return None
+            raise
         except TranslationError as e:
             if e.kind == "miss":
                 raise
