@@ -46,6 +46,7 @@ The header is 12 bytes when VERSION_1 or MRG_RXBUF is negotiated, else 10 (legac
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -379,6 +380,11 @@ class NetDevice:
         except BaseException:
             self._held.pop(i, None)  # rewound with the rest: popped again, in order
             _give_back(vq)
+            # Kicks were suppressed for the batch: ask for them again, or a queue parked on
+            # a MISS that QEMU refuses (no UPDATE will come) would never hear the driver's
+            # next kick.
+            with contextlib.suppress(VqError, TranslationError):
+                vq.set_notification(True)
             raise
         finally:
             if vq.used_pending:

@@ -605,6 +605,23 @@ def test_tx_miss_parks_and_retries_after_update() -> None:
     assert len(rig.vqs[1].take_used()) == 1
 
 
+def test_tx_miss_leaves_driver_kicks_enabled() -> None:
+    """A parked TX queue must hear the driver's next kick: QEMU may refuse the MISS (no
+    UPDATE ever comes), and the driver then fixes its mapping and kicks again."""
+    for features in (BASE_FEATURES, BASE_FEATURES | mask(VIRTIO_F_EVENT_IDX)):
+        rig = make_rig(iommu=True, features=features)
+        rig.vqs[1].add(rig.tx_buffers([hdr() + frame(100, seed=1)]))
+        rig.vqs[1].kick()
+        assert 1 in rig.dev.parked
+        drv = rig.vqs[1]
+        if features >> VIRTIO_F_EVENT_IDX & 1:
+            avail_event = int.from_bytes(rig.read(drv.used + 4 + 8 * drv.num, 2), "little")
+            assert avail_event == rig.dev.vqs[1].state.last_avail_idx
+        else:
+            used_flags = int.from_bytes(rig.read(drv.used, 2), "little")
+            assert not used_flags & 1  # VRING_USED_F_NO_NOTIFY
+
+
 def test_rx_miss_keeps_frame_in_backlog() -> None:
     rig = make_rig(iommu=True, features=BASE_FEATURES | MRG)
     posted = rig.post_rx(0, [1000], count=3)
