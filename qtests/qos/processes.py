@@ -7,6 +7,7 @@ import ctypes
 import logging
 import signal
 import subprocess
+import threading
 from typing import Any
 
 _log = logging.getLogger(__name__)
@@ -18,10 +19,21 @@ except (OSError, AttributeError):  # not Linux
     _prctl = None
 
 
+#: The runner's main thread, as the parent saw it (a forked child inherits this object).
+_MAIN_THREAD = threading.main_thread()
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` for QEMU and backend children: SIGKILL when the runner dies, even if it
-    is itself SIGKILLed (only calls prctl, which is safe between fork and exec)."""
-    if _prctl is not None:
+    is itself SIGKILLed (only calls prctl, which is safe between fork and exec).
+
+    Only for children forked by the runner's main thread: the kernel sends the signal when the
+    *thread* that forked exits, and avocado runs setUp / the test / tearDown each in a worker
+    thread that ends with it, which would kill QEMU and the backend between test and tearDown.
+    (In the child, ``current_thread()`` is the parent's forking thread object.) Children of
+    other threads rely on their process group instead.
+    """
+    if _prctl is not None and threading.current_thread() is _MAIN_THREAD:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
