@@ -8,6 +8,8 @@ One thread receives; every frame in either direction goes to an optional pcap fi
 
 from __future__ import annotations
 
+import array
+import bisect
 import collections
 import logging
 import selectors
@@ -60,6 +62,9 @@ class UdpPeer:
         self.neighbors: dict[str, bytes] = {}  # learned from ARP
         self.streams: dict[int, udpseq.SeqStats] = {}  # by destination UDP port
         self.echo_requests: list[tuple[str, int, int]] = []  # (source ip, ident, seq)
+        #: per destination port: time.monotonic() at which datagram ``seq`` was sent
+        self.sent_at: dict[int, array.array[float]] = {}
+        self.frames_to: collections.Counter[tuple[str, int]] = collections.Counter()  # by remote
 
     # -- life cycle --------------------------------------------------------------------------
     @property
@@ -220,6 +225,20 @@ class UdpPeer:
             self.counters["send_would_block"] += 1
             return
         self.counters["frames_out"] += 1
+        self.frames_to[self.remote] += 1
+
+    def repoint(self, remote: tuple[str, int]) -> float:
+        """Send to ``remote`` from now on (what a switch does when the guest's MAC moves);
+        returns the time.monotonic() after which no frame goes to the old remote."""
+        with self._cond:
+            self.remote = remote
+            return time.monotonic()
+
+    def sent_between(self, port: int, start: float, end: float) -> int:
+        """How many stream datagrams to ``port`` were sent in [start, end) (monotonic)."""
+        with self._cond:
+            times = self.sent_at.get(port, array.array("d"))
+            return bisect.bisect_left(times, end) - bisect.bisect_left(times, start)
 
     def send_frame(self, frame: bytes) -> None:
         with self._cond:
@@ -253,6 +272,8 @@ class UdpPeer:
         dst = frames.ip_bytes(dst_ip)
         t0 = time.monotonic()
         sent = 0
+        with self._cond:
+            times = self.sent_at[dst_port] = array.array("d")
         while sent < count:
             due = count if rate <= 0 else min(count, int((time.monotonic() - t0) * rate) + 1)
             with self._cond:
@@ -260,6 +281,7 @@ class UdpPeer:
                     seg = frames.udp(self._ip, dst, src_port, dst_port, udpseq.payload(sent, size))
                     packet = frames.ipv4(self._ip, dst, frames.IPPROTO_UDP, seg, self._next_ident())
                     self._send(frames.ether(dst_mac, self.mac, frames.ETH_P_IP, packet))
+                    times.append(time.monotonic())
                     sent += 1
             if sent < count and self._stop.wait(max(0.0, t0 + sent / rate - time.monotonic())):
                 break  # peer closing

@@ -71,7 +71,7 @@ static void fill(uint8_t *buf, uint64_t seq, size_t size)
 static int usage(void)
 {
 	fprintf(stderr, "usage: udpseq send HOST PORT COUNT SIZE [RATE [CPU]]\n"
-			"       udpseq recv PORT COUNT TIMEOUT\n");
+			"       udpseq recv PORT COUNT TIMEOUT [IDLE_MS]\n");
 	return 2;
 }
 
@@ -157,10 +157,13 @@ out:
 
 static int do_recv(int argc, char **argv)
 {
-	uint64_t port, count, timeout;
+	uint64_t port, count, timeout, idle_ms = 0;
 
-	if (argc != 3 || parse_u64(argv[0], 65535, &port) ||
-	    parse_u64(argv[1], UINT32_MAX, &count) || parse_u64(argv[2], 86400, &timeout))
+	/* IDLE_MS: also stop once nothing arrived for that long after the first datagram (a
+	 * stream with losses then ends without waiting for TIMEOUT); 0 = never */
+	if ((argc != 3 && argc != 4) || parse_u64(argv[0], 65535, &port) ||
+	    parse_u64(argv[1], UINT32_MAX, &count) || parse_u64(argv[2], 86400, &timeout) ||
+	    (argc == 4 && parse_u64(argv[3], 86400000, &idle_ms)))
 		return usage();
 
 	int fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -195,6 +198,8 @@ static int do_recv(int argc, char **argv)
 
 	for (;;) {
 		uint64_t t = now_ns(), end = linger_end ? linger_end : deadline;
+		if (idle_ms && received && last + idle_ms * 1000000ULL < end)
+			end = last + idle_ms * 1000000ULL;
 		if (t >= end)
 			break;
 		struct pollfd pfd = { .fd = fd, .events = POLLIN };
