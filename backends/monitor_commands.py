@@ -373,6 +373,7 @@ class MonitorCommands:
                     "size": r.size,
                     "uaddr": r.uaddr,
                     "mmap_offset": r.mmap_offset,
+                    "written": r.written,
                 }
                 for r in regions
             ]

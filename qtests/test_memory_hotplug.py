@@ -78,6 +78,8 @@ RING_REQUESTS = ("GET_VRING_BASE", "SET_VRING_BASE", "SET_VRING_ADDR")
 SEED = int(os.environ.get("QOS_HOTPLUG_SEED", "7"), 0)
 RANDOM_STEPS = 8
 TX_VQ = 1
+#: Upper bound for a memory change's ``duration_us`` (mmap + host memory + IOTLB).
+MAX_APPLY_US = 2_000_000
 
 Key = tuple[int, int]  # (guest-physical address, size)
 
@@ -116,6 +118,14 @@ def check_untouched(
             f"{what}s the change did not touch were replaced (id before -> after): "
             + ", ".join(f"{k[0]:#x}+{k[1]:#x}: {a} -> {b}" for k, (a, b) in changed.items())
         )
+
+
+def check_duration(entry: dict[str, Any]) -> None:
+    """The transport's memory-change entries say how long the change took to apply."""
+    d = entry.get("duration_us")
+    assert isinstance(d, int | float) and 0 < d < MAX_APPLY_US, (
+        f"{entry['kind']} entry has duration_us={d!r}, expected 0 < us < {MAX_APPLY_US}: {entry}"
+    )
 
 
 def _keys(keys: Iterable[Key]) -> str:
@@ -162,8 +172,11 @@ def expect_one_change(
         f"{key[0]:#x}+{key[1]:#x} caused by {request}"
     )
     assert not other, f"backend also {'removed' if plug else 'added'} regions: {other}"
+    for e in mine:
+        check_duration(e)
     if mode == TABLE:
         (diff,) = b.journal(["dma.set_map"], since)
+        check_duration(diff)
         want = (1, 0) if plug else (0, 1)
         assert (diff["added"], diff["removed"]) == want, f"set_map diff {diff}, expected {want}"
         assert diff["kept"] == len(before.mappings) - want[1], f"set_map kept {diff['kept']}"
@@ -470,6 +483,58 @@ def test_random_plug_unplug_sequence(make_testbed: Callable[..., Testbed], mode:
     random_sequence_scenario(start(make_testbed, mode), mode, SEED)
 
 
+# ---------------------------------------------------------------------------- mmap offsets
+OFFSET_DIMM = 64 * MiB
+FILE_OFFSET = 32 * MiB
+
+
+def offset_dimm_scenario(tb: Testbed) -> None:
+    """A DIMM whose region does not start at offset 0 of its fd (memory-backend-file with
+    ``offset=``: QEMU sends mmap_offset = that offset in ADD_MEM_REG) carries packet buffers
+    byte-exact. Rings and everything else live in a second, plain memfd DIMM, so nothing but
+    the offset DIMM depends on the backend honouring a non-zero mmap_offset -- in base RAM the
+    region above 1 MiB has one too (mmap_offset 1 MiB), so the scenario sends no traffic
+    before its driver lives in the DIMMs."""
+    assert tb.backend is not None and tb.machine is not None and tb.run_dir is not None
+    b, machine = tb.backend, tb.machine
+    dimms = hotplug_for(tb)
+    traffic = Traffic(tb, stream=4)
+    base = set(BackendMap.read(tb).regions)
+    rings_dev = dimms.plug(OFFSET_DIMM)
+    mark = b.mark()
+    path = tb.run_dir / "offset-dimm.mem"
+    file_props = {"qom-type": "memory-backend-file", "mem-path": str(path), "offset": FILE_OFFSET}
+    bufs_dev = dimms.plug(OFFSET_DIMM, memdev_props=file_props)
+    (add,) = b.journal(["mem.add"], mark)
+    assert (add["gpa"], add["size"], add["mmap_offset"]) == (
+        bufs_dev.addr,
+        bufs_dev.size,
+        FILE_OFFSET,
+    ), f"QEMU's region for the offset DIMM: {add}"
+    check_duration(add)
+    assert_map_matches_qemu(tb, base)
+    rings, bufs = rings_dev.range("dimm:rings"), bufs_dev.range("dimm:bufs")
+    alloc = PlacementAllocator(machine.make_allocator().ranges(), [(is_buffer_tag, bufs.name)])
+    for r in (rings, bufs):
+        alloc.add_range(r.start, r.size, r.name)
+    alloc.rules.append((lambda tag: True, rings.name))
+    net = reinit_net(tb, tb.net, alloc)
+    assert {a.range for a in alloc.live() if is_buffer_tag(a.tag)} == {bufs.name}
+    check_backend_rings_in(tb, rings)
+    traffic.both(net, 8)
+    written = {r["gpa"]: r["written"] for r in b.cmd("query-mem-table")["regions"]}
+    assert written[bufs.start] > 0, f"no RX data written into the offset DIMM: {written}"
+    net = reinit_net(tb, net, machine.make_allocator())
+    for dev in (bufs_dev, rings_dev):
+        dimms.unplug(dev.id)
+    assert_map_matches_qemu(tb, base)
+    traffic.both(net)
+
+
+def test_dimm_with_mmap_offset(make_testbed: Callable[..., Testbed]) -> None:
+    offset_dimm_scenario(start(make_testbed, SLOTS))
+
+
 # ---------------------------------------------------------------------------- meta-tests
 @pytest.mark.parametrize("mode", [SLOTS, TABLE])
 def test_remap_all_is_caught(make_testbed: Callable[..., Testbed], mode: str) -> None:
@@ -482,6 +547,14 @@ def test_ignore_rem_mem_reg_is_caught(make_testbed: Callable[..., Testbed]) -> N
     tb = start(make_testbed, SLOTS, faults=["ignore-rem-mem-reg"])
     with pytest.raises(AssertionError, match="backend map .* != QEMU's base RAM"):
         random_sequence_scenario(tb, SLOTS, SEED)
+
+
+def test_stale_region_offset_is_caught(make_testbed: Callable[..., Testbed]) -> None:
+    """The backend maps every region from offset 0 of its fd: the DIMM's buffers are read
+    32 MiB before the bytes the guest wrote (base RAM is off by 1 MiB too, unused here)."""
+    tb = start(make_testbed, SLOTS, faults=["stale-region-offset"])
+    with pytest.raises(AssertionError, match="guest TX frames arrived changed"):
+        offset_dimm_scenario(tb)
 
 
 def test_mem_table_full_replace_is_caught(make_testbed: Callable[..., Testbed]) -> None:

@@ -650,9 +650,11 @@ def test_query_commands_and_state_queries(backend: Backend) -> None:
                         "size": RAM_SIZE,
                         "uaddr": RAM_UADDR,
                         "mmap_offset": 0,
+                        "written": mem["regions"][0]["written"],
                     }
                 ]
             }
+            assert mem["regions"][0]["written"] >= 0
 
             tlb = await qmp.execute("query-iotlb")
             (m,) = tlb["mappings"]

@@ -61,6 +61,15 @@ FAULTS: dict[str, str] = {
         "MemoryTable._apply_table. Caught by the memory hotplug suite with --no-mem-slots "
         "(regions a plug or unplug did not touch must keep their id)."
     ),
+    "stale-region-offset": (
+        "ADD_MEM_REG / SET_MEM_TABLE ignore a region's mmap_offset: the new region is mapped "
+        "from offset 0 of its fd (the journal and query-mem-table still show QEMU's offset), so "
+        "every guest-physical address in it reaches the wrong bytes. Hook: "
+        "vhost_user/memory_table.py MemoryTable._map. Caught by the memory hotplug suite "
+        "(qtests/test_memory_hotplug.py test_stale_region_offset_is_caught: a DIMM on a "
+        "memory-backend-file with offset=, packet buffers inside it: 'guest TX frames arrived "
+        "changed')."
+    ),
     "no-drain-before-base": (
         "stop_vq / GET_VRING_BASE neither finishes nor rewinds popped-but-unfinished chains: the "
         "returned last_avail_idx counts them. Unfinished chains exist while TX completions are "

@@ -78,6 +78,7 @@ class Piece:
             return 0
         start = r.base + self.offset + at
         r.buf[start : start + n] = data[:n] if n < len(data) else data
+        r.written += n
         return n
 
 
@@ -95,6 +96,7 @@ class HostRegion:
         "mmap_offset",
         "size",
         "uaddr",
+        "written",
     )
 
     def __init__(
@@ -120,6 +122,9 @@ class HostRegion:
         self.buf = buf
         self.base = base  # where the region starts inside ``buf`` (mmap offset alignment)
         self.closed = False
+        #: Bytes the device wrote into this region through pieces (packet data, headers):
+        #: evidence of where the driver's buffers are. One add per piece written.
+        self.written = 0
 
     @classmethod
     def from_fd(cls, fd: int, gpa: int, size: int, uaddr: int, mmap_offset: int) -> HostRegion:
@@ -188,6 +193,7 @@ class HostRegion:
             "size": self.size,
             "uaddr": self.uaddr,
             "mmap_offset": self.mmap_offset,
+            "written": self.written,
             "backing": "mmap" if isinstance(self.buf, mmap.mmap) else "anonymous",
             "closed": self.closed,
         }

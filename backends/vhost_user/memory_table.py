@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -133,6 +134,7 @@ class MemoryTable:
     # -- SET_MEM_TABLE ------------------------------------------------------------------------
     def set_table(self, table: Sequence[MemRegion], fds: list[int], request: str) -> None:
         """Replace the whole table. Takes ownership of ``fds`` (all closed on return)."""
+        started = time.perf_counter_ns()
         try:
             if not 0 < len(table) <= MEM_TABLE_MAX_REGIONS:
                 raise ProtocolError(
@@ -147,7 +149,7 @@ class MemoryTable:
                 _check_region(m)
                 _check_fd(m, fd)
             _check_no_overlap(table)
-            with self._attributed(request):
+            with self._attributed(request, started):
                 self._apply_table(table, fds, request)
         finally:
             close_fds(fds)
@@ -193,6 +195,7 @@ class MemoryTable:
     # -- ADD_MEM_REG / REM_MEM_REG ------------------------------------------------------------
     def add(self, m: MemRegion, fd: int, request: str) -> HostRegion:
         """Map one more region. Takes ownership of ``fd``."""
+        started = time.perf_counter_ns()
         try:
             _check_region(m)
             _check_fd(m, fd)
@@ -212,7 +215,7 @@ class MemoryTable:
         finally:
             close_fds([fd])
         dev = self.device
-        with self._attributed(request):
+        with self._attributed(request, started):
             if self.iommu:
                 dev.add_host_region(r)
             else:
@@ -228,6 +231,7 @@ class MemoryTable:
 
     def remove(self, m: MemRegion, request: str) -> HostRegion:
         """Unmap the region named by gpa + uaddr + size (the mmap offset is ignored)."""
+        started = time.perf_counter_ns()
         for r in self._regions:
             if (r.gpa, r.size, r.uaddr) == (m.gpa, m.size, m.uaddr):
                 break
@@ -239,9 +243,9 @@ class MemoryTable:
         if self.device.faults.active("ignore-rem-mem-reg"):
             return r  # the fault: acknowledged, still mapped
         self._regions.remove(r)
-        with self._attributed(request):
+        with self._attributed(request, started):
             self._remove_host(r)
-        r.close()
+            r.close()
         return r
 
     def clear(self, request: str) -> None:
@@ -256,19 +260,31 @@ class MemoryTable:
 
     # -- helpers ------------------------------------------------------------------------------
     def _map(self, m: MemRegion, fd: int) -> HostRegion:
+        stale = self.device.faults.active("stale-region-offset")
         try:
-            return HostRegion.from_fd(fd, m.gpa, m.size, m.uaddr, m.mmap_offset)
+            r = HostRegion.from_fd(fd, m.gpa, m.size, m.uaddr, 0 if stale else m.mmap_offset)
         except (OSError, ValueError) as e:
             raise ProtocolError("mmap", f"cannot map region gpa={m.gpa:#x}: {e}") from e
+        r.mmap_offset = m.mmap_offset  # the fault is silent: QEMU's offset is what is reported
+        return r
 
     @contextlib.contextmanager
-    def _attributed(self, request: str) -> Iterator[None]:
-        """Name the request that caused the device's ``mem.add`` / ``mem.remove`` entries."""
+    def _attributed(self, request: str, started: int | None = None) -> Iterator[None]:
+        """Name the request that caused the device's ``mem.add`` / ``mem.remove`` entries, and
+        give them and ``dma.set_map`` ``duration_us``: microseconds from the start of handling
+        ``request`` (``started``, a perf_counter_ns value) until the whole change was applied
+        (mmap, host memory, IOTLB, munmap of a removed region)."""
+        if started is None:
+            started = time.perf_counter_ns()
+        timed: list[dict[str, Any]] = []
 
         def tag(entry: dict[str, Any]) -> None:
             if entry["kind"] in ("mem.add", "mem.remove"):
                 entry.setdefault("request", request)
                 entry.setdefault("region", entry.get("id"))
+                timed.append(entry)
+            elif entry["kind"] == "dma.set_map":
+                timed.append(entry)
 
         journal = self.device.journal
         journal.subscribe(tag)
@@ -276,6 +292,9 @@ class MemoryTable:
             yield
         finally:
             journal.unsubscribe(tag)
+            duration_us = round((time.perf_counter_ns() - started) / 1000, 3)
+            for entry in timed:
+                entry.setdefault("duration_us", duration_us)
 
     def _remove_host(self, r: HostRegion, *, unmap: bool = True) -> None:
         dev = self.device

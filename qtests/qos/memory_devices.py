@@ -114,13 +114,22 @@ class DimmHotplug:
                 return dev
         raise MemoryDeviceError(f"QEMU reports no memory device {ident!r}")
 
-    def plug(self, size: int, *, ident: str | None = None, **dimm_props: Any) -> MemoryDevice:
-        """Add a shared memfd backend and a pc-dimm on it; accept the ACPI insert event."""
+    def plug(
+        self,
+        size: int,
+        *,
+        ident: str | None = None,
+        memdev_props: dict[str, Any] | None = None,
+        **dimm_props: Any,
+    ) -> MemoryDevice:
+        """Add a shared memfd backend and a pc-dimm on it; accept the ACPI insert event.
+
+        ``memdev_props`` override / extend the backend object's properties, e.g.
+        ``{"qom-type": "memory-backend-file", "mem-path": PATH, "offset": N}``."""
         ident = ident or f"{self.prefix}{next(self._ids)}"
         memdev = f"{ident}-mem"
-        self.qmp.command(
-            "object-add", {"qom-type": DIMM_BACKEND, "id": memdev, "size": size, "share": True}
-        )
+        props = {"qom-type": DIMM_BACKEND, "id": memdev, "size": size, "share": True}
+        self.qmp.command("object-add", {**props, **(memdev_props or {})})
         try:
             self.qmp.command(
                 "device_add", {"driver": "pc-dimm", "id": ident, "memdev": memdev, **dimm_props}
