@@ -52,6 +52,7 @@ from qtests.qos.backend_process import BackendProcess
 from qtests.qos.frames import PEER_MAC, mac_bytes, make_frame, parse_frame
 from qtests.qos.machine import QemuMachine
 from qtests.qos.migration import MigrationPair, MigrationStats, PrecopyHold, set_capabilities
+from qtests.qos.packed_virtqueue import PackedVirtqueue
 from qtests.qos.testbed import GUEST_MAC, Testbed
 from qtests.qos.viommu_testbed import ViommuTestbed
 from qtests.qos.virtio_defs import NET_F_GUEST_ANNOUNCE, bit
@@ -302,7 +303,18 @@ def migrate_with_traffic(pair: MigrationPair, plan: Plan) -> Outcome:
         name = "TX" if vq == TX_VQ else "RX"
         assert vq in gets and vq in sets, f"{name}: GET_VRING_BASE on A {gets}, SET on B {sets}"
         g, s = gets[vq], sets[vq]
-        assert g["last_avail_idx"] == done & 0xFFFF, (
+        ring = net.txq[0] if vq == TX_VQ else net.rxq[0]
+        if isinstance(ring, PackedVirtqueue):  # a slot position + wrap counter, not a count
+            pos, wrap = ring.position_after(done)
+            assert (g["last_avail_idx"], g["avail_wrap"]) == (pos, wrap), (
+                f"{name}: A's GET_VRING_BASE says slot {g['last_avail_idx']} wrap "
+                f"{g['avail_wrap']}, but A completed exactly {done & 0xFFFF} chains: slot {pos} "
+                f"wrap {wrap}"
+            )
+            assert (s["avail_wrap"], s["used_wrap"]) == (g["avail_wrap"], g["used_wrap"]), (
+                f"{name}: B's SET_VRING_BASE wrap counters {s} != A's reply {g}"
+            )
+        assert ring_is_packed(ring) or g["last_avail_idx"] == done & 0xFFFF, (
             f"{name}: A's GET_VRING_BASE says {g['last_avail_idx']}, but A completed exactly "
             f"{done & 0xFFFF} chains"
         )
@@ -407,9 +419,11 @@ def start_pair(
     faults: tuple[str, ...] = (),
     before_init: Callable[[Testbed], None] | None = None,
     customize: Callable[[QemuMachine], None] | None = None,
+    net_props: dict[str, Any] | None = None,
     **init_kw: Any,
 ) -> MigrationPair:
-    pair = MigrationPair(make_testbed, src_faults=faults, memory=MEMORY)
+    extra: dict[str, Any] = {"net_props": net_props} if net_props else {}
+    pair = MigrationPair(make_testbed, src_faults=faults, memory=MEMORY, **extra)
     pair.start_source(before_init=before_init, **init_kw)
     pair.start_destination(customize)
     return pair
@@ -419,8 +433,24 @@ def write_summary(log_dir: Path, name: str, outcome: Outcome) -> None:
     (log_dir / f"{name}.json").write_text(json.dumps(outcome.summary(), indent=1) + "\n")
 
 
-def test_inflight_tx_rx_announce(make_testbed: Callable[..., Testbed], log_dir: Path) -> None:
-    pair = start_pair(make_testbed)
+def ring_is_packed(ring: Any) -> bool:
+    return isinstance(ring, PackedVirtqueue)
+
+
+#: The ring layouts the in-flight migration runs on: (net_props, init kwargs).
+RING_LAYOUTS = {
+    "split": ({}, {}),
+    "packed": ({"packed": True}, {"packed": True}),
+}
+
+
+@pytest.mark.parametrize("layout", list(RING_LAYOUTS))
+def test_inflight_tx_rx_announce(
+    make_testbed: Callable[..., Testbed], log_dir: Path, layout: str
+) -> None:
+    net_props, init_kw = RING_LAYOUTS[layout]
+    pair = start_pair(make_testbed, net_props=net_props, **init_kw)
+    assert ring_is_packed(pair.net.txq[0]) == (layout == "packed")
     outcome = migrate_with_traffic(pair, Plan())
     write_summary(log_dir, "migration", outcome)
     assert outcome.stats.downtime_ms is not None and outcome.stats.downtime_ms < 1000

@@ -30,6 +30,7 @@ from .features import (
     VHOST_LEVEL_FEATURES,
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_RING_PACKED,
     Status,
     feature_names,
     has,
@@ -37,6 +38,7 @@ from .features import (
 from .iotlb import IOTLB, Mapping, Perm, SetMapDiff
 from .journal import Journal
 from .memory import HostMemory, HostRegion
+from .packed_virtqueue import PackedVirtqueue
 from .virtqueue import SplitVirtqueue, VqError, VqState
 
 __all__ = ["DevicePersonality", "VdpaDevice"]
@@ -68,6 +70,7 @@ class DevicePersonality(Protocol):
 
 
 VqCallback = Callable[[int], None]
+Virtqueue = SplitVirtqueue | PackedVirtqueue
 
 
 class VdpaDevice:
@@ -90,9 +93,7 @@ class VdpaDevice:
         self.dma = DmaSpace(self.iotlb, self.host, self.journal, self.faults)
         self.max_queue_size = max_queue_size
         nq = personality.num_queues()
-        self.vqs: list[SplitVirtqueue] = [
-            SplitVirtqueue(i, self.dma, self.journal) for i in range(nq)
-        ]
+        self.vqs: list[Virtqueue] = [SplitVirtqueue(i, self.dma, self.journal) for i in range(nq)]
         self.status = 0
         self.driver_features = 0
         self.suspended = False
@@ -112,7 +113,7 @@ class VdpaDevice:
     def _rec(self, kind: str, **fields: Any) -> None:
         self.journal.record(kind, **fields)
 
-    def _vq(self, i: int) -> SplitVirtqueue:
+    def _vq(self, i: int) -> Virtqueue:
         if not isinstance(i, int) or not 0 <= i < len(self.vqs):
             self._rec("error.protocol", detail=f"no virtqueue {i!r} (device has {len(self.vqs)})")
             raise ValueError(f"no virtqueue {i!r} (device has {len(self.vqs)})")
@@ -131,9 +132,30 @@ class VdpaDevice:
         self.driver_features = features
         self.dma.iommu = has(features, VIRTIO_F_ACCESS_PLATFORM)
         event_idx = has(features, VIRTIO_F_EVENT_IDX)
+        self._select_ring_layout(has(features, VIRTIO_F_RING_PACKED))
         for vq in self.vqs:
             vq.event_idx = event_idx
         self._rec("features.set", features=features, names=feature_names(features))
+
+    def _select_ring_layout(self, packed: bool) -> None:
+        """Split or packed virtqueues, as negotiated. A queue whose layout changes is
+        replaced (keeping size, addresses and ready; indexes restart at the initial state)."""
+        cls: type[Virtqueue] = PackedVirtqueue if packed else SplitVirtqueue
+        for i, vq in enumerate(self.vqs):
+            if type(vq) is cls:
+                continue
+            new = cls(i, self.dma, self.journal)
+            if vq.num:
+                try:
+                    new.set_num(vq.num)
+                except ValueError:
+                    pass
+            if vq.addr_set:
+                new.set_address(vq.desc, vq.avail, vq.used)
+            new.ready = vq.ready
+            new.started = vq.started
+            self.vqs[i] = new
+            self._rec("vq.layout", vq=i, packed=packed)
 
     def get_driver_features(self) -> int:
         return self.driver_features
@@ -201,7 +223,7 @@ class VdpaDevice:
             if self.vq_active(vq.index):
                 self._run(vq.index)
 
-    def _start(self, vq: SplitVirtqueue) -> None:
+    def _start(self, vq: Virtqueue) -> None:
         vq.started = True
         self._rec(
             "vq.start",
@@ -212,7 +234,7 @@ class VdpaDevice:
             used_idx=vq.state.used_idx,
         )
 
-    def _stop(self, vq: SplitVirtqueue, reason: str) -> None:
+    def _stop(self, vq: Virtqueue, reason: str) -> None:
         if vq.started:
             vq.started = False
             self._rec("vq.stop", vq=vq.index, reason=reason, inflight=vq.inflight)
@@ -274,6 +296,19 @@ class VdpaDevice:
         vq = self._vq(i)
         if isinstance(state, int):
             state = VqState(last_avail_idx=state)
+        if isinstance(vq, PackedVirtqueue):  # positions + wrap counters, taken as given
+            vq.set_state(state)
+            self._parked.pop(i, None)
+            st = vq.get_state()
+            self._rec(
+                "vq.set_state",
+                vq=i,
+                last_avail_idx=st.last_avail_idx,
+                used_idx=st.used_idx,
+                avail_wrap=st.avail_wrap,
+                used_wrap=st.used_wrap,
+            )
+            return
         last = state.last_avail_idx & 0xFFFF
         if used_idx is None:
             used_idx = state.used_idx if state.used_idx else last
@@ -286,13 +321,23 @@ class VdpaDevice:
         vq = self._vq(i)
         st = vq.get_state()
         if self.faults.active("vring-base-off-by-one"):
-            st.last_avail_idx = (st.last_avail_idx + 1) & 0xFFFF
+            if isinstance(vq, PackedVirtqueue):
+                st.last_avail_idx += 1
+                if st.last_avail_idx >= vq.num:
+                    st.last_avail_idx, st.avail_wrap = 0, not st.avail_wrap
+            else:
+                st.last_avail_idx = (st.last_avail_idx + 1) & 0xFFFF
         self._rec(
             "vq.get_state",
             vq=i,
             last_avail_idx=st.last_avail_idx,
             used_idx=st.used_idx,
             inflight=vq.inflight,
+            **(
+                {"avail_wrap": st.avail_wrap, "used_wrap": st.used_wrap}
+                if isinstance(vq, PackedVirtqueue)
+                else {}
+            ),
         )
         return st
 

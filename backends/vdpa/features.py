@@ -60,7 +60,7 @@ def mask(*bits: int) -> int:
 
 
 # Ring / transport features this device model implements. The device strips the others from
-# what the personality offers (split ring only: no packed ring, in-order, notification data or
+# what the personality offers (split and packed rings; no in-order, notification data or
 # per-queue reset yet).
 SUPPORTED_TRANSPORT_FEATURES = mask(
     VIRTIO_F_NOTIFY_ON_EMPTY,
@@ -69,9 +69,9 @@ SUPPORTED_TRANSPORT_FEATURES = mask(
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_VERSION_1,
     VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_RING_PACKED,
 )
 UNSUPPORTED_RING_FEATURES = mask(
-    VIRTIO_F_RING_PACKED,
     VIRTIO_F_IN_ORDER,
     VIRTIO_F_ORDER_PLATFORM,
     VIRTIO_F_SR_IOV,

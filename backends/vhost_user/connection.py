@@ -530,6 +530,14 @@ class Connection:
     def _set_vring_base(self, msg: Message) -> None:
         st = m.VringState.unpack(msg.payload)
         i = self._vring_index(st.index)
+        if getattr(self.device.vqs[i], "packed", False):
+            pb = m.PackedVringBase.decode(st.num)
+            num = self.device.vqs[i].num
+            if num and (pb.last_avail_idx >= num or pb.used_idx >= num):
+                raise ProtocolError("bad-base", f"vring {i}: packed base {st.num:#x}, size {num}")
+            state = VqState(pb.last_avail_idx, pb.used_idx, pb.avail_wrap, pb.used_wrap)
+            self.device.set_vq_state(i, state)
+            return
         if st.num > 0xFFFF:
             raise ProtocolError("bad-base", f"vring {i}: base {st.num:#x} does not fit a u16")
         self.device.set_vq_state(i, VqState(last_avail_idx=st.num))
@@ -540,6 +548,11 @@ class Connection:
         if not self.device.vqs[i].configured:
             raise ProtocolError("not-configured", f"GET_VRING_BASE of vring {i}, never set up")
         state = self.vrings.stop(i)
+        if getattr(self.device.vqs[i], "packed", False):
+            pb = m.PackedVringBase(
+                state.last_avail_idx, state.avail_wrap, state.used_idx, state.used_wrap
+            )
+            return m.VringState(i, pb.encode()).pack()
         return m.VringState(i, state.last_avail_idx).pack()
 
     def _set_vring_file(self, msg: Message) -> None:

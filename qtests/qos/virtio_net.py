@@ -25,6 +25,7 @@ from .qtest import QTest
 from .virtio_defs import (
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
+    F_RING_PACKED,
     F_VERSION_1,
     NET_F_CTRL_VQ,
     NET_F_MAC,
@@ -216,6 +217,7 @@ class VirtioNetDriver:
         extra_features: int = 0,
         rx_hdr_separate: bool = False,
         post_rx: bool = True,
+        packed: bool = False,
     ) -> int:
         """Bring the device to DRIVER_OK; returns the negotiated features.
 
@@ -232,6 +234,7 @@ class VirtioNetDriver:
         wanted |= bit(F_RING_INDIRECT_DESC) if indirect else 0
         wanted |= bit(NET_F_CTRL_VQ) if (ctrl_vq or mq) else 0
         wanted |= bit(NET_F_MQ) | bit(NET_F_CTRL_VQ) if mq else 0
+        wanted |= bit(F_RING_PACKED) if packed else 0
         wanted |= extra_features
         self.features = d.negotiate(wanted)
         for name, on, fbit in (
@@ -240,6 +243,7 @@ class VirtioNetDriver:
             ("indirect", indirect, F_RING_INDIRECT_DESC),
             ("ctrl_vq", ctrl_vq or mq, NET_F_CTRL_VQ),
             ("mq", mq, NET_F_MQ),
+            ("packed", packed, F_RING_PACKED),
         ):
             if on and not self.has_feature(fbit):
                 raise VirtioNetError(f"{d.name}: device does not offer {name} (bit {fbit})")

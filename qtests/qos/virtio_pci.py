@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from .alloc import GuestAllocator
 from .iova import IDENTITY, DmaMapper
+from .packed_virtqueue import PackedVirtqueue
 from .pci import PCI_CAP_ID_VNDR, MsiVector, PciDevice
 from .qtest import QTest
 from .virtio_defs import (
     F_NOTIFICATION_DATA,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
+    F_RING_PACKED,
     F_VERSION_1,
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
@@ -413,7 +416,8 @@ class VirtioPciDevice:
         size = size or max_size
         if size > max_size:
             raise VirtioPciError(f"{self.name}: queue {index} size {size} > max {max_size}")
-        vq = SplitVirtqueue(
+        vq_cls: Any = PackedVirtqueue if self.has_feature(F_RING_PACKED) else SplitVirtqueue
+        vq = vq_cls(
             self.qt,
             self.alloc,
             index,
@@ -449,7 +453,8 @@ class VirtioPciDevice:
         """Notify the device about queue ``vq`` (writes the notify register)."""
         addr = self._notify_addr[vq.index]
         if self.has_feature(F_NOTIFICATION_DATA):
-            self.qt.writel(addr, (vq.avail_idx << 16) | vq.index)
+            data = getattr(vq, "notification_data", vq.avail_idx)  # packed: slot | wrap << 15
+            self.qt.writel(addr, (data << 16) | vq.index)
         else:
             self.qt.writew(addr, vq.index)
 

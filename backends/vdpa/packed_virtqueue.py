@@ -1,0 +1,482 @@
+"""The device side of a packed virtqueue (virtio 1.2, 2.8): pop with validation, push,
+publish used descriptors, event suppression. The one place for the packed-ring layout.
+
+Same API as :class:`~backends.vdpa.virtqueue.SplitVirtqueue` (the device picks the class from
+the negotiated VIRTIO_F_RING_PACKED), so the personality does not care which ring it drives.
+
+Layout: one descriptor ring of ``num`` x ``<QIHH`` (addr, len, id, flags); the driver area
+and the device area are each one event-suppression structure ``<HH`` (off_wrap, flags).
+A descriptor is available when its AVAIL bit equals the device's avail wrap counter and its
+USED bit does not. A chain occupies consecutive slots (NEXT), wrapping at the ring end; its
+buffer id is in its last descriptor. The device writes ONE used descriptor per chain at the
+used position (id, len, flags with AVAIL = USED = used wrap counter; WRITE when the chain had
+device-writable buffers) and advances the used position by the chain's slot count. Both wrap
+counters flip when their position passes the ring end.
+
+State (:class:`VqState`): ``last_avail_idx`` and ``used_idx`` are slot positions in
+``[0, num)`` with separate wrap counters; vhost-user packs them as QEMU does (bits 0-14 last
+avail, 15 avail wrap, 16-30 used, 31 used wrap: ``vhost_user.messages.PackedVringBase``).
+
+Kick suppression (device area): ENABLE / DISABLE. Interrupt suppression (driver area):
+ENABLE, DISABLE, and DESC (with EVENT_IDX): interrupt once the used descriptor at
+``off_wrap`` is written. Indirect tables: every entry is used (NEXT is ignored there), as in
+QEMU; nested indirect and INDIRECT+NEXT are errors.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .access import Access, TranslationError
+from .dma import DmaSpace
+from .journal import Journal
+from .memory import Piece
+from .virtqueue import (
+    MAX_CHAIN_BYTES,
+    MAX_INDIRECT_ENTRIES,
+    U16,
+    Chain,
+    RingArea,
+    VqError,
+    VqState,
+)
+
+__all__ = [
+    "EVENT_FLAGS_DESC",
+    "EVENT_FLAGS_DISABLE",
+    "EVENT_FLAGS_ENABLE",
+    "PACKED_DESC",
+    "PackedVirtqueue",
+]
+
+PACKED_DESC = struct.Struct("<QIHH")  # addr, len, id, flags
+EVENT = struct.Struct("<HH")  # off_wrap, flags
+DESC_SIZE = PACKED_DESC.size
+USED_ID_LEN = struct.Struct("<IH")  # len, id (bytes 8..14 of a descriptor)
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+DESC_F_AVAIL = 1 << 7
+DESC_F_USED = 1 << 15
+
+EVENT_FLAGS_ENABLE = 0
+EVENT_FLAGS_DISABLE = 1
+EVENT_FLAGS_DESC = 2
+EVENT_OFF_WRAP = 0
+EVENT_FLAGS = 2
+
+MAX_PACKED_SIZE = 32768
+
+
+def _used_flags(wrap: bool, write: bool) -> int:
+    f = (DESC_F_AVAIL | DESC_F_USED) if wrap else 0
+    return f | (DESC_F_WRITE if write else 0)
+
+
+@dataclass
+class _Rings:
+    gen: tuple[int, ...]
+    desc: RingArea
+    driver: RingArea
+    device: RingArea
+
+
+@dataclass(slots=True)
+class _Popped:
+    pos: int  # slot of the first descriptor
+    wrap: bool  # avail wrap counter at pos
+    slots: int
+    write: bool  # had device-writable buffers
+
+
+class PackedVirtqueue:
+    """Device side of one packed virtqueue. Addresses are IOVAs (GPAs without a vIOMMU).
+    ``avail`` is the driver area, ``used`` the device area (the split names, for the API)."""
+
+    packed = True
+
+    def __init__(self, index: int, dma: DmaSpace, journal: Journal | None = None) -> None:
+        self.index = index
+        self.dma = dma
+        self.journal = journal
+        self.num = 0
+        self.desc = 0
+        self.avail = 0
+        self.used = 0
+        self.addr_set = False
+        self.ready = False
+        self.started = False
+        self.event_idx = False
+        self.notification = True
+        self.state = VqState()
+        self.inflight = 0
+        self._popped: dict[int, _Popped] = {}  # buffer id -> where it was, in pop order
+        self._pending_used: list[tuple[int, int, int, bool]] = []  # id, len, slots, write
+        self._used_pub = 0  # used position last published
+        self._used_pub_wrap = True
+        self._rings: _Rings | None = None
+        self.need_call = False
+        self.popped_total = 0
+        self.pushed_total = 0
+
+    # -- configuration ---------------------------------------------------------------------
+    @property
+    def configured(self) -> bool:
+        return self.num > 0 and self.addr_set
+
+    def set_num(self, num: int) -> None:
+        if num <= 0 or num > MAX_PACKED_SIZE:
+            raise ValueError(f"vq {self.index}: packed ring size {num} not in 1..{MAX_PACKED_SIZE}")
+        self.num = num
+        self._rings = None
+
+    def set_address(self, desc: int, avail: int, used: int) -> None:
+        self.desc, self.avail, self.used = desc, avail, used
+        self.addr_set = True
+        self._rings = None
+
+    def set_state(self, state: VqState) -> None:
+        """Restore positions and wrap counters; forgets inflight and unpublished elements."""
+        self.state = VqState(
+            state.last_avail_idx & 0x7FFF,
+            state.used_idx & 0x7FFF,
+            bool(state.avail_wrap),
+            bool(state.used_wrap),
+        )
+        self._used_pub = self.state.used_idx
+        self._used_pub_wrap = self.state.used_wrap
+        self.inflight = 0
+        self._popped.clear()
+        self._pending_used.clear()
+        self.need_call = False
+
+    def get_state(self) -> VqState:
+        s = self.state
+        return VqState(s.last_avail_idx, s.used_idx, s.avail_wrap, s.used_wrap)
+
+    def reset(self) -> None:
+        self.num = 0
+        self.desc = self.avail = self.used = 0
+        self.addr_set = False
+        self.ready = False
+        self.started = False
+        self.event_idx = False
+        self.notification = True
+        self.set_state(VqState())
+        self._rings = None
+
+    def invalidate(self) -> None:
+        self._rings = None
+
+    # -- ring access -----------------------------------------------------------------------
+    def _ring_area(self, what: str, iova: int, size: int, access: Access) -> RingArea:
+        try:
+            pieces = self.dma.translate(iova, size, access)
+        except TranslationError as e:
+            if e.kind == "miss":
+                raise
+            raise VqError("ring-translate", f"{what} at {iova:#x}+{size:#x}: {e}") from None
+        return RingArea(pieces, self.dma)
+
+    def rings(self) -> _Rings:
+        gen = self.dma.generation
+        r = self._rings
+        if r is not None and r.gen == gen:
+            return r
+        r = _Rings(
+            gen,
+            self._ring_area(
+                "descriptor ring", self.desc, DESC_SIZE * self.num, Access.READ | Access.WRITE
+            ),
+            self._ring_area("driver area", self.avail, EVENT.size, Access.READ),
+            self._ring_area("device area", self.used, EVENT.size, Access.WRITE),
+        )
+        self._rings = r
+        return r
+
+    def _desc_available(self, rings: _Rings, pos: int, wrap: bool) -> bool:
+        flags = rings.desc.u16(pos * DESC_SIZE + 14)
+        return bool(flags & DESC_F_AVAIL) == wrap and bool(flags & DESC_F_USED) != wrap
+
+    def avail_pending(self) -> int:
+        """Descriptor slots available from last_avail (a scan; not for the hot path)."""
+        if not self.configured:
+            return 0
+        rings = self.rings()
+        pos, wrap = self.state.last_avail_idx, self.state.avail_wrap
+        n = 0
+        while n < self.num and self._desc_available(rings, pos, wrap):
+            n += 1
+            pos += 1
+            if pos == self.num:
+                pos, wrap = 0, not wrap
+        return n
+
+    def avail_idx(self) -> int:
+        """A progress marker: last_avail_idx + available slots (differs from last_avail_idx
+        exactly when something is available)."""
+        return (self.state.last_avail_idx + self.avail_pending()) & 0xFFFF
+
+    # -- pop -------------------------------------------------------------------------------
+    def pop(self) -> Chain | None:
+        if not self.configured:
+            return None
+        return self._take(self._rings_or_error())
+
+    def pop_batch(self, limit: int) -> list[Chain]:
+        """Up to ``limit`` chains; a failing chain stops the batch (raised when first)."""
+        if not self.configured or limit <= 0:
+            return []
+        rings = self._rings_or_error()
+        chains: list[Chain] = []
+        for _ in range(limit):
+            try:
+                chain = self._take(rings)
+            except (VqError, TranslationError):
+                if not chains:
+                    raise
+                break
+            if chain is None:
+                break
+            chains.append(chain)
+        return chains
+
+    def _rings_or_error(self) -> _Rings:
+        try:
+            return self.rings()
+        except TranslationError as e:
+            if e.kind == "miss":
+                raise
+            raise VqError("translate", str(e)) from None
+
+    def _take(self, rings: _Rings) -> Chain | None:
+        """Validate and take the chain at last_avail; state changes only on success."""
+        pos, wrap = self.state.last_avail_idx, self.state.avail_wrap
+        try:
+            if not self._desc_available(rings, pos, wrap):
+                return None
+            chain, slots, buf_id = self._walk(rings.desc, pos)
+        except TranslationError as e:
+            if e.kind == "miss":
+                raise
+            raise VqError("translate", str(e)) from None
+        except (ValueError, IndexError, struct.error) as e:
+            raise VqError("ring-access", str(e)) from None
+        if buf_id >= self.num:
+            raise VqError("head-range", f"buffer id {buf_id} >= queue size {self.num} (at {pos})")
+        if buf_id in self._popped:
+            raise VqError("head-inflight", f"buffer id {buf_id} made available again while in use")
+        chain.avail_idx = pos
+        self._popped[buf_id] = _Popped(pos, wrap, slots, chain.in_len > 0 or bool(chain.inp))
+        npos = pos + slots
+        if npos >= self.num:
+            npos -= self.num
+            wrap = not wrap
+        self.state.last_avail_idx = npos
+        self.state.avail_wrap = wrap
+        self.inflight += 1
+        self.popped_total += 1
+        return chain
+
+    def _walk(self, table: RingArea, pos: int) -> tuple[Chain, int, int]:
+        """Walk the chain starting at slot ``pos``: (chain, ring slots, buffer id)."""
+        num = self.num
+        translate = self.dma.translate
+        out: list[Piece] = []
+        inp: list[Piece] = []
+        out_len = in_len = total = 0
+        writing = False
+        slots = 0
+        ndesc = 0
+        buf_id = 0
+        while True:
+            slots += 1
+            if slots > num:
+                raise VqError("loop", f"chain at {pos} longer than the ring ({num})")
+            idx = (pos + slots - 1) % num
+            addr, length, buf_id, flags = table.unpack(PACKED_DESC, idx * DESC_SIZE)
+            if flags & DESC_F_INDIRECT:
+                if flags & DESC_F_NEXT:
+                    raise VqError("indirect-next", f"descriptor {idx} has INDIRECT and NEXT")
+                if length == 0 or length % DESC_SIZE or length > MAX_INDIRECT_ENTRIES * DESC_SIZE:
+                    raise VqError("indirect-len", f"indirect table length {length}")
+                if slots > 1:
+                    raise VqError("indirect-nested", f"indirect descriptor {idx} inside a chain")
+                raw = self.dma.read_pieces(translate(addr, length, Access.READ))
+                for i, (a, n, _id, f) in enumerate(PACKED_DESC.iter_unpack(raw)):
+                    ndesc += 1
+                    if f & DESC_F_INDIRECT:
+                        raise VqError("indirect-nested", f"indirect descriptor {i} in a table")
+                    total += n
+                    if f & DESC_F_WRITE:
+                        if n:
+                            inp.extend(translate(a, n, Access.WRITE))
+                        in_len += n
+                        writing = True
+                    else:
+                        if writing:
+                            raise VqError("order", f"readable entry {i} after a writable one")
+                        if n:
+                            out.extend(translate(a, n, Access.READ))
+                        out_len += n
+                break
+            ndesc += 1
+            total += length
+            if flags & DESC_F_WRITE:
+                if length:
+                    inp.extend(translate(addr, length, Access.WRITE))
+                in_len += length
+                writing = True
+            else:
+                if writing:
+                    raise VqError("order", f"readable descriptor {idx} after a writable one")
+                if length:
+                    out.extend(translate(addr, length, Access.READ))
+                out_len += length
+            if not flags & DESC_F_NEXT:
+                break
+        if total > MAX_CHAIN_BYTES:
+            raise VqError("len-overflow", f"chain at {pos} is {total} bytes")
+        return Chain(buf_id, out, inp, out_len, in_len, pos, ndesc), slots, buf_id
+
+    # -- push / flush ----------------------------------------------------------------------
+    def push(self, chain: Chain, written: int) -> None:
+        p = self._popped.pop(chain.head, None)
+        if p is None:
+            raise ValueError(f"vq {self.index}: push of buffer {chain.head} that is not in flight")
+        self._pending_used.append((chain.head, written, p.slots, p.write))
+        used = self.state.used_idx + p.slots
+        if used >= self.num:
+            used -= self.num
+            self.state.used_wrap = not self.state.used_wrap
+        self.state.used_idx = used
+        self.inflight -= 1
+        self.pushed_total += 1
+
+    def flush(self) -> bool:
+        """Write pending used descriptors (each one's flags last, the first element's flags
+        after all the others so the batch appears at once). True if the driver must be
+        interrupted (driver area flags / off_wrap honoured)."""
+        pending = self._pending_used
+        if not pending:
+            return False
+        rings = self.rings()
+        desc = rings.desc
+        num = self.num
+        old, old_wrap = self._used_pub, self._used_pub_wrap
+        pos, wrap = old, old_wrap
+        first_flags: tuple[int, int] | None = None
+        advanced = 0
+        try:
+            for buf_id, written, slots, write in pending:
+                off = pos * DESC_SIZE
+                desc.pack(USED_ID_LEN, off + 8, written & 0xFFFFFFFF, buf_id)
+                flags = _used_flags(wrap, write)
+                if first_flags is None:
+                    first_flags = (off + 14, flags)
+                else:
+                    desc.pack(U16, off + 14, flags)
+                advanced += slots
+                pos += slots
+                if pos >= num:
+                    pos -= num
+                    wrap = not wrap
+            assert first_flags is not None
+            desc.pack(U16, first_flags[0], first_flags[1])  # the publish
+        except (ValueError, IndexError) as e:
+            raise VqError("ring-access", str(e)) from None
+        self._used_pub, self._used_pub_wrap = pos, wrap
+        pending.clear()
+        off_wrap, flags = rings.driver.unpack(EVENT, 0)
+        if flags == EVENT_FLAGS_DESC and self.event_idx:
+            ev = off_wrap & 0x7FFF
+            ev_wrap = bool(off_wrap >> 15)
+            need = self._event_crossed(ev, ev_wrap, old, old_wrap, advanced)
+        else:
+            need = flags != EVENT_FLAGS_DISABLE
+        if need:
+            self.need_call = True
+        return need
+
+    def _event_crossed(self, ev: int, ev_wrap: bool, old: int, old_wrap: bool, n: int) -> bool:
+        """Did the used position move over slot (ev, ev_wrap) going ``n`` slots from old?"""
+        cycle = 2 * self.num
+
+        def lin(p: int, w: bool) -> int:
+            return p + (0 if w else self.num)
+
+        return (lin(ev, ev_wrap) - lin(old, old_wrap)) % cycle < n
+
+    @property
+    def used_published(self) -> int:
+        return self._used_pub | (int(self._used_pub_wrap) << 15)
+
+    @property
+    def used_pending(self) -> int:
+        return len(self._pending_used)
+
+    def rewind(self) -> int:
+        """Give back popped-but-unpushed chains: last_avail goes back to the oldest one's
+        slot and wrap counter. Exact when completions are in order."""
+        n = self.inflight
+        if n == 0:
+            return 0
+        oldest = next(iter(self._popped.values()))
+        self.state.last_avail_idx = oldest.pos
+        self.state.avail_wrap = oldest.wrap
+        self.inflight = 0
+        self._popped.clear()
+        if self.journal is not None:
+            self.journal.record(
+                "vq.rewind",
+                vq=self.index,
+                count=n,
+                last_avail_idx=oldest.pos,
+                avail_wrap=oldest.wrap,
+                in_order=True,
+            )
+        return n
+
+    # -- notifications ---------------------------------------------------------------------
+    def set_notification(self, enabled: bool) -> None:
+        """Device area flags: ENABLE or DISABLE driver kicks."""
+        self.notification = enabled
+        if not self.configured:
+            return
+        dev = self.rings().device
+        dev.pack(U16, EVENT_FLAGS, EVENT_FLAGS_ENABLE if enabled else EVENT_FLAGS_DISABLE)
+
+    def enable_notification_and_check(self) -> bool:
+        self.set_notification(True)
+        rings = self.rings()
+        return self._desc_available(rings, self.state.last_avail_idx, self.state.avail_wrap)
+
+    # -- introspection ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "index": self.index,
+            "packed": True,
+            "num": self.num,
+            "desc": self.desc,
+            "avail": self.avail,
+            "used": self.used,
+            "ready": self.ready,
+            "started": self.started,
+            "event_idx": self.event_idx,
+            "last_avail_idx": self.state.last_avail_idx,
+            "avail_wrap": self.state.avail_wrap,
+            "used_idx": self.state.used_idx,
+            "used_wrap": self.state.used_wrap,
+            "used_published": self._used_pub,
+            "inflight": self.inflight,
+            "popped": self.popped_total,
+            "pushed": self.pushed_total,
+        }
+        try:
+            d["avail_idx"] = self.avail_idx() if self.configured else None
+        except (TranslationError, VqError, ValueError):
+            d["avail_idx"] = None
+        return d

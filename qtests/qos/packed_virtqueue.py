@@ -1,0 +1,382 @@
+"""Driver side of a virtio packed virtqueue (virtio 1.2, 2.8), kept in guest memory through
+qtest. Same API as :class:`~qtests.qos.virtqueue.SplitVirtqueue` (``add``/``kick``/
+``get_used``/``wait_used``/...), so :class:`~qtests.qos.virtio_net.VirtioNetDriver` drives
+either ring; :meth:`VirtioPciDevice.setup_queue` picks this class when VIRTIO_F_RING_PACKED
+was negotiated.
+
+Layout: descriptor ring ``<QIHH>`` (addr, len, id, flags) x N; driver area and device area
+are each an event suppression structure ``<HH>`` (off_wrap, flags). A chain takes
+consecutive slots (wrapping at the end), the buffer id is written in every descriptor, and
+each head's flags are written after everything else of its batch, the first head last.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .alloc import GuestAllocator
+from .iova import IDENTITY, DmaDir, DmaMapper
+from .pci import InterruptSource
+from .qtest import QTest
+from .virtqueue import MAX_QUEUE_SIZE, Buffer, UsedElem, VirtqueueError, VirtqueueFull
+from .waiting import poll_until
+
+DESC = struct.Struct("<QIHH")  # addr, len, id, flags
+EVENT = struct.Struct("<HH")  # off_wrap, flags
+U16 = struct.Struct("<H")
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+DESC_F_AVAIL = 1 << 7
+DESC_F_USED = 1 << 15
+EVENT_FLAGS_ENABLE = 0
+EVENT_FLAGS_DISABLE = 1
+EVENT_FLAGS_DESC = 2
+POSITIONS_KEPT = 4096
+
+
+def avail_flags(flags: int, wrap: bool) -> int:
+    """``flags`` with AVAIL/USED set for a descriptor made available in lap ``wrap``."""
+    return flags | (DESC_F_AVAIL if wrap else DESC_F_USED)
+
+
+@dataclass(slots=True)
+class _Chain:
+    slots: int
+    token: Any
+    table: int | None
+    in_len: int
+    mapped: list[tuple[int, int, DmaDir]] | None = None
+
+
+class PackedVirtqueue:
+    """One packed virtqueue owned by the driver (see the module docstring)."""
+
+    packed = True
+
+    def __init__(
+        self,
+        qt: QTest,
+        alloc: GuestAllocator,
+        index: int,
+        size: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        name: str | None = None,
+        notify: Callable[[Any], None] | None = None,
+        dma: DmaMapper | None = None,
+    ) -> None:
+        if not 0 < size <= MAX_QUEUE_SIZE:
+            raise VirtqueueError(f"queue size {size} not in 1..{MAX_QUEUE_SIZE}")
+        self.qt = qt
+        self.alloc = alloc
+        self.index = index
+        self.size = size
+        self.name = name or f"vq{index}"
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.notify = notify
+        self.interrupt: InterruptSource | None = None
+        self.desc = alloc.alloc(16 * size, tag=f"{self.name} packed desc")
+        self.avail = alloc.alloc(EVENT.size, 4, tag=f"{self.name} driver area")
+        self.used = alloc.alloc(EVENT.size, 4, tag=f"{self.name} device area")
+        qt.write_many(
+            [(self.desc, bytes(16 * size)), (self.avail, bytes(4)), (self.used, bytes(4))]
+        )
+        self.dma: DmaMapper = dma if dma is not None else IDENTITY
+        self.desc_dma = self.dma.map_coherent(self.desc, 16 * size)
+        self.avail_dma = self.dma.map_coherent(self.avail, EVENT.size)
+        self.used_dma = self.dma.map_coherent(self.used, EVENT.size)
+        self._ids: collections.deque[int] = collections.deque(range(size))
+        self._chains: list[_Chain | None] = [None] * size
+        self._free_slots = size
+        self._staged: list[tuple[int, bytes]] = []  # (slot, descriptor) in ring order
+        self._heads: list[int] = []  # index into _staged of each staged head
+        self._staged_tables: list[tuple[int, bytes]] = []
+        #: next slot the driver fills and its wrap counter
+        self.next_avail = 0
+        self.avail_wrap = True
+        #: next slot the device writes a used descriptor at, and its wrap counter
+        self.next_used = 0
+        self.used_wrap = True
+        #: chains made available / consumed by the driver (free-running u16, as split)
+        self.avail_idx = 0
+        self.last_used_idx = 0
+        self._positions: dict[int, tuple[int, bool]] = {0: (0, True)}
+        self._pending_positions: list[tuple[int, bool]] = []
+        self.in_flight = 0
+        self.kicks = 0
+        self.kicks_suppressed = 0
+        self._destroyed = False
+
+    def __repr__(self) -> str:
+        return f"PackedVirtqueue({self.name}, size={self.size}, {self._state()})"
+
+    @property
+    def notification_data(self) -> int:
+        """next_avail | avail_wrap << 15: the NOTIFICATION_DATA value of a packed ring."""
+        return self.next_avail | int(self.avail_wrap) << 15
+
+    def position_after(self, chains: int) -> tuple[int, bool]:
+        """(slot, wrap counter) just after the ``chains``-th chain made available (a
+        free-running u16 count, as ``avail_idx``); known for the last POSITIONS_KEPT."""
+        try:
+            return self._positions[chains & 0xFFFF]
+        except KeyError:
+            raise VirtqueueError(f"{self.name}: position after chain {chains} not kept") from None
+
+    def device_used_idx(self) -> int:
+        """Chains the device has completed (free-running u16), as a split ring's used idx."""
+        return (self.last_used_idx + self.pending_used()) & 0xFFFF
+
+    @property
+    def num_free(self) -> int:
+        return min(self._free_slots, len(self._ids))
+
+    # ------------------------------------------------------------------ adding chains
+    def add(
+        self,
+        out: Sequence[Buffer] = (),
+        inp: Sequence[Buffer] = (),
+        token: Any = None,
+        *,
+        indirect: bool | None = None,
+        premapped: bool = False,
+    ) -> int:
+        """Stage a chain; returns its buffer id. Visible to the device after `publish`."""
+        bufs = [(a, n, 0) for a, n in out] + [(a, n, DESC_F_WRITE) for a, n in inp]
+        if not bufs:
+            raise VirtqueueError(f"{self.name}: empty chain")
+        use_indirect = bool(indirect)
+        if use_indirect and not self.indirect:
+            raise VirtqueueError(f"{self.name}: indirect descriptors were not negotiated")
+        nslots = 1 if use_indirect else len(bufs)
+        if nslots > self._free_slots or not self._ids:
+            raise VirtqueueFull(f"{self.name}: chain needs {nslots} slots, {self.num_free} free")
+        mapped: list[tuple[int, int, DmaDir]] | None = None
+        if not premapped and not self.dma.identity:
+            mapped = []
+            mb = []
+            for a, n, f in bufs:
+                d = DmaDir.FROM_DEVICE if f & DESC_F_WRITE else DmaDir.TO_DEVICE
+                addr = self.dma.map(a, n, d)
+                mapped.append((addr, n, d))
+                mb.append((addr, n, f))
+            bufs = mb
+        buf_id = self._ids.popleft()
+        table = None
+        if use_indirect:
+            table = self.alloc.alloc(16 * len(bufs), 16, tag=f"{self.name} indirect")
+            table_dma = table
+            if not self.dma.identity:
+                table_dma = self.dma.map(table, 16 * len(bufs), DmaDir.TO_DEVICE)
+                mapped = (mapped or []) + [(table_dma, 16 * len(bufs), DmaDir.TO_DEVICE)]
+            self._staged_tables.append((table, b"".join(DESC.pack(a, n, 0, f) for a, n, f in bufs)))
+            descs = [(table_dma, 16 * len(bufs), DESC_F_INDIRECT)]
+        else:
+            last = len(bufs) - 1
+            descs = [
+                (a, n, f | (DESC_F_NEXT if k < last else 0)) for k, (a, n, f) in enumerate(bufs)
+            ]
+        self._heads.append(len(self._staged))
+        for a, n, f in descs:
+            flags = avail_flags(f, self.avail_wrap)
+            self._staged.append((self.next_avail, DESC.pack(a, n, buf_id, flags)))
+            self.next_avail += 1
+            if self.next_avail == self.size:
+                self.next_avail = 0
+                self.avail_wrap = not self.avail_wrap
+        self._free_slots -= nslots
+        self._pending_positions.append((self.next_avail, self.avail_wrap))
+        self._chains[buf_id] = _Chain(nslots, token, table, sum(n for _, n in inp), mapped)
+        self.in_flight += 1
+        return buf_id
+
+    def publish(self) -> int:
+        """Write staged tables and descriptors (heads last, the batch's first head at the
+        very end); returns the number of chains made available."""
+        heads = self._heads
+        if not heads:
+            return 0
+        head_set = set(heads)
+        writes: list[tuple[int, bytes]] = list(self._staged_tables)
+        for k, (slot, raw) in enumerate(self._staged):
+            if k not in head_set:
+                writes.append((self.desc + 16 * slot, raw))
+        for k in heads[1:]:
+            slot, raw = self._staged[k]
+            writes.append((self.desc + 16 * slot, raw))
+        slot, raw = self._staged[heads[0]]
+        writes.append((self.desc + 16 * slot, raw))
+        self.qt.write_many(writes)
+        n = len(heads)
+        for pos in self._pending_positions:
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+            self._positions[self.avail_idx] = pos
+            self._positions.pop((self.avail_idx - POSITIONS_KEPT) & 0xFFFF, None)
+        self._pending_positions = []
+        self._staged = []
+        self._heads = []
+        self._staged_tables = []
+        return n
+
+    def kick(self, *, force: bool = False) -> bool:
+        """Publish, then notify unless the device area says DISABLE (or ``force``)."""
+        n = self.publish()
+        if not force:
+            if not n:
+                return False
+            if self.device_event()[1] == EVENT_FLAGS_DISABLE:
+                self.kicks_suppressed += 1
+                return False
+        if self.notify is None:
+            raise VirtqueueError(f"{self.name}: no notifier attached")
+        self.notify(self)
+        self.kicks += 1
+        return True
+
+    def add_and_kick(
+        self,
+        out: Sequence[Buffer] = (),
+        inp: Sequence[Buffer] = (),
+        token: Any = None,
+        *,
+        indirect: bool | None = None,
+    ) -> int:
+        buf_id = self.add(out, inp, token, indirect=indirect)
+        self.kick()
+        return buf_id
+
+    # ------------------------------------------------------------------ used descriptors
+    def _scan_used(self, limit: int | None = None) -> list[tuple[int, int, int]]:
+        """(id, len, flags) of used descriptors the device wrote from next_used on, without
+        consuming them."""
+        raw = self.qt.read(self.desc, 16 * self.size)
+        pos, wrap = self.next_used, self.used_wrap
+        out: list[tuple[int, int, int]] = []
+        while self.in_flight > len(out) and (limit is None or len(out) < limit):
+            _, n, buf_id, flags = DESC.unpack_from(raw, 16 * pos)
+            if bool(flags & DESC_F_AVAIL) != wrap or bool(flags & DESC_F_USED) != wrap:
+                break
+            chain = self._chains[buf_id] if buf_id < self.size else None
+            if chain is None:
+                raise VirtqueueError(
+                    f"{self.name}: used id {buf_id} at slot {pos} is not in flight ({self._state()})"
+                )
+            out.append((buf_id, n, flags))
+            pos += chain.slots
+            if pos >= self.size:
+                pos -= self.size
+                wrap = not wrap
+        return out
+
+    def pending_used(self) -> int:
+        return len(self._scan_used())
+
+    def get_used(self, max_count: int | None = None) -> list[UsedElem]:
+        """Consume the used descriptors available now (at most ``max_count``)."""
+        found = self._scan_used(max_count)
+        out: list[UsedElem] = []
+        errors: list[str] = []
+        for buf_id, length, _flags in found:
+            chain = self._chains[buf_id]
+            assert chain is not None
+            self._chains[buf_id] = None
+            self._ids.append(buf_id)
+            self._free_slots += chain.slots
+            if chain.mapped:
+                for addr, n, d in chain.mapped:
+                    self.dma.unmap(addr, n, d)
+            if chain.table is not None:
+                self.alloc.free(chain.table)
+            self.in_flight -= 1
+            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+            self.next_used += chain.slots
+            if self.next_used >= self.size:
+                self.next_used -= self.size
+                self.used_wrap = not self.used_wrap
+            if length > chain.in_len:
+                errors.append(f"used id {buf_id}: len {length} > {chain.in_len} writable bytes")
+            out.append(UsedElem(buf_id, length, chain.token))
+        if errors:
+            raise VirtqueueError(f"{self.name}: " + "; ".join(errors))
+        return out
+
+    def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[UsedElem]:
+        if count > self.in_flight:
+            raise VirtqueueError(
+                f"{self.name}: waiting for {count} used chain(s) but {self.in_flight} in flight"
+            )
+        if self._heads:
+            raise VirtqueueError(f"{self.name}: waiting for used with unpublished chains")
+        poll_until(
+            lambda: self.pending_used() >= count,
+            timeout,
+            f"{count} used descriptor(s) on {self.name}",
+            detail=self._state,
+        )
+        return self.get_used(count)
+
+    def _state(self) -> str:
+        return (
+            f"next avail {self.next_avail} wrap {int(self.avail_wrap)}, next used "
+            f"{self.next_used} wrap {int(self.used_wrap)}, in flight {self.in_flight}"
+        )
+
+    # ------------------------------------------------------------------ notification control
+    def device_event(self) -> tuple[int, int]:
+        """The device area: (off_wrap, flags)."""
+        return EVENT.unpack(self.qt.read(self.used, EVENT.size))
+
+    def set_driver_event(self, off_wrap: int, flags: int) -> None:
+        self.qt.write(self.avail, EVENT.pack(off_wrap, flags))
+
+    def enable_interrupts(self) -> None:
+        self.set_driver_event(0, EVENT_FLAGS_ENABLE)
+
+    def disable_interrupts(self) -> None:
+        self.set_driver_event(0, EVENT_FLAGS_DISABLE)
+
+    def wait_interrupt(self, timeout: float = 5.0) -> None:
+        if self.interrupt is None:
+            raise VirtqueueError(f"{self.name}: no interrupt source attached")
+        poll_until(
+            self.interrupt.fired,
+            timeout,
+            f"interrupt of {self.name} ({self.interrupt.describe()})",
+            detail=self._state,
+        )
+
+    # ------------------------------------------------------------------ lifetime
+    def tokens_in_flight(self) -> list[Any]:
+        return [c.token for c in self._chains if c is not None]
+
+    def destroy(self) -> list[Any]:
+        if self._destroyed:
+            return []
+        self._destroyed = True
+        tokens = []
+        for c in self._chains:
+            if c is not None:
+                tokens.append(c.token)
+                if c.mapped:
+                    for addr, n, d in c.mapped:
+                        self.dma.unmap(addr, n, d)
+                if c.table is not None:
+                    self.alloc.free(c.table)
+        self._chains = [None] * self.size
+        for dma_addr, n in (
+            (self.desc_dma, 16 * self.size),
+            (self.avail_dma, EVENT.size),
+            (self.used_dma, EVENT.size),
+        ):
+            self.dma.unmap_coherent(dma_addr, n)
+        for addr in (self.desc, self.avail, self.used):
+            self.alloc.free(addr)
+        return tokens
