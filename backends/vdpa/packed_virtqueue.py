@@ -39,6 +39,7 @@ from .virtqueue import (
     U16,
     Chain,
     RingArea,
+    VirtqueueBase,
     VqError,
     VqState,
 )
@@ -92,50 +93,25 @@ class _Popped:
     write: bool  # had device-writable buffers
 
 
-class PackedVirtqueue:
+class PackedVirtqueue(VirtqueueBase):
     """Device side of one packed virtqueue. Addresses are IOVAs (GPAs without a vIOMMU).
     ``avail`` is the driver area, ``used`` the device area (the split names, for the API)."""
 
     packed = True
 
     def __init__(self, index: int, dma: DmaSpace, journal: Journal | None = None) -> None:
-        self.index = index
-        self.dma = dma
-        self.journal = journal
-        self.num = 0
-        self.desc = 0
-        self.avail = 0
-        self.used = 0
-        self.addr_set = False
-        self.ready = False
-        self.started = False
-        self.event_idx = False
-        self.notification = True
-        self.state = VqState()
-        self.inflight = 0
+        super().__init__(index, dma, journal)
         self._popped: dict[int, _Popped] = {}  # buffer id -> where it was, in pop order
         self._pending_used: list[tuple[int, int, int, bool]] = []  # id, len, slots, write
         self._used_pub = 0  # used position last published
         self._used_pub_wrap = True
         self._rings: _Rings | None = None
-        self.need_call = False
-        self.popped_total = 0
-        self.pushed_total = 0
 
     # -- configuration ---------------------------------------------------------------------
-    @property
-    def configured(self) -> bool:
-        return self.num > 0 and self.addr_set
-
     def set_num(self, num: int) -> None:
         if num <= 0 or num > MAX_PACKED_SIZE:
             raise ValueError(f"vq {self.index}: packed ring size {num} not in 1..{MAX_PACKED_SIZE}")
         self.num = num
-        self._rings = None
-
-    def set_address(self, desc: int, avail: int, used: int) -> None:
-        self.desc, self.avail, self.used = desc, avail, used
-        self.addr_set = True
         self._rings = None
 
     def set_state(self, state: VqState) -> None:
@@ -157,30 +133,7 @@ class PackedVirtqueue:
         s = self.state
         return VqState(s.last_avail_idx, s.used_idx, s.avail_wrap, s.used_wrap)
 
-    def reset(self) -> None:
-        self.num = 0
-        self.desc = self.avail = self.used = 0
-        self.addr_set = False
-        self.ready = False
-        self.started = False
-        self.event_idx = False
-        self.notification = True
-        self.set_state(VqState())
-        self._rings = None
-
-    def invalidate(self) -> None:
-        self._rings = None
-
     # -- ring access -----------------------------------------------------------------------
-    def _ring_area(self, what: str, iova: int, size: int, access: Access) -> RingArea:
-        try:
-            pieces = self.dma.translate(iova, size, access)
-        except TranslationError as e:
-            if e.kind == "miss":
-                raise
-            raise VqError("ring-translate", f"{what} at {iova:#x}+{size:#x}: {e}") from None
-        return RingArea(pieces, self.dma)
-
     def rings(self) -> _Rings:
         gen = self.dma.generation
         r = self._rings
@@ -414,10 +367,6 @@ class PackedVirtqueue:
     def used_published(self) -> int:
         return self._used_pub | (int(self._used_pub_wrap) << 15)
 
-    @property
-    def used_pending(self) -> int:
-        return len(self._pending_used)
-
     def rewind(self) -> int:
         """Give back popped-but-unpushed chains: last_avail goes back to the oldest one's
         slot and wrap counter. Exact when completions are in order."""
@@ -450,6 +399,7 @@ class PackedVirtqueue:
         dev.pack(U16, EVENT_FLAGS, EVENT_FLAGS_ENABLE if enabled else EVENT_FLAGS_DISABLE)
 
     def enable_notification_and_check(self) -> bool:
+        """Re-enable kicks; True if the next slot became available meanwhile (no scan)."""
         self.set_notification(True)
         rings = self.rings()
         return self._desc_available(rings, self.state.last_avail_idx, self.state.avail_wrap)

@@ -223,8 +223,12 @@ class _Rings:
     used: RingArea
 
 
-class SplitVirtqueue:
-    """Device side of one split virtqueue. Addresses are IOVAs (GPAs without a vIOMMU)."""
+class VirtqueueBase:
+    """What the split and the packed queue share: configuration, the state and counters the
+    monitor and the transport read, and the translated ring areas (one translation per DMA
+    space generation: any IOTLB or memory change drops them)."""
+
+    packed = False
 
     def __init__(self, index: int, dma: DmaSpace, journal: Journal | None = None) -> None:
         self.index = index
@@ -241,10 +245,8 @@ class SplitVirtqueue:
         self.notification = True  # driver kicks wanted (set_notification)
         self.state = VqState()
         self.inflight = 0
-        self._popped: dict[int, int] = {}  # head -> avail position of popped-unpushed chains
-        self._pending_used: list[tuple[int, int]] = []
-        self._used_pub = 0  # used idx last published in guest memory
-        self._rings: _Rings | None = None
+        self._pending_used: list[Any] = []  # completions not yet published
+        self._rings: Any = None
         self.need_call = False  # a flush decided the driver must be interrupted
         self.popped_total = 0
         self.pushed_total = 0
@@ -254,15 +256,69 @@ class SplitVirtqueue:
     def configured(self) -> bool:
         return self.num > 0 and self.addr_set
 
+    def set_address(self, desc: int, avail: int, used: int) -> None:
+        self.desc, self.avail, self.used = desc, avail, used
+        self.addr_set = True
+        self._rings = None
+
+    def set_state(self, state: VqState) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self.num = 0
+        self.desc = self.avail = self.used = 0
+        self.addr_set = False
+        self.ready = False
+        self.started = False
+        self.event_idx = False
+        self.notification = True
+        self.set_state(VqState())
+        self._rings = None
+
+    def invalidate(self) -> None:
+        """Drop the cached ring translation (it is also dropped on any generation change)."""
+        self._rings = None
+
+    def _ring_area(self, what: str, iova: int, size: int, access: Access) -> RingArea:
+        try:
+            pieces = self.dma.translate(iova, size, access)
+        except TranslationError as e:
+            if e.kind == "miss":
+                raise
+            raise VqError("ring-translate", f"{what} at {iova:#x}+{size:#x}: {e}") from None
+        return RingArea(pieces, self.dma)
+
+    @property
+    def used_pending(self) -> int:
+        return len(self._pending_used)
+
+    def set_notification(self, enabled: bool) -> None:
+        raise NotImplementedError
+
+    def avail_pending(self) -> int:
+        raise NotImplementedError
+
+    def enable_notification_and_check(self) -> bool:
+        """Re-enable kicks and report whether buffers arrived meanwhile (the race check)."""
+        self.set_notification(True)
+        return self.avail_pending() > 0
+
+
+class SplitVirtqueue(VirtqueueBase):
+    """Device side of one split virtqueue. Addresses are IOVAs (GPAs without a vIOMMU)."""
+
+    def __init__(self, index: int, dma: DmaSpace, journal: Journal | None = None) -> None:
+        super().__init__(index, dma, journal)
+        self._popped: dict[int, int] = {}  # head -> avail position of popped-unpushed chains
+        self._pending_used: list[tuple[int, int]] = []
+        self._used_pub = 0  # used idx last published in guest memory
+        self._rings: _Rings | None = None
+
+    # -- configuration ---------------------------------------------------------------------
     def set_num(self, num: int) -> None:
         if num <= 0 or num > 32768 or num & (num - 1):
             raise ValueError(f"vq {self.index}: split ring size {num} is not a power of 2 <= 32768")
         self.num = num
-        self._rings = None
-
-    def set_address(self, desc: int, avail: int, used: int) -> None:
-        self.desc, self.avail, self.used = desc, avail, used
-        self.addr_set = True
         self._rings = None
 
     def set_state(self, state: VqState) -> None:
@@ -287,31 +343,7 @@ class SplitVirtqueue:
             self.state.used_wrap,
         )
 
-    def reset(self) -> None:
-        self.num = 0
-        self.desc = self.avail = self.used = 0
-        self.addr_set = False
-        self.ready = False
-        self.started = False
-        self.event_idx = False
-        self.notification = True
-        self.set_state(VqState())
-        self._rings = None
-
-    def invalidate(self) -> None:
-        """Drop the cached ring translation (it is also dropped on any generation change)."""
-        self._rings = None
-
     # -- ring access -----------------------------------------------------------------------
-    def _ring_area(self, what: str, iova: int, size: int, access: Access) -> RingArea:
-        try:
-            pieces = self.dma.translate(iova, size, access)
-        except TranslationError as e:
-            if e.kind == "miss":
-                raise
-            raise VqError("ring-translate", f"{what} ring at {iova:#x}+{size:#x}: {e}") from None
-        return RingArea(pieces, self.dma)
-
     def rings(self) -> _Rings:
         """The translated rings (cached per DmaSpace generation). Raises TranslationError
         (kind 'miss') or VqError('ring-translate')."""
@@ -322,9 +354,9 @@ class SplitVirtqueue:
         num = self.num
         r = _Rings(
             gen,
-            self._ring_area("descriptor", self.desc, desc_table_size(num), Access.READ),
-            self._ring_area("avail", self.avail, avail_ring_size(num), Access.READ),
-            self._ring_area("used", self.used, used_ring_size(num), Access.WRITE),
+            self._ring_area("descriptor ring", self.desc, desc_table_size(num), Access.READ),
+            self._ring_area("avail ring", self.avail, avail_ring_size(num), Access.READ),
+            self._ring_area("used ring", self.used, used_ring_size(num), Access.WRITE),
         )
         self._rings = r
         return r
@@ -557,10 +589,6 @@ class SplitVirtqueue:
     def used_published(self) -> int:
         return self._used_pub
 
-    @property
-    def used_pending(self) -> int:
-        return len(self._pending_used)
-
     def rewind(self) -> int:
         """Give back popped-but-unpushed chains (``last_avail_idx -= inflight``); returns how
         many. Exact when completions are in order (the unpushed ones are the newest)."""
@@ -595,11 +623,6 @@ class SplitVirtqueue:
                 used.pack(U16, USED_RING + 8 * self.num, self.state.last_avail_idx)
         else:
             used.pack(U16, USED_FLAGS, 0 if enabled else VRING_USED_F_NO_NOTIFY)
-
-    def enable_notification_and_check(self) -> bool:
-        """Re-enable kicks and report whether buffers arrived meanwhile (the race check)."""
-        self.set_notification(True)
-        return self.avail_pending() > 0
 
     # -- introspection ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
