@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import socket
 import time
@@ -38,7 +37,7 @@ from backends.monitor_commands import (
     MonitorCommands,
     journal_event,
 )
-from backends.unix_socket import remove_stale_socket
+from backends.unix_socket import UnixListener
 
 if TYPE_CHECKING:
     from backends.net.datapath import NetDevice
@@ -323,8 +322,7 @@ class Monitor:
         self.server = server
         self.on_quit = on_quit
         self.commands = MonitorCommands(device, net, server, request_quit=self._request_quit)
-        self._listener: socket.socket | None = None
-        self._inode: tuple[int, int] | None = None
+        self._listener: UnixListener | None = None
         self._journal = getattr(device, "journal", None)
         self._clients: dict[int, _Client] = {}
         self._serial = 0
@@ -338,19 +336,8 @@ class Monitor:
         if self._listener is not None:
             raise RuntimeError("monitor already started")
         self._closed = False
-        remove_stale_socket(self.path, what="monitor")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(self.path)
-            sock.listen(16)
-            sock.setblocking(False)
-            st = os.stat(self.path)
-        except OSError:
-            sock.close()
-            raise
-        self._listener = sock
-        self._inode = (st.st_dev, st.st_ino)
-        self.loop.add_reader(sock.fileno(), self._on_accept)
+        self._listener = UnixListener(self.path, 16, what="monitor")
+        self.loop.add_reader(self._listener.fileno(), self._on_accept)
         if self._journal is not None and not self._subscribed:
             self._journal.subscribe(self._on_journal_entry)
             self._subscribed = True
@@ -369,21 +356,12 @@ class Monitor:
             self._drop(client, "monitor closed")
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
-            self._listener.close()
+            self._listener.close()  # unlinks the path if it is still ours
             self._listener = None
-            self._unlink_own_socket()
 
     @property
     def client_count(self) -> int:
         return len(self._clients)
-
-    def _unlink_own_socket(self) -> None:
-        try:
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:
-                os.unlink(self.path)
-        except OSError:
-            pass
 
     # -- connections -------------------------------------------------------------------------
     def _on_accept(self) -> None:

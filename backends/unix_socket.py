@@ -37,3 +37,39 @@ def remove_stale_socket(path: str, kind: int = socket.SOCK_STREAM, what: str = "
     raise FileExistsError(
         errno.EADDRINUSE, f"{what}: in use, another process is listening there", path
     )
+
+
+class UnixListener:
+    """A non-blocking listening unix stream socket on a claimed path.
+
+    ``close()`` unlinks the path only if it is still this socket (same device and inode): a
+    newer process that took the path over keeps it.
+    """
+
+    def __init__(self, path: str, backlog: int, what: str = "socket") -> None:
+        remove_stale_socket(path, what=what)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            sock.listen(backlog)
+            sock.setblocking(False)
+            st = os.stat(path)
+        except OSError:
+            sock.close()
+            raise
+        self.path = path
+        self.sock = sock
+        self._inode = (st.st_dev, st.st_ino)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        return self.sock.accept()
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from backends.loop import EventLoop
-from backends.unix_socket import remove_stale_socket
+from backends.unix_socket import UnixListener
 from backends.vhost_user.connection import Connection, Offer
 
 if TYPE_CHECKING:
@@ -58,8 +57,7 @@ class VhostUserServer:
         self.connection: Connection | None = None
         self.connections = 0  # served so far
         self._waiting: collections.deque[socket.socket] = collections.deque()
-        self._listener: socket.socket | None = None
-        self._inode: tuple[int, int] | None = None
+        self._listener: UnixListener | None = None
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -90,19 +88,8 @@ class VhostUserServer:
     def start(self) -> None:
         if self._listener is not None:
             raise RuntimeError("vhost-user server already started")
-        remove_stale_socket(self.path, what="vhost-user socket")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(self.path)
-            sock.listen(MAX_WAITING)
-            sock.setblocking(False)
-            st = os.stat(self.path)
-        except OSError:
-            sock.close()
-            raise
-        self._listener = sock
-        self._inode = (st.st_dev, st.st_ino)
-        self.loop.add_reader(sock.fileno(), self._on_accept)
+        self._listener = UnixListener(self.path, MAX_WAITING, what="vhost-user socket")
+        self.loop.add_reader(self._listener.fileno(), self._on_accept)
         log.info("vhost-user server listening on %s", self.path)
 
     def close(self) -> None:
@@ -116,14 +103,8 @@ class VhostUserServer:
         if self._listener is None:
             return
         self.loop.remove_reader(self._listener.fileno())
-        self._listener.close()
+        self._listener.close()  # unlinks the path if it is still ours
         self._listener = None
-        try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:
-                os.unlink(self.path)
-        except OSError:
-            pass
 
     # -- connections --------------------------------------------------------------------------
     def _on_accept(self) -> None:
