@@ -88,6 +88,34 @@ class IdentityDma:
 IDENTITY = IdentityDma()
 
 
+#: A chain's buffers as (address, length, descriptor flags); the mappings made for them.
+Buffers = list[tuple[int, int, int]]
+Mapped = list[tuple[int, int, DmaDir]]
+
+
+def map_buffers(dma: DmaMapper, bufs: Buffers, write_flag: int) -> tuple[Buffers, Mapped]:
+    """Map every buffer of a chain for the device (device-writable where ``flags &
+    write_flag``); returns the buffers with DMA addresses and the mappings to undo later.
+    On failure, whatever was mapped is unmapped again."""
+    out: Buffers = []
+    mapped: Mapped = []
+    try:
+        for a, n, f in bufs:
+            d = DmaDir.FROM_DEVICE if f & write_flag else DmaDir.TO_DEVICE
+            addr = dma.map(a, n, d)
+            mapped.append((addr, n, d))
+            out.append((addr, n, f))
+    except BaseException:
+        unmap_all(dma, mapped)
+        raise
+    return out, mapped
+
+
+def unmap_all(dma: DmaMapper, mapped: Mapped | None) -> None:
+    for addr, n, d in mapped or ():
+        dma.unmap(addr, n, d)
+
+
 def page_span(addr: int, size: int, page: int = PAGE_SIZE) -> tuple[int, int]:
     """(first page address, bytes of whole pages) covering [addr, addr+size)."""
     if size <= 0:

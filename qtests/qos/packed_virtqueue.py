@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .alloc import GuestAllocator
-from .iova import IDENTITY, DmaDir, DmaMapper
+from .iova import IDENTITY, DmaDir, DmaMapper, map_buffers, unmap_all
 from .pci import InterruptSource
 from .qtest import QTest
 from .virtqueue import MAX_QUEUE_SIZE, Buffer, UsedElem, VirtqueueError, VirtqueueFull
@@ -161,14 +161,7 @@ class PackedVirtqueue:
             raise VirtqueueFull(f"{self.name}: chain needs {nslots} slots, {self.num_free} free")
         mapped: list[tuple[int, int, DmaDir]] | None = None
         if not premapped and not self.dma.identity:
-            mapped = []
-            mb = []
-            for a, n, f in bufs:
-                d = DmaDir.FROM_DEVICE if f & DESC_F_WRITE else DmaDir.TO_DEVICE
-                addr = self.dma.map(a, n, d)
-                mapped.append((addr, n, d))
-                mb.append((addr, n, f))
-            bufs = mb
+            bufs, mapped = map_buffers(self.dma, bufs, DESC_F_WRITE)
         buf_id = self._ids.popleft()
         table = None
         if use_indirect:
@@ -290,9 +283,7 @@ class PackedVirtqueue:
             self._chains[buf_id] = None
             self._ids.append(buf_id)
             self._free_slots += chain.slots
-            if chain.mapped:
-                for addr, n, d in chain.mapped:
-                    self.dma.unmap(addr, n, d)
+            unmap_all(self.dma, chain.mapped)
             if chain.table is not None:
                 self.alloc.free(chain.table)
             self.in_flight -= 1
@@ -365,9 +356,7 @@ class PackedVirtqueue:
         for c in self._chains:
             if c is not None:
                 tokens.append(c.token)
-                if c.mapped:
-                    for addr, n, d in c.mapped:
-                        self.dma.unmap(addr, n, d)
+                unmap_all(self.dma, c.mapped)
                 if c.table is not None:
                     self.alloc.free(c.table)
         self._chains = [None] * self.size

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .alloc import GuestAllocator
-from .iova import IDENTITY, DmaDir, DmaMapper
+from .iova import IDENTITY, DmaDir, DmaMapper, map_buffers, unmap_all
 from .pci import InterruptSource
 from .qtest import QTest
 from .waiting import poll_until
@@ -187,7 +187,7 @@ class SplitVirtqueue:
             )
         mapped: list[tuple[int, int, DmaDir]] | None = None
         if not premapped and not self.dma.identity:
-            bufs, mapped = self._map_bufs(bufs)
+            bufs, mapped = map_buffers(self.dma, bufs, VRING_DESC_F_WRITE)
         descs = [self._free.popleft() for _ in range(ndesc)]
         table = None
         if use_indirect:
@@ -221,28 +221,6 @@ class SplitVirtqueue:
         self._new_heads.append(head)
         self.in_flight += 1
         return head
-
-    def _map_bufs(
-        self, bufs: list[tuple[int, int, int]]
-    ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, DmaDir]]]:
-        """Map every buffer for the device; on failure undo what was mapped."""
-        out: list[tuple[int, int, int]] = []
-        mapped: list[tuple[int, int, DmaDir]] = []
-        try:
-            for a, n, f in bufs:
-                d = DmaDir.FROM_DEVICE if f & VRING_DESC_F_WRITE else DmaDir.TO_DEVICE
-                addr = self.dma.map(a, n, d)
-                mapped.append((addr, n, d))
-                out.append((addr, n, f))
-        except BaseException:
-            self._unmap(mapped)
-            raise
-        return out, mapped
-
-    def _unmap(self, mapped: list[tuple[int, int, DmaDir]] | None) -> None:
-        if mapped:
-            for addr, n, d in mapped:
-                self.dma.unmap(addr, n, d)
 
     def publish(self) -> int:
         """Write staged descriptors, avail entries and the new avail idx; return #chains."""
@@ -350,7 +328,7 @@ class SplitVirtqueue:
                 continue
             self._chains[head] = None
             self._free.extend(chain.descs)
-            self._unmap(chain.mapped)
+            unmap_all(self.dma, chain.mapped)
             if chain.table is not None:
                 self.alloc.free(chain.table)
             self.in_flight -= 1
@@ -484,7 +462,7 @@ class SplitVirtqueue:
         for c in self._chains:
             if c is not None:
                 tokens.append(c.token)
-                self._unmap(c.mapped)
+                unmap_all(self.dma, c.mapped)
                 if c.table is not None:
                     self.alloc.free(c.table)
         self._chains = [None] * self.size
