@@ -109,12 +109,7 @@ class DatapathBench:
             cpus=[self.place.backend_cpu],
             cwd=REPO,
         )
-        try:
-            proc.wait_for(r"^READY", 30, "the READY line")
-        except BaseException:
-            proc.stop()
-            raise
-        return proc
+        return proc.wait_ready(30)
 
     def _dpdk(self, tag: str, direction: str, size: int) -> TestPmd:
         mode = "rxonly" if direction == "tx" else "txonly"

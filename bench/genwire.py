@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from backends.loop import EventLoop
-from backends.net.wire import Receiver
+from backends.net.wire import WireBase
 
 BURST = 256
 
@@ -26,26 +26,20 @@ def make_frame(size: int) -> bytes:
     return head + bytes(size - len(head))
 
 
-class GeneratorWire:
+class GeneratorWire(WireBase):
     kind = "generator"
 
     def __init__(
         self, size: int, burst: int = BURST, room: Callable[[], int] | None = None
     ) -> None:
+        super().__init__()
         self.frame = make_frame(size)
         self.burst = burst
         self.room = room
-        self.tx_frames = self.tx_bytes = self.rx_frames = self.rx_bytes = self.drops = 0
-        self._receiver: Receiver | None = None
-        self._loop: EventLoop | None = None
-        self._closed = False
 
     def send(self, frame: bytes, qp: int) -> None:
         self.tx_frames += 1
         self.tx_bytes += len(frame)
-
-    def set_receiver(self, cb: Receiver | None) -> None:
-        self._receiver = cb
 
     def attach(self, loop: EventLoop) -> None:
         self._loop = loop
@@ -63,16 +57,3 @@ class GeneratorWire:
             self.rx_frames += n
             self.rx_bytes += n * len(frame)
         self._loop.call_soon(self._pump)
-
-    def close(self) -> None:
-        self._closed = True
-        self._loop = None
-
-    def counters(self) -> dict[str, int]:
-        return {
-            "tx_frames": self.tx_frames,
-            "tx_bytes": self.tx_bytes,
-            "rx_frames": self.rx_frames,
-            "rx_bytes": self.rx_bytes,
-            "drops": self.drops,
-        }

@@ -121,6 +121,15 @@ class Proc:
                     f"last output: {self.tail()!r}"
                 )
 
+    def wait_ready(self, timeout: float = 30.0) -> Proc:
+        """Wait for a backend's ``READY`` line; the child is stopped if it never comes."""
+        try:
+            self.wait_for(r"^READY", timeout, "the READY line")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def tail(self, n: int = 600) -> str:
         return self.output[-n:]
 

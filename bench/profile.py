@@ -94,9 +94,4 @@ class ProfiledBench(DatapathBench):
             cpus=[self.place.backend_cpu],
             cwd=REPO,
         )
-        try:
-            proc.wait_for(r"^READY", 30, "the READY line")
-        except BaseException:
-            proc.stop()
-            raise
-        return proc
+        return proc.wait_ready(30)

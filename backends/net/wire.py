@@ -72,7 +72,9 @@ class Wire(Protocol):
     def counters(self) -> dict[str, int]: ...
 
 
-class _WireBase:
+class WireBase:
+    """Counters, the receiver callback and the loop every wire keeps (subclass to add one)."""
+
     kind = "wire"
 
     def __init__(self) -> None:
@@ -120,7 +122,7 @@ class _WireBase:
             log.exception("%s: receiver failed on a %d-byte frame", self.describe(), len(frame))
 
 
-class NullWire(_WireBase):
+class NullWire(WireBase):
     """Counts and discards every frame; never receives."""
 
     kind = "null"
@@ -130,7 +132,7 @@ class NullWire(_WireBase):
         self.tx_bytes += len(frame)
 
 
-class LoopbackWire(_WireBase):
+class LoopbackWire(WireBase):
     """Sends come back as receives on the same queue pair, from the event loop."""
 
     kind = "loopback"
@@ -181,7 +183,7 @@ class LoopbackWire(_WireBase):
             self._schedule()
 
 
-class _DatagramWire(_WireBase):
+class _DatagramWire(WireBase):
     """A non-blocking datagram socket; one frame per datagram; RX always on qp 0."""
 
     def __init__(self, sock: socket.socket) -> None:
