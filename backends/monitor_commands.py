@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from backends.net import config as net_config
 from backends.vdpa.faults import FAULTS
-from backends.vdpa.features import VHOST_LEVEL_FEATURES, Status, feature_names
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.journal import json_safe
 from backends.vhost_user.messages import (
@@ -30,6 +29,7 @@ from backends.vhost_user.messages import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     ProtocolFeature,
 )
+from backends.virtio.features import VHOST_LEVEL_FEATURES, Status, feature_names
 
 if TYPE_CHECKING:
     from backends.net.datapath import NetDevice

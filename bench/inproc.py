@@ -22,9 +22,9 @@ from backends.net.config import VIRTIO_NET_F_MRG_RXBUF
 from backends.net.datapath import NetDevice
 from backends.net.wire import NullWire
 from backends.vdpa.device import VdpaDevice
-from backends.vdpa.features import VIRTIO_F_VERSION_1, Status, bit
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.memory import HostRegion
+from backends.virtio.features import VIRTIO_F_VERSION_1, Status, bit
 from bench.genwire import make_frame
 
 RING = 256

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from backends.net.config import NetConfig
-from backends.net.header import VirtioNetHdr
 from backends.net.wire import LoopbackWire, NullWire, UdpWire, UnixWire, Wire, make_wire
+from backends.virtio.net_header import VirtioNetHdr
 
 if TYPE_CHECKING:
     from backends.net.datapath import NetDevice

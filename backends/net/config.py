@@ -5,7 +5,7 @@ mtu u16 @10`` - 12 bytes. Fields after ``mtu`` (speed, duplex, RSS) belong to fe
 device does not offer, so the config space ends at 12 bytes.
 
 The generic transport/ring bits (VIRTIO_F_VERSION_1, ACCESS_PLATFORM, EVENT_IDX ...) live in
-``backends/vdpa/features.py``; this module holds only the virtio-net ones.
+``backends/virtio/features.py``; this module holds only the virtio-net ones.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.vdpa.features import VIRTIO_F_RING_PACKED
 from backends.vhost_user import messages as m
 from backends.vhost_user.framing import Message, MessageReader, close_fds, send_message
+from backends.virtio.features import VIRTIO_F_RING_PACKED
 
 PAGE = 0x1000
 UADDR_BASE = 0x7F00_0000_0000  # fake QEMU user addresses: UADDR_BASE + gpa

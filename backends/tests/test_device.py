@@ -14,7 +14,11 @@ from backends.tests.test_virtqueue import RING_GPA, lay_out, ref_walk, ring_cont
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.dirty_log import DirtyLog
 from backends.vdpa.faults import Faults
-from backends.vdpa.features import (
+from backends.vdpa.iotlb import Perm
+from backends.vdpa.journal import Journal
+from backends.vdpa.memory import HostRegion
+from backends.vdpa.virtqueue import VqState
+from backends.virtio.features import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_IN_ORDER,
@@ -23,10 +27,6 @@ from backends.vdpa.features import (
     Status,
     bit,
 )
-from backends.vdpa.iotlb import Perm
-from backends.vdpa.journal import Journal
-from backends.vdpa.memory import HostRegion
-from backends.vdpa.virtqueue import VqState
 
 MEM = 1 << 20
 OK_STATUS = Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK
@@ -326,7 +326,7 @@ def test_set_vq_state_used_idx_defaults_to_last_avail() -> None:
     assert rig.dev.vqs[0].state == VqState(12, 12)
     rig.dev.set_vq_state(0, VqState(12, 10))
     assert rig.dev.vqs[0].state == VqState(12, 10)
-    rig.dev.set_vq_state(0, 70000, used_idx=0)
+    rig.dev.set_vq_state(0, VqState(70000, 0))
     assert rig.dev.vqs[0].state == VqState(70000 & 0xFFFF, 0)
     assert rig.kinds("vq.set_state")[0]["used_idx"] == 12
 

@@ -36,12 +36,12 @@ from backends.net.datapath import NetDevice
 from backends.net.wire import LoopbackWire
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.faults import FAULTS, Faults
-from backends.vdpa.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, Status, bit
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.journal import Journal
 from backends.vdpa.memory import HostRegion
 from backends.vhost_user import messages as vu
 from backends.vhost_user.server import VhostUserServer
+from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, Status, bit
 
 from .conftest import DriverRing
 from .frontend import Frontend

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from backends.net import config as C
-from backends.net.header import (
+from backends.virtio.net_header import (
     HDR_LEN,
     LEGACY_HDR_LEN,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,

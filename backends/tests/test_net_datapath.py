@@ -25,10 +25,9 @@ from backends.net.config import (
     NetConfig,
 )
 from backends.net.datapath import NetDevice
-from backends.net.header import VirtioNetHdr
 from backends.net.wire import LoopbackWire
 from backends.vdpa import DirtyLog, Faults, HostRegion, Perm, VdpaDevice
-from backends.vdpa.features import (
+from backends.virtio.features import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -36,6 +35,7 @@ from backends.vdpa.features import (
     Status,
     mask,
 )
+from backends.virtio.net_header import VirtioNetHdr
 
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")

@@ -11,17 +11,16 @@ from backends.tests.conftest import UADDR_BASE, DriverRing, Space, make_space
 from backends.vdpa.dirty_log import DirtyLog
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.memory import Access, TranslationError
-from backends.vdpa.virtqueue import (
-    DESC,
+from backends.vdpa.split_virtqueue import SplitVirtqueue
+from backends.vdpa.virtqueue import VqError, VqState
+from backends.virtio.ring import SPLIT_DESC as DESC
+from backends.virtio.ring import (
     U16,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
-    SplitVirtqueue,
-    VqError,
-    VqState,
     vring_need_event,
 )
 

@@ -8,7 +8,8 @@ from .faults import FAULTS, Faults
 from .iotlb import IOTLB, Mapping, Perm, SetMapDiff
 from .journal import Journal
 from .memory import HostMemory, HostRegion, Piece
-from .virtqueue import Chain, SplitVirtqueue, VqError, VqState, vring_need_event
+from .split_virtqueue import SplitVirtqueue
+from .virtqueue import Chain, Virtqueue, VqError, VqState
 
 __all__ = [
     "FAULTS",
@@ -29,7 +30,7 @@ __all__ = [
     "SplitVirtqueue",
     "TranslationError",
     "VdpaDevice",
+    "Virtqueue",
     "VqError",
     "VqState",
-    "vring_need_event",
 ]

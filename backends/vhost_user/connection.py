@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING, Any
 from backends.loop import EventLoop
 from backends.vdpa.access import TranslationError
 from backends.vdpa.dirty_log import DirtyLog
-from backends.vdpa.features import VIRTIO_F_ACCESS_PLATFORM, Status, bit
 from backends.vdpa.iotlb import Perm
-from backends.vdpa.virtqueue import VqError, VqState
+from backends.vdpa.virtqueue import VqError
 from backends.vhost_user import messages as m
 from backends.vhost_user.backend_channel import BackendChannel
 from backends.vhost_user.errors import ProtocolError
@@ -37,6 +36,7 @@ from backends.vhost_user.memory_table import MemoryTable
 from backends.vhost_user.messages import ProtocolFeature as PF
 from backends.vhost_user.messages import Request as R
 from backends.vhost_user.vrings import Vrings, check_eventfd
+from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM, Status, bit
 
 if TYPE_CHECKING:
     from backends.vdpa.device import VdpaDevice
@@ -530,30 +530,18 @@ class Connection:
     def _set_vring_base(self, msg: Message) -> None:
         st = m.VringState.unpack(msg.payload)
         i = self._vring_index(st.index)
-        if getattr(self.device.vqs[i], "packed", False):
-            pb = m.PackedVringBase.decode(st.num)
-            num = self.device.vqs[i].num
-            if num and (pb.last_avail_idx >= num or pb.used_idx >= num):
-                raise ProtocolError("bad-base", f"vring {i}: packed base {st.num:#x}, size {num}")
-            state = VqState(pb.last_avail_idx, pb.used_idx, pb.avail_wrap, pb.used_wrap)
-            self.device.set_vq_state(i, state)
-            return
-        if st.num > 0xFFFF:
-            raise ProtocolError("bad-base", f"vring {i}: base {st.num:#x} does not fit a u16")
-        self.device.set_vq_state(i, VqState(last_avail_idx=st.num))
+        try:
+            state = self.device.vqs[i].state_from_base(st.num)
+        except ValueError as e:
+            raise ProtocolError("bad-base", f"vring {i}: {e}") from None
+        self.device.set_vq_state(i, state)
 
     def _get_vring_base(self, msg: Message) -> bytes:
         st = m.VringState.unpack(msg.payload)
         i = self._vring_index(st.index)
         if not self.device.vqs[i].configured:
             raise ProtocolError("not-configured", f"GET_VRING_BASE of vring {i}, never set up")
-        state = self.vrings.stop(i)
-        if getattr(self.device.vqs[i], "packed", False):
-            pb = m.PackedVringBase(
-                state.last_avail_idx, state.avail_wrap, state.used_idx, state.used_wrap
-            )
-            return m.VringState(i, pb.encode()).pack()
-        return m.VringState(i, state.last_avail_idx).pack()
+        return m.VringState(i, self.vrings.stop(i).to_vhost_base()).pack()
 
     def _set_vring_file(self, msg: Message) -> None:
         request = R(msg.header.request)

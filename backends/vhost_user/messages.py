@@ -231,27 +231,6 @@ class VringState:
 
 
 @dataclass(frozen=True, slots=True)
-class PackedVringBase:
-    """The ``num`` of SET/GET_VRING_BASE for a packed ring, as QEMU encodes it
-    (virtio_queue_packed_get_last_avail_idx / virtio_queue_set_last_avail_idx): bits 0-14
-    last_avail_idx, bit 15 avail wrap counter, bits 16-30 used idx, bit 31 used wrap."""
-
-    last_avail_idx: int
-    avail_wrap: bool
-    used_idx: int
-    used_wrap: bool
-
-    @classmethod
-    def decode(cls, num: int) -> PackedVringBase:
-        return cls(num & 0x7FFF, bool(num & 0x8000), (num >> 16) & 0x7FFF, bool(num >> 31 & 1))
-
-    def encode(self) -> int:
-        avail = (self.last_avail_idx & 0x7FFF) | (int(self.avail_wrap) << 15)
-        used = (self.used_idx & 0x7FFF) | (int(self.used_wrap) << 15)
-        return avail | used << 16
-
-
-@dataclass(frozen=True, slots=True)
 class VringAddr:
     index: int
     flags: int
