@@ -41,7 +41,7 @@ from avocado_tests.guest_vm import GuestVM, VhostUserNic, VmConfig
 from avocado_tests.pcap import GLOBAL_HEADER, RECORD_HEADER
 from avocado_tests.peer import UdpPeer
 from avocado_tests.ports import free_udp_port
-from backends.net.config import VIRTIO_NET_F_GUEST_ANNOUNCE
+from backends.virtio.net import VIRTIO_NET_F_GUEST_ANNOUNCE
 from guest_images import udpseq
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.migration import MigrationStats, enable_migration_events

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from backends.net import config as net_config
 from backends.vdpa.faults import FAULTS
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.journal import json_safe
@@ -30,6 +29,7 @@ from backends.vhost_user.messages import (
     ProtocolFeature,
 )
 from backends.virtio.features import VHOST_LEVEL_FEATURES, Status, feature_names
+from backends.virtio.net import NET_FEATURE_NAMES
 
 if TYPE_CHECKING:
     from backends.net.datapath import NetDevice
@@ -113,11 +113,7 @@ def check_arguments(args: tuple[Arg, ...], arguments: dict[str, Any]) -> None:
 @cache
 def _device_feature_extra() -> dict[int, str]:
     """Names of the non-transport feature bits: virtio-net's, and vhost's LOG_ALL / PROTOCOL."""
-    names = {
-        value: attr.removeprefix("VIRTIO_NET_F_")
-        for attr, value in vars(net_config).items()
-        if attr.startswith("VIRTIO_NET_F_") and isinstance(value, int)
-    }
+    names = dict(NET_FEATURE_NAMES)
     names[VHOST_F_LOG_ALL] = "LOG_ALL"
     names[VHOST_USER_F_PROTOCOL_FEATURES] = "PROTOCOL_FEATURES"
     return names

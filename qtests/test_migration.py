@@ -47,6 +47,14 @@ from typing import Any
 import pytest
 
 from backends.vhost_user.rarp import rarp_frame
+from backends.virtio.features import bit
+from backends.virtio.net import (
+    VIRTIO_NET_CTRL_ANNOUNCE,
+    VIRTIO_NET_CTRL_ANNOUNCE_ACK,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_OK,
+    VIRTIO_NET_S_ANNOUNCE,
+)
 from qtests.qos.alloc import GuestAllocator
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.frames import PEER_MAC, mac_bytes, make_frame, parse_frame
@@ -55,16 +63,7 @@ from qtests.qos.migration import MigrationPair, MigrationStats, PrecopyHold, set
 from qtests.qos.packed_virtqueue import PackedVirtqueue
 from qtests.qos.testbed import GUEST_MAC, Testbed
 from qtests.qos.viommu_testbed import ViommuTestbed
-from qtests.qos.virtio_defs import NET_F_GUEST_ANNOUNCE, bit
-from qtests.qos.virtio_net import (
-    CTRL_ANNOUNCE,
-    CTRL_ANNOUNCE_ACK,
-    CTRL_OK,
-    NET_S_ANNOUNCE,
-    VirtioNetDriver,
-    VirtioNetError,
-    VirtioNetHdr,
-)
+from qtests.qos.virtio_net import VirtioNetDriver, VirtioNetError, VirtioNetHdr
 from qtests.qos.virtqueue import DESC, U16, VirtqueueError
 from qtests.qos.waiting import WaitTimeout, poll_until
 from qtests.qos.wire_peer import WirePeer, WirePeerTimeout
@@ -344,7 +343,7 @@ def migrate_with_traffic(pair: MigrationPair, plan: Plan) -> Outcome:
 
     # -- announce -----------------------------------------------------------------------------
     assert not entries(a, mark_a, "net.rarp"), "the source backend was asked to announce"
-    if net.has_feature(NET_F_GUEST_ANNOUNCE):
+    if net.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE):
         guest_announces(net, b, mark_b)
     else:
         rarp = entries(b, mark_b, "net.rarp")
@@ -368,14 +367,16 @@ def guest_announces(net: VirtioNetDriver, b: BackendProcess, mark_b: int) -> Non
     MAC, as QEMU would build it) and acks with VIRTIO_NET_CTRL_ANNOUNCE_ACK."""
     with invariant("GUEST_ANNOUNCE after the switchover"):
         poll_until(
-            lambda: net.config().status & NET_S_ANNOUNCE, 5.0, "the ANNOUNCE config status bit"
+            lambda: net.config().status & VIRTIO_NET_S_ANNOUNCE,
+            5.0,
+            "the ANNOUNCE config status bit",
         )
         poll_until(net.dev.config_interrupt.fired, 2.0, "the config interrupt")
     assert not entries(b, mark_b, "net.rarp"), "SEND_RARP although the guest announces"
     net.send(rarp_frame(GUEST))
-    assert net.ctrl_command(CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK) == CTRL_OK
+    assert net.ctrl_command(VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK) == VIRTIO_NET_OK
     with invariant("ANNOUNCE acked"):
-        poll_until(lambda: not net.config().status & NET_S_ANNOUNCE, 2.0, "ANNOUNCE cleared")
+        poll_until(lambda: not net.config().status & VIRTIO_NET_S_ANNOUNCE, 2.0, "ANNOUNCE cleared")
 
 
 def advance_tx_ring(net: VirtioNetDriver, peer: WirePeer, target: int) -> None:
@@ -542,9 +543,9 @@ def test_after_dimm_hotplug(make_testbed: Callable[..., Testbed]) -> None:
         before_init=plug,
         customize=cold_plug,
         ctrl_vq=True,
-        extra_features=bit(NET_F_GUEST_ANNOUNCE),
+        extra_features=bit(VIRTIO_NET_F_GUEST_ANNOUNCE),
     )
-    assert pair.net.has_feature(NET_F_GUEST_ANNOUNCE)
+    assert pair.net.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE)
     net = pair.net
     regions = pair.src.backend.cmd("query-mem-table")["regions"]  # type: ignore[union-attr]
     assert any(r["gpa"] == dimm["addr"] and r["size"] == DIMM_SIZE for r in regions), regions

@@ -24,15 +24,15 @@ from typing import Any
 
 import pytest
 
-from qtests.qos.backend_process import BackendProcess
-from qtests.qos.frames import make_frame, parse_frame
-from qtests.qos.testbed import GUEST_MAC, Testbed
-from qtests.qos.virtio_defs import (
+from backends.virtio.features import (
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
 )
+from qtests.qos.backend_process import BackendProcess
+from qtests.qos.frames import make_frame, parse_frame
+from qtests.qos.testbed import GUEST_MAC, Testbed
 from qtests.qos.virtio_net import NET_HDR_SIZE, VirtioNetHdr
 from qtests.qos.waiting import poll_until
 from qtests.qos.wire_peer import WirePeerTimeout

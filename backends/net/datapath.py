@@ -52,18 +52,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from backends.loop import EventLoop
-from backends.net.config import (
-    DEFAULT_MAC,
-    VIRTIO_NET_F_GUEST_ANNOUNCE,
-    VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_ANNOUNCE,
-    VIRTIO_NET_S_LINK_UP,
-    NetConfig,
-)
+from backends.net.config import DEFAULT_MAC, NetConfig
 from backends.net.wire import Wire
 from backends.vdpa.access import Access, TranslationError
 from backends.vdpa.faults import Faults
@@ -78,6 +67,16 @@ from backends.virtio.features import (
     VIRTIO_F_VERSION_1,
     has,
     mask,
+)
+from backends.virtio.net import (
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_ANNOUNCE,
+    VIRTIO_NET_S_LINK_UP,
 )
 from backends.virtio.net_header import header_len, rx_header
 

@@ -42,9 +42,9 @@ from backends.vdpa.memory import HostRegion
 from backends.vhost_user import messages as vu
 from backends.vhost_user.server import VhostUserServer
 from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, Status, bit
+from qtests.qos.vhost_user_frontend import Frontend
 
 from .conftest import DriverRing
-from .frontend import Frontend
 
 T = TypeVar("T")
 TIMEOUT = 5.0

@@ -14,16 +14,7 @@ from typing import Any
 import pytest
 
 from backends.loop import EventLoop
-from backends.net.config import (
-    VIRTIO_NET_F_CTRL_VQ,
-    VIRTIO_NET_F_GUEST_ANNOUNCE,
-    VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS,
-    NetConfig,
-)
+from backends.net.config import NetConfig
 from backends.net.datapath import NetDevice
 from backends.net.wire import LoopbackWire
 from backends.vdpa import DirtyLog, Faults, HostRegion, Perm, VdpaDevice
@@ -34,6 +25,15 @@ from backends.virtio.features import (
     VIRTIO_F_VERSION_1,
     Status,
     mask,
+)
+from backends.virtio.net import (
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
 )
 from backends.virtio.net_header import VirtioNetHdr
 

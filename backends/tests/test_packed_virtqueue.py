@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from backends.tests.conftest import EchoPersonality, Space, make_space
-from backends.tests.frontend import BackendThread, GuestMemory, SplitRing
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.packed_virtqueue import PackedVirtqueue
@@ -23,6 +22,9 @@ from backends.virtio.ring import (
     EVENT_FLAGS_ENABLE,
     PACKED_DESC,
 )
+from qtests.qos.backend_thread import BackendThread
+from qtests.qos.guest_memory import SharedGuestMemory
+from qtests.qos.vhost_user_frontend import VhostUserRing
 
 NEXT, WRITE, INDIRECT = 1, 2, 4
 AVAIL, USED = 1 << 7, 1 << 15
@@ -383,9 +385,9 @@ def test_vhost_user_packed_vring_base_round_trip(tmp_path: Path) -> None:
     ring is refused."""
     b = BackendThread(str(tmp_path / "vu.sock"), wire="loopback")
     b.call(b.backend.start)
-    mem = GuestMemory(4 << 20)
+    mem = SharedGuestMemory(4 << 20)
     fe = b.frontend()
-    ring = SplitRing(mem, 1, 64)  # only its memory: desc (16 x 64) + two areas >= 4 bytes
+    ring = VhostUserRing(mem, 1, 64)  # only its memory: desc (16 x 64) + two areas >= 4 bytes
     try:
         fe.init_like_qemu(2)
         offered = fe.get_features()

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from qtests.qos.processes import die_with_parent, stop_process
+from qtests.qos.processes import die_with_parent, open_fd_count, stop_process
 from qtests.qos.qmp import QmpClient
 
 _log = logging.getLogger(__name__)
@@ -49,18 +50,20 @@ class BackendProcess:
         *,
         name: str = "backend",
         run_dir: Path | None = None,
-        queues: int = 1,
-        wire: str = "null",
+        queues: int | None = 1,
+        wire: str | None = "null",
         faults: Iterable[str] = (),
         mac: str | None = None,
         extra_args: Iterable[str] = (),
         log: logging.Logger | None = None,
         socket_path: str | None = None,
+        monitor: bool = True,
     ) -> None:
         """Logs go to ``log_dir``, the sockets to ``run_dir`` (default: ``log_dir``; unix socket
         paths must stay under 108 bytes). ``log``: where to report (default: this module's).
         ``socket_path``: the vhost-user socket (default ``run_dir/NAME.sock``), e.g. the path of a
-        backend this one replaces for a QEMU that reconnects."""
+        backend this one replaces for a QEMU that reconnects. ``queues``/``wire`` None: the
+        backend's own defaults. ``monitor=False``: no monitor socket."""
         self.name = name
         self.log = log or _log
         self.log_dir = Path(log_dir)
@@ -71,7 +74,7 @@ class BackendProcess:
         self.mac = mac
         self.extra_args = list(extra_args)
         self.socket = socket_path or str(run_dir / f"{name}.sock")
-        self.monitor_path = str(run_dir / f"{name}-mon.sock")
+        self.monitor_path = str(run_dir / f"{name}-mon.sock") if monitor else None
         self.log_path = self.log_dir / f"{name}.log"
         self.journal_path = self.log_dir / f"{name}-journal.jsonl"
         self.stdout_path = self.log_dir / f"{name}.stdout"
@@ -81,14 +84,29 @@ class BackendProcess:
         #: True once the test killed it on purpose (kill()): its exit status is then expected
         self.killed = False
         self._qmp: QmpClient | None = None
+        #: The line the backend printed when ready (``READY socket=PATH``).
+        self.ready_line = ""
         self._drain: threading.Thread | None = None
+
+    @classmethod
+    def launch(
+        cls, log_dir: Path, *args: str, monitor: bool = True, timeout: float = 30.0
+    ) -> BackendProcess:
+        """Start a backend with the command line's own defaults plus ``args`` (for tests of
+        the command line itself, and benchmarks)."""
+        bp = cls(log_dir, queues=None, wire=None, extra_args=args, monitor=monitor)
+        return bp.start(timeout)
 
     # -- life cycle ------------------------------------------------------------------------
     def command(self) -> list[str]:
-        cmd = [backend_python(), "-m", "backends",
-               "--socket", self.socket, "--monitor", self.monitor_path,
-               "--log", str(self.log_path), "--journal-file", str(self.journal_path),
-               "--queues", str(self.queues), "--wire", self.wire]  # fmt: skip
+        cmd = [backend_python(), "-m", "backends", "--socket", self.socket,
+               "--log", str(self.log_path), "--journal-file", str(self.journal_path)]  # fmt: skip
+        if self.monitor_path:
+            cmd += ["--monitor", self.monitor_path]
+        if self.queues is not None:
+            cmd += ["--queues", str(self.queues)]
+        if self.wire is not None:
+            cmd += ["--wire", self.wire]
         for fault in self.faults:
             cmd += ["--fault", fault]
         if self.mac:
@@ -106,7 +124,7 @@ class BackendProcess:
 
     def start(self, timeout: float = 30.0) -> BackendProcess:
         for stale in (self.socket, self.monitor_path):
-            if os.path.exists(stale):
+            if stale and os.path.exists(stale):
                 os.unlink(stale)
         cmd = self.command()
         self.log.info("%s: %s", self.name, " ".join(cmd))
@@ -149,6 +167,9 @@ class BackendProcess:
             raise
         out.write(buf)
         out.flush()
+        self.ready_line = next(
+            line for line in buf.decode(errors="replace").splitlines() if line.startswith("READY")
+        )
         self._drain = threading.Thread(
             target=self._drain_stdout, args=(fd, out), name=f"{self.name}-stdout", daemon=True
         )
@@ -184,13 +205,19 @@ class BackendProcess:
             self.returncode = self.proc.wait(timeout=10)
         self._join_drain()
 
-    def stop(self, grace: float = 10.0) -> int | None:
-        """Stop the process (idempotent, never raises); returns its exit status."""
+    def fd_count(self) -> int:
+        """How many fds the backend process has open."""
+        assert self.proc is not None
+        return open_fd_count(self.proc.pid)
+
+    def stop(self, grace: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+        """Stop the process with ``sig`` (then SIGKILL after ``grace``); idempotent, never
+        raises; returns its exit status."""
         self._close_qmp()
         if self.proc is None:
             return None
         try:
-            self.returncode = stop_process(self.proc, self.name, grace, log=self.log)
+            self.returncode = stop_process(self.proc, self.name, grace, log=self.log, sig=sig)
         except Exception:  # never let clean-up hide the test's own failure
             self.log.exception("stopping %s failed", self.name)
         self._join_drain()
@@ -218,6 +245,8 @@ class BackendProcess:
     # -- monitor ---------------------------------------------------------------------------
     @property
     def qmp(self) -> QmpClient:
+        if self.monitor_path is None:
+            raise BackendError(f"{self.name} was started without a monitor")
         if self._qmp is None:
             client = QmpClient(f"{self.name}-monitor")
             client.connect(self.monitor_path)

@@ -41,10 +41,16 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from backends.virtio.features import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_IOMMU,
+    VIRTIO_PCI_MODERN_BASE,
+    VIRTIO_PCI_VENDOR,
+)
+
 from .alloc import GuestAllocator
 from .iova import PAGE_SIZE, DmaDir, DmaError, IovaAllocator, page_span
 from .pci import PciBus, PciDevice
-from .virtio_defs import F_VERSION_1, VIRTIO_ID_IOMMU, VIRTIO_PCI_MODERN_BASE, VIRTIO_PCI_VENDOR
 from .virtio_pci import VirtioPciDevice
 from .virtqueue import SplitVirtqueue
 
@@ -306,7 +312,7 @@ class VirtioIommuDriver:
             | 1 << F_PROBE
             | 1 << F_BYPASS_CONFIG
         )
-        self.features = d.negotiate(wanted, required=1 << F_VERSION_1 | 1 << F_MAP_UNMAP)
+        self.features = d.negotiate(wanted, required=1 << VIRTIO_F_VERSION_1 | 1 << F_MAP_UNMAP)
         self.config = self.read_config()
         self.reqq = d.setup_queue(REQUEST_QUEUE, queue_size, name="viommu-req")
         self.eventq = d.setup_queue(EVENT_QUEUE, queue_size, name="viommu-event")

@@ -12,27 +12,28 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .alloc import GuestAllocator
-from .iova import IDENTITY, DmaMapper
-from .packed_virtqueue import PackedVirtqueue
-from .pci import PCI_CAP_ID_VNDR, MsiVector, PciDevice
-from .qtest import QTest
-from .virtio_defs import (
-    F_NOTIFICATION_DATA,
-    F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC,
-    F_RING_PACKED,
-    F_VERSION_1,
+from backends.virtio.features import (
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
     STATUS_DRIVER_OK,
     STATUS_FAILED,
     STATUS_FEATURES_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_NOTIFICATION_DATA,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
     VIRTIO_PCI_MODERN_BASE,
     VIRTIO_PCI_VENDOR,
     bit,
-    feature_names,
 )
+from backends.virtio.net import net_feature_names
+
+from .alloc import GuestAllocator
+from .iova import IDENTITY, DmaMapper
+from .packed_virtqueue import PackedVirtqueue
+from .pci import PCI_CAP_ID_VNDR, MsiVector, PciDevice
+from .qtest import QTest
 from .virtqueue import SplitVirtqueue
 from .waiting import poll_until
 
@@ -257,7 +258,7 @@ class VirtioPciDevice:
             self.common_write(COMMON_DRIVER_FEATURE_SELECT, 4, sel)
             self.common_write(COMMON_DRIVER_FEATURE, 4, (features >> (32 * sel)) & 0xFFFFFFFF)
 
-    def negotiate(self, wanted: int, *, required: int = bit(F_VERSION_1)) -> int:
+    def negotiate(self, wanted: int, *, required: int = bit(VIRTIO_F_VERSION_1)) -> int:
         """Reset, ACKNOWLEDGE, DRIVER, accept offered & (wanted | required), FEATURES_OK.
 
         Raises if a required bit is not offered or the device refuses FEATURES_OK.
@@ -271,7 +272,7 @@ class VirtioPciDevice:
         if missing:
             self.fail()
             raise VirtioPciError(
-                f"{self.name}: device does not offer required {feature_names(missing)}"
+                f"{self.name}: device does not offer required {net_feature_names(missing)}"
             )
         features = offered & (wanted | required)
         self.set_driver_features(features)
@@ -279,7 +280,7 @@ class VirtioPciDevice:
         if not self.status & STATUS_FEATURES_OK:
             self.fail()
             raise VirtioPciError(
-                f"{self.name}: device refused FEATURES_OK for {feature_names(features)}"
+                f"{self.name}: device refused FEATURES_OK for {net_feature_names(features)}"
             )
         self.features = features
         return features
@@ -416,14 +417,14 @@ class VirtioPciDevice:
         size = size or max_size
         if size > max_size:
             raise VirtioPciError(f"{self.name}: queue {index} size {size} > max {max_size}")
-        vq_cls: Any = PackedVirtqueue if self.has_feature(F_RING_PACKED) else SplitVirtqueue
+        vq_cls: Any = PackedVirtqueue if self.has_feature(VIRTIO_F_RING_PACKED) else SplitVirtqueue
         vq = vq_cls(
             self.qt,
             self.alloc,
             index,
             size,
-            event_idx=self.has_feature(F_RING_EVENT_IDX),
-            indirect=self.has_feature(F_RING_INDIRECT_DESC),
+            event_idx=self.has_feature(VIRTIO_F_EVENT_IDX),
+            indirect=self.has_feature(VIRTIO_F_INDIRECT_DESC),
             name=name or f"{self.name} vq{index}",
             notify=self.notify,
             dma=self.dma,
@@ -452,7 +453,7 @@ class VirtioPciDevice:
     def notify(self, vq: SplitVirtqueue) -> None:
         """Notify the device about queue ``vq`` (writes the notify register)."""
         addr = self._notify_addr[vq.index]
-        if self.has_feature(F_NOTIFICATION_DATA):
+        if self.has_feature(VIRTIO_F_NOTIFICATION_DATA):
             data = getattr(vq, "notification_data", vq.avail_idx)  # packed: slot | wrap << 15
             self.qt.writel(addr, (data << 16) | vq.index)
         else:
