@@ -28,7 +28,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from backends.virtio.ring import (
     DESC_SIZE,
@@ -307,15 +306,7 @@ class PackedVirtqueue(Virtqueue):
         self.state.avail_wrap = oldest.wrap
         self.inflight = 0
         self._popped.clear()
-        if self.journal is not None:
-            self.journal.record(
-                "vq.rewind",
-                vq=self.index,
-                count=n,
-                last_avail_idx=oldest.pos,
-                avail_wrap=oldest.wrap,
-                in_order=True,
-            )
+        self._journal_rewind(n, True)
         return n
 
     # -- notifications ---------------------------------------------------------------------
@@ -332,30 +323,3 @@ class PackedVirtqueue(Virtqueue):
         self.set_notification(True)
         rings = self.rings()
         return self._desc_available(rings, self.state.last_avail_idx, self.state.avail_wrap)
-
-    # -- introspection ---------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "index": self.index,
-            "packed": True,
-            "num": self.num,
-            "desc": self.desc,
-            "avail": self.avail,
-            "used": self.used,
-            "ready": self.ready,
-            "started": self.started,
-            "event_idx": self.event_idx,
-            "last_avail_idx": self.state.last_avail_idx,
-            "avail_wrap": self.state.avail_wrap,
-            "used_idx": self.state.used_idx,
-            "used_wrap": self.state.used_wrap,
-            "used_published": self._used_pub,
-            "inflight": self.inflight,
-            "popped": self.popped_total,
-            "pushed": self.pushed_total,
-        }
-        try:
-            d["avail_idx"] = self.avail_idx() if self.configured else None
-        except (TranslationError, VqError, ValueError):
-            d["avail_idx"] = None
-        return d

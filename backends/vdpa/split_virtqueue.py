@@ -14,7 +14,6 @@ import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from backends.virtio.ring import (
     AVAIL_FLAGS,
@@ -278,14 +277,7 @@ class SplitVirtqueue(Virtqueue):
         self.state.last_avail_idx = (last - n) & 0xFFFF
         self.inflight = 0
         self._popped.clear()
-        if self.journal is not None:
-            self.journal.record(
-                "vq.rewind",
-                vq=self.index,
-                count=n,
-                last_avail_idx=self.state.last_avail_idx,
-                in_order=in_order,
-            )
+        self._journal_rewind(n, in_order)
         return n
 
     # -- notifications ---------------------------------------------------------------------
@@ -300,27 +292,3 @@ class SplitVirtqueue(Virtqueue):
                 used.pack(U16, USED_RING + 8 * self.num, self.state.last_avail_idx)
         else:
             used.pack(U16, USED_FLAGS, 0 if enabled else VRING_USED_F_NO_NOTIFY)
-
-    # -- introspection ---------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "index": self.index,
-            "num": self.num,
-            "desc": self.desc,
-            "avail": self.avail,
-            "used": self.used,
-            "ready": self.ready,
-            "started": self.started,
-            "event_idx": self.event_idx,
-            "last_avail_idx": self.state.last_avail_idx,
-            "used_idx": self.state.used_idx,
-            "used_published": self._used_pub,
-            "inflight": self.inflight,
-            "popped": self.popped_total,
-            "pushed": self.pushed_total,
-        }
-        try:
-            d["avail_idx"] = self.avail_idx() if self.configured else None
-        except (TranslationError, VqError, ValueError):
-            d["avail_idx"] = None
-        return d

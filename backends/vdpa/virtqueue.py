@@ -269,6 +269,7 @@ class Virtqueue(ABC):
         self.state = VqState(packed=self.packed)
         self.inflight = 0
         self.need_call = False  # a flush decided the driver must be interrupted
+        self._used_pub = 0  # used position last published in guest memory
         self.popped_total = 0
         self.pushed_total = 0
 
@@ -398,7 +399,50 @@ class Virtqueue(ABC):
         self.set_notification(True)
         return self.avail_pending() > 0
 
+    def _journal_rewind(self, count: int, in_order: bool) -> None:
+        """Record a rewind (``vq.rewind``) with where the ring now continues."""
+        if self.journal is not None:
+            st = self.state
+            wrap = {"avail_wrap": st.avail_wrap} if self.packed else {}
+            self.journal.record(
+                "vq.rewind",
+                vq=self.index,
+                count=count,
+                last_avail_idx=st.last_avail_idx,
+                **wrap,
+                in_order=in_order,
+            )
+
     # -- introspection ---------------------------------------------------------------------
-    @abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        """What ``query-vrings`` shows."""
+        """What ``query-vrings`` shows (wrap counters for packed rings)."""
+        st = self.state
+        d: dict[str, Any] = {"index": self.index}
+        if self.packed:
+            d["packed"] = True
+        d.update(
+            num=self.num,
+            desc=self.desc,
+            avail=self.avail,
+            used=self.used,
+            ready=self.ready,
+            started=self.started,
+            event_idx=self.event_idx,
+            last_avail_idx=st.last_avail_idx,
+        )
+        if self.packed:
+            d["avail_wrap"] = st.avail_wrap
+        d["used_idx"] = st.used_idx
+        if self.packed:
+            d["used_wrap"] = st.used_wrap
+        d.update(
+            used_published=self._used_pub,
+            inflight=self.inflight,
+            popped=self.popped_total,
+            pushed=self.pushed_total,
+        )
+        try:
+            d["avail_idx"] = self.avail_idx() if self.configured else None
+        except (TranslationError, VqError, ValueError):
+            d["avail_idx"] = None
+        return d
