@@ -22,6 +22,7 @@ process's :class:`~backends.loop.EventLoop`: non-blocking sockets, any number of
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -378,7 +379,7 @@ class Monitor:
             self._serial += 1
             client = _Client(sock, f"qmp#{self._serial}")
             self._clients[client.fd] = client
-            self.loop.add_reader(client.fd, lambda c=client: self._on_readable(c))
+            self.loop.add_reader(client.fd, functools.partial(self._on_readable, client))
             log.debug("%s connected", client.name)
             self._send(client, self._greeting())
 

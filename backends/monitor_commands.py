@@ -564,7 +564,7 @@ def _int_or_none(value: object) -> int | None:
 
 def _perm_name(perm: object) -> str:
     try:
-        return Perm(perm).name
+        return str(Perm(perm).name) if isinstance(perm, int) else str(perm)
     except ValueError:
         return str(perm)
 

@@ -57,8 +57,7 @@ from backends.net.wire import Wire
 from backends.vdpa.access import Access, TranslationError
 from backends.vdpa.faults import Faults
 from backends.vdpa.memory import Piece
-from backends.vdpa.split_virtqueue import Virtqueue
-from backends.vdpa.virtqueue import Chain, VqError
+from backends.vdpa.virtqueue import Chain, Virtqueue, VqError
 from backends.virtio.features import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,

@@ -240,6 +240,7 @@ def test_notify_used_after_personality_flushed_itself() -> None:
     rig.rings[0].add_chain([b"x"], [])
     rig.dev.suspend()  # keep the echo personality out of the way
     c = vq.pop()
+    assert c is not None
     vq.push(c, 0)
     assert vq.flush() is True
     rig.dev.notify_used(0)
@@ -276,7 +277,8 @@ def test_stop_vq_rewinds_inflight_and_returns_state() -> None:
     vq = rig.dev.vqs[0]
     for k in range(3):
         rig.rings[0].add_chain([bytes([k])], [])
-    chains = [vq.pop() for _ in range(3)]
+    chains = vq.pop_batch(3)
+    assert len(chains) == 3
     vq.push(chains[0], 0)  # pushed but not flushed: stop_vq publishes it
     st = rig.dev.stop_vq(0)
     assert st == VqState(1, 1)
@@ -301,7 +303,8 @@ def test_fault_no_drain_before_base() -> None:
     vq = rig.dev.vqs[0]
     for _ in range(3):
         rig.rings[0].add_chain([b"x"], [])
-    chains = [vq.pop() for _ in range(3)]
+    chains = vq.pop_batch(3)
+    assert len(chains) == 3
     vq.push(chains[0], 0)
     st = rig.dev.stop_vq(0)
     assert st.last_avail_idx == 3 and st.used_idx == 1  # the two popped chains are lost

@@ -638,8 +638,8 @@ def test_rx_miss_keeps_frame_in_backlog() -> None:
         rig.dev.dma_map(rig.iova(g), 1000, UADDR + g - GPA, Perm.WO)
     used = rig.vqs[0].take_used()
     assert [ln for _, ln in used] == [1000, 812]
-    bufs = dict(posted)
-    got = b"".join(rig.read_chain(bufs[h], ln) for h, ln in used)
+    by_head = dict(posted)
+    got = b"".join(rig.read_chain(by_head[h], ln) for h, ln in used)
     assert got == hdr(2) + f and rig.net.backlog() == 0
 
 

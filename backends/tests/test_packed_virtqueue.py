@@ -100,7 +100,7 @@ class PackedDriver:
 
     def used(self) -> list[tuple[int, int, int]]:
         """Used descriptors (id, len, flags) written since the last call."""
-        out = []
+        out: list[tuple[int, int, int]] = []
         while True:
             _, n, bid, f = PACKED_DESC.unpack(self.r.read_gpa(self.desc + 16 * self.used_pos, 16))
             if bool(f & AVAIL) != self.used_wrap or bool(f & USED) != self.used_wrap:

@@ -3,6 +3,7 @@ reconnects, withheld features."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -104,7 +105,8 @@ def test_keeps_listening_across_reconnects(tmp_path: Path, mem: SharedGuestMemor
         for _ in range(3):
             mark = bp.mark()
             assert tx_one(bp, mem, b"\x01" * 60) == 1
-            poll_until(lambda m=mark: bp.journal(["vhost.disconnect"], m), 5, "the disconnect")
+            disconnect = functools.partial(bp.journal, ["vhost.disconnect"], mark)
+            poll_until(disconnect, 5, "the disconnect")
         assert bp.cmd("query-status")["connection"]["connected"] is False
     finally:
         assert bp.stop() == 0

@@ -440,12 +440,13 @@ def test_add_rem_mem_reg_touch_exactly_one_mapping(
 def pump_misses(fe: Frontend, done, timeout: float = 5.0) -> list[m.IotlbMsg]:
     """Serve MISS requests like QEMU until ``done()``; returns the misses served."""
     misses: list[m.IotlbMsg] = []
-    assert fe.backend_sock is not None
+    channel = fe.backend_sock
+    assert channel is not None
 
     def step() -> bool:
         if done():
             return True
-        r, _, _ = select.select([fe.backend_sock], [], [], 0.02)
+        r, _, _ = select.select([channel], [], [], 0.02)
         if r:
             misses.append(fe.serve_miss())
         return False
@@ -475,8 +476,13 @@ def test_iommu_miss_round_trip(
         rxbuf = post_rx(mem, r.rx)
         data = frame(b"iommu" * 12)
         send_tx(mem, r.tx, data)
-        got: list = []
-        misses = pump_misses(fe, lambda: got.extend(r.rx.pop_used()) or bool(got))
+        got: list[tuple[int, int]] = []
+
+        def received() -> bool:
+            got.extend(r.rx.pop_used())
+            return bool(got)
+
+        misses = pump_misses(fe, received)
         assert misses and all(x.type == m.IotlbType.MISS for x in misses)
         assert all(x.iova >= IOVA_OFFSET for x in misses)
         assert got[0][1] == len(HDR) + len(data)

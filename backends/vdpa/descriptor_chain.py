@@ -18,6 +18,7 @@ call into the layout. A single plain descriptor (DPDK TX, most RX) returns befor
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ _FLAGS_MASK = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT
 _INDIRECT_MAX_LEN = MAX_INDIRECT_ENTRIES * DESC_SIZE
 
 #: Anything ``struct.unpack_from`` reads: a host buffer or a snapshot of a ring.
-Buffer = bytes | bytearray | memoryview
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 Translate = Callable[[int, int, Access], list[Piece]]
 ReadPieces = Callable[[list[Piece]], bytes]
 

@@ -172,7 +172,7 @@ class Header:
     size: int
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> Header:
+    def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
         return cls(*HEADER.unpack_from(data))
 
     def pack(self) -> bytes:
@@ -209,7 +209,7 @@ def pack_u64(value: int) -> bytes:
 
 
 def unpack_u64(data: bytes | memoryview) -> int:
-    return U64.unpack_from(data)[0]
+    return int(U64.unpack_from(data)[0])
 
 
 # -- vring payloads ---------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def pack_mem_table(regions: list[MemRegion]) -> bytes:
 
 
 def unpack_mem_table_count(data: bytes | memoryview) -> int:
-    return MEMORY_HEADER.unpack_from(data)[0]
+    return int(MEMORY_HEADER.unpack_from(data)[0])
 
 
 def mem_table_size(nregions: int) -> int:

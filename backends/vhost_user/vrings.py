@@ -8,6 +8,7 @@ device's per-queue interrupt callback. Every replaced or dropped descriptor is c
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -162,8 +163,11 @@ class Vrings:
         if fd is None:
             self.device.set_vq_cb(index, None)
         else:
-            self.device.set_vq_cb(index, lambda _i, r=ring, f=fd: self._signal(r, f))
+            self.device.set_vq_cb(index, functools.partial(self._signal_vq, ring, fd))
         _close(old)
+
+    def _signal_vq(self, ring: VringFiles, fd: int, _index: int) -> None:
+        self._signal(ring, fd)
 
     def _signal(self, ring: VringFiles, fd: int) -> None:
         try:

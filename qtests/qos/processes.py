@@ -14,6 +14,7 @@ from typing import Any
 _log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_prctl: Any
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux

@@ -98,6 +98,9 @@ class EventfdInterrupt:
     def fired(self) -> bool:
         return drain_eventfd(self.fd) > 0
 
+    def clear(self) -> None:
+        drain_eventfd(self.fd)
+
     def describe(self) -> str:
         return f"call eventfd {self.fd}"
 

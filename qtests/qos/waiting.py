@@ -12,7 +12,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -35,7 +35,7 @@ class WaitTimeout(TimeoutError):
 
 
 def poll_until(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None | Literal[False]],
     timeout: float,
     what: str,
     *,
