@@ -52,7 +52,7 @@ from qtests.qos import (
     write_halt_bios,
 )
 from qtests.qos.machine import MIN_QEMU_VERSION, MemoryLayout, qemu_opts
-from qtests.qos.pci import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR
+from qtests.qos.pci.config import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR
 from qtests.qos.virtio_net import NET_HDR_SIZE, VirtioNetHdr
 from qtests.qos.virtio_pci import (
     VIRTIO_PCI_CAP_COMMON_CFG,

@@ -28,10 +28,9 @@ from typing import Any, TypeVar
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from backends import monitor as monitor_mod
 from backends.loop import EventLoop
-from backends.monitor import JsonParseError, JsonStreamSplitter, Monitor
-from backends.monitor_commands import EVENTS, journal_event
+from backends.monitor import EVENTS, JsonParseError, JsonStreamSplitter, Monitor, journal_event
+from backends.monitor import json_stream as monitor_mod
 from backends.net.datapath import NetDevice
 from backends.net.wire import LoopbackWire
 from backends.vdpa.device import VdpaDevice

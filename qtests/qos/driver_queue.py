@@ -20,8 +20,8 @@ from typing import Any, Protocol
 from backends.virtio.ring import DESC_SIZE
 
 from .guest_memory import GuestMemoryAccess
+from .interrupts import InterruptSource
 from .iova import IDENTITY, DmaDir, DmaMapper, map_buffers, unmap_all
-from .pci import InterruptSource
 from .waiting import poll_until
 
 __all__ = [

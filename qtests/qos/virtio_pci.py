@@ -32,7 +32,8 @@ from backends.virtio.net import net_feature_names
 from .alloc import GuestAllocator
 from .iova import IDENTITY, DmaMapper
 from .packed_virtqueue import PackedVirtqueue
-from .pci import PCI_CAP_ID_VNDR, MsiVector, PciDevice
+from .pci import MsiVector, PciDevice
+from .pci.config import PCI_CAP_ID_VNDR
 from .qtest import QTest
 from .virtqueue import SplitVirtqueue
 from .waiting import poll_until
