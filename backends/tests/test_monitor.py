@@ -42,6 +42,7 @@ from backends.vhost_user import messages as vu
 from backends.vhost_user.server import VhostUserServer
 from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, Status, bit
 from qtests.qos.vhost_user_frontend import Frontend
+from qtests.qos.waiting import poll_until
 
 from .conftest import DriverRing
 
@@ -328,11 +329,7 @@ async def next_event(qmp: QMPClient, name: str) -> dict[str, Any]:
 
 
 def wait_for(pred: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {TIMEOUT}s waiting for {what}")
-        time.sleep(0.005)  # polling a condition, with a deadline that names it
+    poll_until(pred, TIMEOUT, what)
 
 
 # -- JSON stream splitting (no sockets) -----------------------------------------------------
