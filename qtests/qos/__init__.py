@@ -1,12 +1,18 @@
 """qos: a Python qtest driver for QEMU (libqos-style), used to test virtio-net backends.
 
 Modules: `qtest` (protocol client), `qmp` (QMP facade), `machine` (QEMU launch/teardown),
-`alloc` (guest memory), `pci` (config space, BARs, MSI-X), `virtio_pci` (modern transport),
-`virtqueue` (split ring, driver side), `virtio_net` (the net driver), `waiting` (polling),
-`processes` (stopping children), `backend_process` (the backend as a child process).
+`alloc` (guest memory allocation), `guest_memory` (memory access: qtest or shared memfds),
+`pci` (config space, BARs, MSI-X), `interrupts`, `virtio_pci` (modern transport),
+`driver_queue` + `virtqueue` / `packed_virtqueue` (the split and packed rings, driver side),
+`virtio_net` (the net driver), `waiting` (polling and fd waits), `processes` (stopping
+children), `backend_process` / `backend_thread` (the backend as a child process / in-process),
+`vhost_user_frontend` (a QEMU-like vhost-user front-end on the same rings, for unit tests).
+Virtio wire formats come from `backends.virtio`.
 """
 
 from .alloc import AllocError, GuestAllocator, MemRange
+from .driver_queue import DriverQueue
+from .guest_memory import GuestMemoryAccess, SharedGuestMemory
 from .machine import (
     MemoryLayout,
     QemuError,
@@ -18,6 +24,7 @@ from .machine import (
     require_qemu,
     write_halt_bios,
 )
+from .packed_virtqueue import PackedVirtqueue
 from .pci import MsiVector, Msix, PciBus, PciDevice, PciError
 from .qmp import QmpClient, QmpError, QmpTimeout
 from .qtest import QTest, QTestClosed, QTestError, QTestTimeout
@@ -28,12 +35,15 @@ from .waiting import WaitTimeout, poll_until
 
 __all__ = [
     "AllocError",
+    "DriverQueue",
+    "GuestMemoryAccess",
     "GuestAllocator",
     "MemRange",
     "MemoryLayout",
     "MsiVector",
     "Msix",
     "NetConfig",
+    "PackedVirtqueue",
     "PciBus",
     "PciDevice",
     "PciError",
@@ -50,6 +60,7 @@ __all__ = [
     "QmpError",
     "QmpTimeout",
     "RxFrame",
+    "SharedGuestMemory",
     "SplitVirtqueue",
     "UsedElem",
     "VirtioNetDriver",
