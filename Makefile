@@ -3,7 +3,7 @@
 #   make avocado  build the guest image (cached) and boot real guests
 #   make shell    interactive QMP debugging session (QEMU + backend + both monitors)
 #   make bench    benchmarks (JSON + plots under bench/results/)
-#   make lint     ruff check + format check + mypy (strict on backends/)
+#   make lint     ruff check + format check + mypy (strict on backends/ and qtests/qos/)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,8 +18,8 @@ setup:
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy --strict backends --exclude backends/tests
-	$(VENV)/bin/mypy backends/tests qtests/qos
+	$(VENV)/bin/mypy --strict backends qtests/qos --exclude backends/tests
+	$(VENV)/bin/mypy backends/tests
 
 format: setup
 	$(VENV)/bin/ruff format .

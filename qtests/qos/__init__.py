@@ -10,6 +10,8 @@ children), `backend_process` / `backend_thread` (the backend as a child process 
 Virtio wire formats come from `backends.virtio`.
 """
 
+from backends.virtio.net_header import VirtioNetHdr
+
 from .alloc import AllocError, GuestAllocator, MemRange
 from .driver_queue import DriverQueue
 from .guest_memory import GuestMemoryAccess, SharedGuestMemory
@@ -28,7 +30,7 @@ from .packed_virtqueue import PackedVirtqueue
 from .pci import MsiVector, Msix, PciBus, PciDevice, PciError
 from .qmp import QmpClient, QmpError, QmpTimeout
 from .qtest import QTest, QTestClosed, QTestError, QTestTimeout
-from .virtio_net import NetConfig, RxFrame, VirtioNetDriver, VirtioNetError, VirtioNetHdr
+from .virtio_net import NetConfig, RxFrame, VirtioNetDriver, VirtioNetError
 from .virtio_pci import VirtioPciDevice, VirtioPciError
 from .virtqueue import SplitVirtqueue, UsedElem, VirtqueueError, VirtqueueFull
 from .waiting import WaitTimeout, poll_until

@@ -256,7 +256,9 @@ class BackendProcess:
     def cmd(self, command: str, **args: Any) -> Any:
         return self.qmp.command(command, args)
 
-    def journal(self, kinds: list[str] | None = None, since: int | None = None) -> list[dict]:
+    def journal(
+        self, kinds: list[str] | None = None, since: int | None = None
+    ) -> list[dict[str, Any]]:
         args: dict[str, Any] = {}
         if kinds is not None:
             args["kinds"] = kinds
@@ -280,7 +282,7 @@ class BackendProcess:
         """The wire as the backend describes it (ephemeral ports resolved)."""
         return str(self.cmd("query-wire")["wire"]["kind"])
 
-    def read_journal_file(self) -> list[dict]:
+    def read_journal_file(self) -> list[dict[str, Any]]:
         """The JSON-lines journal the backend writes at exit (after :meth:`stop`)."""
         return [
             json.loads(line) for line in self.journal_path.read_text().splitlines() if line.strip()

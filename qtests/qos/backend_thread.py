@@ -9,12 +9,15 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backends.vhost_user.framing import close_fds
 
 from .vhost_user_frontend import TIMEOUT, Frontend
 from .waiting import poll_until
+
+if TYPE_CHECKING:
+    from backends.vdpa.journal import Journal
 
 __all__ = ["BackendThread"]
 
@@ -31,7 +34,9 @@ class BackendThread:
 
         self.backend = Backend(BackendOptions(socket=socket_path, **options))
         self.socket_path = socket_path
-        self._calls: queue.Queue[tuple[Callable[[], Any], queue.Queue]] = queue.Queue()
+        self._calls: queue.Queue[tuple[Callable[[], Any], queue.Queue[tuple[bool, Any]]]] = (
+            queue.Queue()
+        )
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.backend.loop.add_reader(self._wake_r, self._run_calls)
         self._thread = threading.Thread(target=self.backend.loop.run_forever, daemon=True)
@@ -51,7 +56,7 @@ class BackendThread:
                 reply.put((False, e))
 
     def call(self, fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
-        reply: queue.Queue = queue.Queue()
+        reply: queue.Queue[tuple[bool, Any]] = queue.Queue()
         self._calls.put((fn, reply))
         os.write(self._wake_w, b"x")
         try:
@@ -63,18 +68,21 @@ class BackendThread:
         return value
 
     @property
-    def journal(self):
+    def journal(self) -> Journal:
         return self.backend.journal
 
-    def query(self, kinds: list[str] | None = None, since: int | None = None) -> list[dict]:
-        return self.call(lambda: self.backend.journal.query(kinds, since))
+    def query(
+        self, kinds: list[str] | None = None, since: int | None = None
+    ) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = self.call(lambda: self.backend.journal.query(kinds, since))
+        return entries
 
     def mark(self) -> int:
-        return self.call(self.backend.journal.mark)
+        return int(self.call(self.backend.journal.mark))
 
     def wait_journal(
         self, kind: str, since: int, timeout: float = TIMEOUT, count: int = 1
-    ) -> list[dict]:
+    ) -> list[dict[str, Any]]:
         return poll_until(
             lambda: (e := self.query([kind], since)) and len(e) >= count and e,
             timeout,

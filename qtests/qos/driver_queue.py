@@ -140,6 +140,11 @@ class DriverQueue(ABC):
 
     @property
     @abstractmethod
+    def num_free(self) -> int:
+        """How many more single-buffer chains fit now."""
+
+    @property
+    @abstractmethod
     def unpublished(self) -> bool:
         """Chains added but not yet visible to the device."""
 

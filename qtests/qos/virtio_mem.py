@@ -26,9 +26,9 @@ from backends.virtio.features import (
 )
 
 from .alloc import GuestAllocator
+from .driver_queue import DriverQueue
 from .pci import PciBus
 from .virtio_pci import VirtioPciDevice
-from .virtqueue import SplitVirtqueue
 
 VIRTIO_ID_MEM = 24
 VIRTIO_MEM_PCI_DEVICE_ID = VIRTIO_PCI_MODERN_BASE + VIRTIO_ID_MEM  # 0x1058
@@ -98,7 +98,7 @@ class VirtioMemDriver:
         self.qt = dev.qt
         self.alloc = dev.alloc
         self.features = 0
-        self.vq: SplitVirtqueue | None = None
+        self.vq: DriverQueue | None = None
         self._buf: int | None = None
 
     @classmethod

@@ -50,11 +50,11 @@ from backends.virtio.net_header import HDR_LEN as NET_HDR_SIZE
 from backends.virtio.net_header import VirtioNetHdr
 
 from .alloc import GuestAllocator
+from .driver_queue import DriverQueue, UsedElem
 from .iova import DmaMapper
 from .pci import PciBus
 from .qtest import QTest
 from .virtio_pci import VirtioPciDevice
-from .virtqueue import SplitVirtqueue, UsedElem
 from .waiting import poll_until
 
 VIRTIO_NET_PCI_DEVICE_ID = VIRTIO_PCI_MODERN_BASE + VIRTIO_ID_NET  # 0x1041
@@ -139,9 +139,9 @@ class VirtioNetDriver:
         self.max_queue_pairs = 1
         self.queue_pairs = 0  # pairs with rings set up
         self.active_pairs = 0
-        self.rxq: list[SplitVirtqueue] = []
-        self.txq: list[SplitVirtqueue] = []
-        self.ctrlq: SplitVirtqueue | None = None
+        self.rxq: list[DriverQueue] = []
+        self.txq: list[DriverQueue] = []
+        self.ctrlq: DriverQueue | None = None
         self._rx_pools: list[_SlotPool] = []
         self._tx_pools: list[_SlotPool] = []
         self._rx_done: list[collections.deque[UsedElem]] = []
@@ -294,7 +294,9 @@ class VirtioNetDriver:
         return self.config().mac
 
     # ------------------------------------------------------------------ TX
-    def _tx_chain(self, k: int, frame: bytes, hdr: VirtioNetHdr | None, hdr_separate: bool):
+    def _tx_chain(
+        self, k: int, frame: bytes, hdr: VirtioNetHdr | None, hdr_separate: bool
+    ) -> tuple[tuple[int, bytes], list[tuple[int, int]], tuple[str, int]]:
         """Stage one frame in a TX slot: returns (write, out buffers, token)."""
         data = (hdr or VirtioNetHdr()).pack() + frame
         pool = self._tx_pools[k]

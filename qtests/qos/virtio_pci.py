@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 from backends.virtio.features import (
     STATUS_ACKNOWLEDGE,
@@ -30,6 +29,7 @@ from backends.virtio.features import (
 from backends.virtio.net import net_feature_names
 
 from .alloc import GuestAllocator
+from .driver_queue import DriverQueue
 from .iova import IDENTITY, DmaMapper
 from .packed_virtqueue import PackedVirtqueue
 from .pci import MsiVector, PciDevice
@@ -149,7 +149,7 @@ class VirtioPciDevice:
         self.device_cap = self.first_cap(VIRTIO_PCI_CAP_DEVICE_CFG)
         self.notify_off_multiplier = self.notify_cap.notify_off_multiplier or 0
         self.features = 0
-        self.queues: dict[int, SplitVirtqueue] = {}
+        self.queues: dict[int, DriverQueue] = {}
         self._notify_addr: dict[int, int] = {}
         self.msix_vectors: list[MsiVector] = []
         self.config_interrupt: MsiVector | IsrInterrupt = IsrInterrupt(self, ISR_CONFIG)
@@ -404,8 +404,9 @@ class VirtioPciDevice:
         vector: int | None = None,
         enable: bool = True,
         name: str | None = None,
-    ) -> SplitVirtqueue:
-        """Allocate and program split queue ``index`` (after FEATURES_OK, before DRIVER_OK).
+    ) -> DriverQueue:
+        """Allocate and program queue ``index`` (split, or packed when VIRTIO_F_RING_PACKED was
+        negotiated) (after FEATURES_OK, before DRIVER_OK).
 
         ``size`` defaults to the device maximum.  ``vector``: MSI-X vector (when MSI-X is on);
         without MSI-X the queue's interrupt source is the ISR queue bit.
@@ -418,7 +419,9 @@ class VirtioPciDevice:
         size = size or max_size
         if size > max_size:
             raise VirtioPciError(f"{self.name}: queue {index} size {size} > max {max_size}")
-        vq_cls: Any = PackedVirtqueue if self.has_feature(VIRTIO_F_RING_PACKED) else SplitVirtqueue
+        vq_cls: type[DriverQueue] = (
+            PackedVirtqueue if self.has_feature(VIRTIO_F_RING_PACKED) else SplitVirtqueue
+        )
         vq = vq_cls(
             self.qt,
             self.alloc,
@@ -451,7 +454,7 @@ class VirtioPciDevice:
         self.queue_select(index)
         self.common_write(COMMON_QUEUE_ENABLE, 2, 1)
 
-    def notify(self, vq: SplitVirtqueue) -> None:
+    def notify(self, vq: DriverQueue) -> None:
         """Notify the device about queue ``vq`` (writes the notify register)."""
         addr = self._notify_addr[vq.index]
         if self.has_feature(VIRTIO_F_NOTIFICATION_DATA):
