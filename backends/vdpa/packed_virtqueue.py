@@ -80,7 +80,6 @@ class PackedVirtqueue(Virtqueue):
         super().__init__(index, dma, journal)
         self._popped: dict[int, _Popped] = {}  # buffer id -> where it was, in pop order
         self._pending_used: list[tuple[int, int, int, bool]] = []  # id, len, slots, write
-        self._used_pub = 0  # used position last published
         self._used_pub_wrap = True
         self._rings: _Rings | None = None
 

@@ -62,7 +62,6 @@ class SplitVirtqueue(Virtqueue):
         super().__init__(index, dma, journal)
         self._popped: dict[int, int] = {}  # head -> avail position of popped-unpushed chains
         self._pending_used: list[tuple[int, int]] = []
-        self._used_pub = 0  # used idx last published in guest memory
         self._rings: _Rings | None = None
 
     # -- configuration ---------------------------------------------------------------------

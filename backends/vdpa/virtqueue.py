@@ -269,7 +269,7 @@ class Virtqueue(ABC):
         self.state = VqState(packed=self.packed)
         self.inflight = 0
         self.need_call = False  # a flush decided the driver must be interrupted
-        self._used_pub = 0  # used position last published in guest memory
+        self._used_pub = 0  # used position last published in guest memory (no wrap bit)
         self.popped_total = 0
         self.pushed_total = 0
 
