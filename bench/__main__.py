@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also py-spy our backend under testpmd TX/RX 64 B (needs py-spy in the venv)",
     )
     p.add_argument(
+        "--plots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draw the PNG plots (installs matplotlib when missing; default: yes)",
+    )
+    p.add_argument(
         "--qemu",
         metavar="PATH",
         help="QEMU binary for the QEMU figures and the suite timings (default: "
@@ -247,7 +253,7 @@ class Runner:
             )
         else:
             self.report.notes.pop("machine", None)
-        why = ensure_matplotlib()
+        why = "not drawn (--no-plots)" if not self.args.plots else ensure_matplotlib()
         if why:
             self.report.note("plots", why)
             log(f"no plots: {why}")

@@ -111,11 +111,14 @@ def find_qemu(binary: str | None = None) -> str:
     return os.path.abspath(path)
 
 
-@functools.lru_cache(maxsize=8)
 def qemu_accelerators(binary: str | None = None) -> frozenset[str]:
     """The accelerators ``qemu -accel help`` lists (e.g. tcg, kvm, and qtest in a QEMU built
     from source; Debian's packages have no qtest accelerator)."""
-    path = find_qemu(binary)
+    return _qemu_accelerators(find_qemu(binary))
+
+
+@functools.lru_cache(maxsize=16)
+def _qemu_accelerators(path: str) -> frozenset[str]:
     try:
         out = subprocess.run(
             [path, "-accel", "help"], capture_output=True, text=True, timeout=30, check=False
@@ -132,10 +135,13 @@ def qtest_accel(binary: str | None = None) -> str:
     return "qtest" if "qtest" in qemu_accelerators(binary) else "tcg"
 
 
-@functools.lru_cache(maxsize=8)
 def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
-    """(major, minor, micro) reported by ``qemu --version``."""
-    path = find_qemu(binary)
+    """(major, minor, micro) reported by ``qemu --version`` (of the binary `find_qemu` picks)."""
+    return _qemu_version(find_qemu(binary))
+
+
+@functools.lru_cache(maxsize=16)  # keyed on the resolved path: the environment may change
+def _qemu_version(path: str) -> tuple[int, int, int]:
     try:
         out = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=30, check=False
