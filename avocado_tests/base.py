@@ -31,6 +31,7 @@ import guest_images
 from guest_images import udpseq
 from qtests.guest.peer import UdpPeer
 from qtests.guest.ports import free_udp_port
+from qtests.guest.slot import GuestSlot
 from qtests.guest.vm import (
     DEFAULT_MAC,
     DgramNic,
@@ -44,6 +45,8 @@ from qtests.qos.backend_process import BackendProcess
 from qtests.qos.machine import QemuError, find_qemu, require_qemu
 
 DRIVER_OK = 0x4
+#: longest wait for the guest test before this one (at most one runs per checkout)
+GUEST_SLOT_TIMEOUT = 180.0
 
 
 def tx_queue(pair: int) -> int:
@@ -67,6 +70,11 @@ class VdpaGuestTest(Test):
     # -- set-up / tear-down ------------------------------------------------------------------
     def setUp(self) -> None:
         self._cleanups_lifo: list[tuple[str, Callable[[], Any]]] = []
+        # one guest at a time per checkout (plain avocado runs tests in parallel); first
+        # registered, so released last
+        slot = GuestSlot(Path(__file__).parent)
+        waited = slot.acquire(timeout=GUEST_SLOT_TIMEOUT)
+        self.register_cleanup("release the guest slot", slot.release)
         # unix socket paths must stay under 108 bytes: not in avocado's deep workdir
         self.rundir = Path(tempfile.mkdtemp(prefix="vdpa-", dir="/tmp"))
         self.register_cleanup("remove run dir", lambda: shutil.rmtree(self.rundir, True))
@@ -91,6 +99,7 @@ class VdpaGuestTest(Test):
         self.peer: UdpPeer | None = None
         self.vm: GuestVM | None = None
         self.facts: dict[str, Any] = {"netdev": self.netdev, "accel": self.accel}
+        self.facts["waited_for_guest_slot_s"] = round(waited, 1)
 
     def _pick_accel(self) -> str:
         want = str(self.params.get("accel", default="tcg"))
