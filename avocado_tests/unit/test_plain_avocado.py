@@ -131,3 +131,36 @@ def test_plain_avocado_run_boots_with_qtest_qemu_binary(tmp_path: Path) -> None:
     assert (summary["pass"], summary["total"]) == (1, 1), summary
     (guest,) = wrapper.machines()
     assert " -kernel " in f" {guest} ", guest
+
+
+def test_runner_passes_ci_and_t_as_one_filter(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``python -m avocado_tests.run --ci -t net`` asks avocado for tests tagged ci AND net."""
+    import avocado_tests.run as runner
+
+    seen: list[list[str]] = []
+
+    class NoAvocado:  # stands in for the avocado process: records its command line, runs nothing
+        def __init__(self, cmd: list[str], **_kw: object) -> None:
+            seen.append(cmd)
+            self.stdout: list[str] = []
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(runner, "use_qemu", lambda binary: binary or "qemu-system-x86_64")
+    monkeypatch.setattr(runner, "build", lambda *_a, **_k: guest_images_stub())
+    monkeypatch.setattr(subprocess, "Popen", NoAvocado)
+    # no job ran, so run.py says "found no tests" (exit 2) after building the command
+    assert runner.main(["--ci", "-t", "net", "--results", str(tmp_path)]) == 2
+    (cmd,) = seen
+    filters = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--filter-by-tags"]
+    assert filters == ["ci,net"], cmd
+
+
+def guest_images_stub() -> object:
+    class Image:
+        key, cached, kernel, initrd = "stub", True, "vmlinuz", "initrd"
+
+    return Image()

@@ -81,14 +81,14 @@ def scenario_dynamic(tb: ViommuTestbed, packets: int) -> None:
     entries = journal(tb, mark, ["iotlb.miss", "iotlb.invalidate", "dma.map", "dma.unmap"])
     # per IOVA page: the journal must alternate MISS -> map ... INVALIDATE, one round per use
     by_page: dict[int, list[dict[str, Any]]] = {}
-    for e in entries:
-        by_page.setdefault(int(e["iova"]) & ~0xFFF, []).append(e)
+    for entry in entries:
+        by_page.setdefault(int(entry["iova"]) & ~0xFFF, []).append(entry)
     pages: dict[int, int] = {}
     for iova, _size, _gpa, _flags in uses:
         pages[iova & ~0xFFF] = pages.get(iova & ~0xFFF, 0) + 1
     assert len(pages) < packets, "IOVAs were never reused: the scenario proves nothing"
     for page, n_uses in pages.items():
-        seen = [e["kind"] for e in by_page.get(page, [])]
+        seen = [entry["kind"] for entry in by_page.get(page, [])]
         rounds = 0
         state = "unmapped"
         for kind in seen:
