@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import guest_images
 from qtests.qemu_wrapper import QEMU_ENV_VARS, RecordingQemu
 from qtests.qos.machine import (
     QemuMachine,
@@ -144,7 +145,10 @@ def test_qtests_follow_qtest_qemu_binary(
 
 
 def shell(log_dir: Path, commands: list[str], *args: str, env: dict[str, str]) -> str:
-    proc = subprocess.run([PYTHON, "-m", "qtests.shell", "--qtest", "--log-dir", str(log_dir),
+    """``python -m qtests.shell`` with ``commands`` on stdin (``--qtest`` unless ``--guest``)."""
+    mode = [] if "--guest" in args else ["--qtest"]
+    args = tuple(a for a in args if a != "--guest")
+    proc = subprocess.run([PYTHON, "-m", "qtests.shell", *mode, "--log-dir", str(log_dir),
                            *args], input="\n".join(commands) + "\n", capture_output=True,
                           text=True, cwd=REPO_ROOT, env=env, timeout=180, check=False)  # fmt: skip
     out = proc.stdout + proc.stderr
@@ -167,6 +171,19 @@ def test_shell_follows_qtest_qemu_binary(wrapper: RecordingQemu, log_dir: Path) 
     out = shell(log_dir, ["vrings"], env=child_env(QTEST_QEMU_BINARY=str(wrapper.path)))
     assert f"QEMU: {wrapper.path}" in out, out
     assert len(wrapper.machines()) == 1, wrapper.runs()
+
+
+@pytest.mark.slow
+def test_shell_real_guest_follows_qtest_qemu_binary(wrapper: RecordingQemu, log_dir: Path) -> None:
+    try:  # built (or found cached) here: a failed build is no question of QEMU
+        guest_images.build(log=lambda _msg: None)
+    except guest_images.BuildError as exc:  # e.g. not root and the apt lists are stale
+        pytest.skip(f"cannot build the guest image: {exc}")
+    out = shell(log_dir, ["guest cat /sys/class/net/eth0/operstate"], "--guest",
+                env=child_env(QTEST_QEMU_BINARY=str(wrapper.path)))  # fmt: skip
+    assert "\nup\n" in out, out
+    (guest,) = wrapper.machines()
+    assert " -kernel " in f" {guest} ", guest
 
 
 @pytest.mark.slow
