@@ -11,8 +11,8 @@ from qtests.qos.waiting import WaitTimeout
 
 
 def test_one_holder_per_key_until_released(tmp_path: Path) -> None:
-    first, second = GuestSlot(tmp_path / "a"), GuestSlot(tmp_path / "a")
-    other = GuestSlot(tmp_path / "b")
+    first, second = GuestSlot(tmp_path / "a", tmp_path), GuestSlot(tmp_path / "a", tmp_path)
+    other = GuestSlot(tmp_path / "b", tmp_path)
     assert first.acquire(timeout=5) < 5
     with pytest.raises(WaitTimeout, match="guest slot .*another guest test"):
         second.acquire(timeout=0.3)

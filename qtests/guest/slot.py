@@ -21,9 +21,11 @@ from qtests.qos.waiting import WaitTimeout, poll_until
 
 
 class GuestSlot:
-    def __init__(self, key: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, key: str | os.PathLike[str], lock_dir: str | os.PathLike[str] | None = None
+    ) -> None:
         digest = hashlib.sha256(str(Path(key).resolve()).encode()).hexdigest()[:16]
-        self.path = Path(tempfile.gettempdir()) / f"vdpa-qtest-guest-{digest}.lock"
+        self.path = Path(lock_dir or tempfile.gettempdir()) / f"vdpa-qtest-guest-{digest}.lock"
         self._fd: int | None = None
 
     def _try(self) -> bool:
