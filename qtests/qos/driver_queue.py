@@ -140,6 +140,11 @@ class DriverQueue(ABC):
 
     @property
     @abstractmethod
+    def notification_data(self) -> int:
+        """Where the driver is, as VIRTIO_F_NOTIFICATION_DATA reports it with a notify."""
+
+    @property
+    @abstractmethod
     def num_free(self) -> int:
         """How many more single-buffer chains fit now."""
 

@@ -458,8 +458,7 @@ class VirtioPciDevice:
         """Notify the device about queue ``vq`` (writes the notify register)."""
         addr = self._notify_addr[vq.index]
         if self.has_feature(VIRTIO_F_NOTIFICATION_DATA):
-            data = getattr(vq, "notification_data", vq.avail_idx)  # packed: slot | wrap << 15
-            self.qt.writel(addr, (data << 16) | vq.index)
+            self.qt.writel(addr, (vq.notification_data << 16) | vq.index)
         else:
             self.qt.writew(addr, vq.index)
 

@@ -77,6 +77,11 @@ class SplitVirtqueue(DriverQueue):
         self._kicked_idx = 0
 
     @property
+    def notification_data(self) -> int:
+        """The avail idx: the NOTIFICATION_DATA value of a split ring."""
+        return self.avail_idx
+
+    @property
     def unpublished(self) -> bool:
         return bool(self._new_heads)
 
