@@ -187,6 +187,42 @@ def test_chain_spanning_the_ring_end() -> None:
     assert (vq.state.used_idx, vq.state.used_wrap) == (2, False)
 
 
+def test_single_descriptor_chains_match_the_general_walk() -> None:
+    """The walker's one-descriptor shortcut answers like the general walk: buffer id, lengths,
+    one slot, one buffer; a zero-length descriptor goes the general way."""
+    sp, drv, vq = setup(num=4)
+    out_id, _ = drv.add([b"payload"])
+    in_id, _ = drv.add((), [64])
+    empty_id, _ = drv.add([b""])
+    out, inp, empty = vq.pop(), vq.pop(), vq.pop()
+    assert out is not None and inp is not None and empty is not None
+    assert (out.head, out.out_len, out.in_len, out.ndesc, out.slots, out.inp) == (
+        out_id,
+        7,
+        0,
+        1,
+        1,
+        [],
+    )
+    assert sp.dma.read_pieces(out.out) == b"payload"
+    assert (inp.head, inp.out_len, inp.in_len, inp.ndesc, inp.slots, inp.out) == (
+        in_id,
+        0,
+        64,
+        1,
+        1,
+        [],
+    )
+    assert (empty.head, empty.out_len, empty.out, empty.inp, empty.slots) == (
+        empty_id,
+        0,
+        [],
+        [],
+        1,
+    )
+    assert (vq.state.last_avail_idx, vq.state.avail_wrap) == (3, True)
+
+
 def test_indirect_table() -> None:
     sp, drv, vq = setup()
     bid, ins = drv.add([b"hdr", b"data"], [16], indirect=True)
