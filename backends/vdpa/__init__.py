@@ -8,6 +8,7 @@ from .faults import FAULTS, Faults
 from .iotlb import IOTLB, Mapping, Perm, SetMapDiff
 from .journal import Journal
 from .memory import HostMemory, HostRegion, Piece
+from .packed_virtqueue import PackedVirtqueue
 from .split_virtqueue import SplitVirtqueue
 from .virtqueue import Chain, Virtqueue, VqError, VqState
 
@@ -24,6 +25,7 @@ __all__ = [
     "HostRegion",
     "Journal",
     "Mapping",
+    "PackedVirtqueue",
     "Perm",
     "Piece",
     "SetMapDiff",
