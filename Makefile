@@ -8,6 +8,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# make check runs its tests on this many pytest-xdist workers (1: in-process, no xdist)
+PYTEST_JOBS ?= auto
 AVOCADO_ARGS ?=
 
 .PHONY: check setup lint unit qtests avocado avocado-ci images shell bench clean format
@@ -31,7 +33,7 @@ qtests: setup
 
 # One pytest session for unit tests and qtests; exit 5 ("no tests collected") is a failure.
 check: setup lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 1,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS)) $(PYTEST_ARGS)
 
 images: setup
 	$(PY) -m guest_images build
