@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 PYTEST_JOBS ?= auto
 AVOCADO_ARGS ?=
 
-.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench clean format
+.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench clean format compiled
 
 setup:
 	@bash scripts/setup-host.sh
@@ -32,8 +32,12 @@ qtests: setup
 	$(PY) -m pytest qtests $(PYTEST_ARGS)
 
 # One pytest session for unit tests and qtests; exit 5 ("no tests collected") is a failure.
-check: setup lint
+check: setup lint compiled
 	$(PY) -m pytest $(if $(filter 1,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS)) $(PYTEST_ARGS)
+
+# mypyc build of the hot-path modules (backends/compiled.py): cached; falls back to the source
+compiled: setup
+	$(PY) -m backends.compiled
 
 images: setup
 	$(PY) -m guest_images build

@@ -8,7 +8,8 @@ report):
   mapdiff    ADD/REM_MEM_REG vs a full table, device model and over the socket
   iotlb      IOTLB lookups/s; MISS round trip with QEMU + virtio-iommu and with a Python peer
   migration  qtest live-migration downtime / total time; GET_VRING_BASE with 256 in flight
-  suite      wall time of ``pytest qtests`` and ``python -m avocado_tests.run --ci`` (minutes;
+  suite      wall time of make check's vhost-user tests (xdist), ``pytest qtests`` and
+             ``python -m avocado_tests.run --ci`` (minutes;
              ``--no-suite`` leaves it out, e.g. ``make bench BENCH_ARGS=--no-suite``)
 
 DPDK (``dpdk-testpmd``) is installed with apt-get by this command when missing (root on Debian
@@ -28,7 +29,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import dpdk, plots
+from bench import dpdk, plots, readme
 from bench.report import Report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="also py-spy our backend under testpmd TX/RX 64 B (needs py-spy in the venv)",
+    )
+    p.add_argument(
+        "--readme", action="store_true", help="rewrite README.md's benchmark table from the report"
     )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results dir")
     p.add_argument("--migration-runs", type=int, default=3, help="live migrations to time")
@@ -250,7 +254,15 @@ class Runner:
             self.report.meta["plots"] = [str(p.relative_to(REPO)) for p in drawn]
             log("plots: " + ", ".join(str(p) for p in drawn))
         self.report.save()
+        table = readme.render(self.report.to_dict())
+        (self.out / "table.md").write_text(table)
+        if self.args.readme:
+            readme.update(REPO / "README.md", table)
+            log("README.md: benchmark table regenerated")
         log(f"report: {self.report.path}")
+        log("figures against issue #17's targets:")
+        for line in self.report.summary():
+            log("  " + line)
         return 0
 
 

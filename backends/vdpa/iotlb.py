@@ -46,7 +46,7 @@ class Mapping:
 
     __slots__ = ("id", "iova", "perm", "size", "uaddr")
 
-    def __init__(self, iova: int, size: int, uaddr: int, perm: Perm) -> None:
+    def __init__(self, iova: int, size: int, uaddr: int, perm: Perm | int) -> None:
         self.id = next(_mapping_ids)
         self.iova = iova
         self.size = size
@@ -313,7 +313,7 @@ class IOTLB:
                 diff.kept.append(m)
                 new_maps.append(m)
             else:
-                m = Mapping(*key)  # type: ignore[arg-type]
+                m = Mapping(*key)
                 diff.added.append(m)
                 new_maps.append(m)
         diff.removed = sorted(current.values(), key=lambda m: m.iova)
