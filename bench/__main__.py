@@ -251,7 +251,9 @@ class Runner:
             log(f"no plots: {why}")
         else:
             drawn = plots.draw_all(self.report.to_dict(), self.out)
-            self.report.meta["plots"] = [str(p.relative_to(REPO)) for p in drawn]
+            self.report.meta["plots"] = [
+                str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in drawn
+            ]
             log("plots: " + ", ".join(str(p) for p in drawn))
         self.report.save()
         table = readme.render(self.report.to_dict())

@@ -11,10 +11,9 @@ Directions (named from the guest's side, like the frontend's counters):
 
 Placement on a 2-CPU machine: the frontend's forwarding lcore on CPU B, the backend (our
 Python process, or the reference testpmd's forwarding lcore) on CPU A, both main lcores on the
-other CPU (they sleep). Keeping the Python process off the frontend's forwarding CPU matters:
-unpinned, it preempts the PMD's polling thread and DPDK 22.11's split-ring TX path was seen to
-corrupt its free list (a segfault in ``virtqueue_enqueue_xmit``), which DPDK-vs-DPDK runs on a
-shared CPU never showed; pinned, it never happened.
+other CPU (they sleep). The backend is pinned so the figures are steady. (The testpmd segfault in
+``virtqueue_enqueue_xmit`` once blamed on sharing a CPU was the backend's: a ``pack_into``
+store let used->idx read 0 for a moment; see README "The testpmd segfault".)
 
 Gbit/s counts Ethernet frame bytes (SIZE, no FCS / preamble / gap). ``cpu_us_per_pkt_DIR_SIZE``
 is our backend process's CPU time (user + system, all threads, from ``/proc/PID/stat``) during
