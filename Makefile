@@ -8,7 +8,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# make check runs its tests on this many pytest-xdist workers (1: in-process, no xdist)
+# make check runs its tests on this many pytest-xdist workers (1: in-process, no xdist);
+# loadgroup: tests marked xdist_group(name) share one worker (module-scoped fixtures)
 PYTEST_JOBS ?= auto
 AVOCADO_ARGS ?=
 
@@ -33,7 +34,7 @@ qtests: setup
 
 # One pytest session for unit tests and qtests; exit 5 ("no tests collected") is a failure.
 check: setup lint compiled
-	$(PY) -m pytest $(if $(filter 1,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS)) $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 1,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadgroup) $(PYTEST_ARGS)
 
 # mypyc build of the hot-path modules (backends/compiled.py): cached; falls back to the source
 compiled: setup

@@ -1,5 +1,5 @@
 """Wall time of the test suites: ``make check``'s vhost-user tests (``pytest -n auto
-backends/tests qtests``, as ``make check`` runs them, target <= 60 s; with the CPU time of the
+--dist loadgroup backends/tests qtests``, as ``make check`` runs them, target <= 60 s; with the CPU time of the
 run and all its children, which a loaded machine inflates far less), ``pytest qtests`` alone and
 ``python -m avocado_tests.run --ci``.
 
@@ -22,7 +22,8 @@ from bench.report import Report
 REPO = Path(__file__).resolve().parents[1]
 SUITES = {
     "check_vhost_user_s": [
-        *(sys.executable, "-m", "pytest", "-n", "auto", "backends/tests", "qtests"),
+        *(sys.executable, "-m", "pytest", "-n", "auto", "--dist", "loadgroup"),
+        *("backends/tests", "qtests"),
         *("-q", "-p", "no:cacheprovider"),
     ],
     "qtest_suite_s": [sys.executable, "-m", "pytest", "qtests", "-q", "-p", "no:cacheprovider"],
