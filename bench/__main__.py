@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="time the full qtest suite and the avocado CI subset (default: yes)",
     )
+    p.add_argument(
+        "--suites",
+        action="append",
+        choices=("check_vhost_user_s", "qtest_suite_s", "avocado_ci_s"),
+        help="with the suite group: time only these suites",
+    )
     p.add_argument("--quick", action="store_true", help="shorter windows, 64-byte frames only")
     p.add_argument("--no-dpdk", action="store_true", help="skip the DPDK reference runs")
     p.add_argument(
@@ -224,7 +230,7 @@ class Runner:
     def suite(self) -> None:
         from bench import suite
 
-        suite.run(self.report, self.logs, log)
+        suite.run(self.report, self.logs, log, only=self.args.suites)
 
     # -- all ----------------------------------------------------------------------------------
     def run(self, argv: list[str]) -> int:

@@ -32,8 +32,16 @@ SUITES = {
 LIMIT_S = 3600.0
 
 
-def run(report: Report, logs: Path, log: Callable[[str], None], limit_s: float = LIMIT_S) -> None:
+def run(
+    report: Report,
+    logs: Path,
+    log: Callable[[str], None],
+    limit_s: float = LIMIT_S,
+    only: list[str] | None = None,
+) -> None:
     for key, argv in SUITES.items():
+        if only and key not in only:
+            continue
         log_path = logs / f"{key}.log"
         log(f"  {' '.join(argv[1:])} (log: {log_path})")
         t0 = time.monotonic()
