@@ -52,7 +52,12 @@ def render(data: dict[str, Any]) -> str:
         BEGIN,
         "",
         f"Run of {meta.get('started', '?')} on {meta.get('cpus', '?')} CPUs"
-        + (" (loaded: other test runs shared the machine)" if meta.get("loaded") else "")
+        + (
+            f" (loaded: other test runs shared the machine, load average "
+            f"{(meta.get('loadavg_start') or ['?'])[0]} at the start)"
+            if meta.get("loaded")
+            else ""
+        )
         + ". Packets/s seen by testpmd's virtio-user frontend; CPU = our backend's CPU "
         "microseconds per packet in the same window.",
         "",
