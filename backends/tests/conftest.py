@@ -26,9 +26,12 @@ from backends.vdpa.virtqueue import (
     VRING_DESC_F_WRITE,
 )
 
-#: Test modules that must run whole on one pytest-xdist worker (a module-scoped backend whose
-#: teardown checks what every case left in its journal, a last test comparing descriptors).
-ONE_WORKER_MODULES = frozenset({"backends/tests/test_vhost_user_malformed.py"})
+#: Test modules run whole on one pytest-xdist worker: the malformed-input suite must (a
+#: module-scoped backend whose teardown checks what every case left in its journal, a last test
+#: comparing descriptors); the packaging tests share one pip-installed venv (built once).
+ONE_WORKER_MODULES = frozenset(
+    {"backends/tests/test_vhost_user_malformed.py", "qtests/test_packaging.py"}
+)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
