@@ -51,15 +51,17 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         BEGIN,
         "",
-        f"Run of {meta.get('started', '?')} on {meta.get('cpus', '?')} CPUs"
+        f"Last run {meta.get('started', '?')} ({' '.join(meta.get('argv') or []) or 'all groups'})"
+        f" on {meta.get('cpus', '?')} CPUs"
         + (
             f" (loaded: other test runs shared the machine, load average "
             f"{(meta.get('loadavg_start') or ['?'])[0]} at the start)"
             if meta.get("loaded")
             else ""
         )
-        + ". Packets/s seen by testpmd's virtio-user frontend; CPU = our backend's CPU "
-        "microseconds per packet in the same window.",
+        + "; figures of groups it did not re-run are kept from earlier runs, and each DPDK ratio"
+        " comes from one datapath run. Packets/s seen by testpmd's virtio-user frontend; CPU = "
+        "our backend's CPU microseconds per packet in the same window.",
         "",
         "| frame | TX ours | TX DPDK | ours/DPDK | TX CPU us | RX ours | RX DPDK | ours/DPDK"
         " | RX CPU us |",
