@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import IO
 
 from guest_images import lab as image
-from guest_images.builder import GuestImage
+from guest_images.apt import AptError
+from guest_images.builder import BuildError, GuestImage
 from qtests.qos.machine import find_qemu
 from qtests.qos.processes import die_with_parent, stop_process
 
@@ -203,7 +204,13 @@ def run_in_lab(
     share = workdir / "share"
     if re.search(r"\s", str(share)):
         raise LabError(f"lab share path {share} contains white space (kernel command line)")
-    img = img or image.build_lab(log=lambda _msg: None)
+    if img is None:
+        try:
+            img = image.build_lab(log=lambda _msg: None)
+        except (BuildError, AptError, OSError) as exc:
+            raise LabUnavailable(
+                f"the lab image could not be built: {exc} (try: make lab-image)"
+            ) from exc
     qemu = qemu or find_qemu()
     share.mkdir(parents=True, exist_ok=True)
     for name in (image.STDOUT_FILE, image.STDERR_FILE, image.RC_FILE, image.DMESG_FILE):
