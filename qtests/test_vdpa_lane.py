@@ -1,0 +1,177 @@
+"""The vhost-vdpa lane: our device on the kernel's vDPA bus through VDUSE, QEMU 10 with
+``-netdev vhost-vdpa``, the qtest machine (halting BIOS, no guest OS) as the L2.
+
+What is specific to vhost-vdpa lives here; suites whose behaviour is the same on both
+transports are parametrized over the transport where they are (qtests/qos/transports.py).
+
+* Bring-up: the features QEMU negotiated reach the device through VDUSE_DEV_GET_FEATURES
+  (ACCESS_PLATFORM forced by QEMU), the status sequence the device saw, MAC and MTU read by
+  the driver from the vdpa config space (the backend's MAC wins over the NIC's ``mac=``),
+  guest RAM mirrored through UPDATE_IOTLB + IOTLB_GET_FD.
+* Ring state across stop / cont: without VHOST_BACKEND_F_SUSPEND (VDUSE has none) QEMU
+  resets the device at stop, never asks GET_VQ_STATE, takes last_avail_idx from the used
+  index in guest memory, and hands it back at cont as the avail index VQ_GET_INFO reports.
+* Reset and restart of the driver; two queue pairs; a device name already taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qtests.qos.backend_process import BackendError, BackendProcess
+from qtests.qos.frames import make_frame
+from qtests.qos.testbed import Testbed
+from qtests.qos.waiting import poll_until
+
+pytestmark = [pytest.mark.vdpa_lane, pytest.mark.qemu]
+
+VDPA = "vhost-vdpa"
+BACKEND_MAC = "02:5a:01:02:03:04"
+ACCESS_PLATFORM = 33
+VERSION_1 = 32
+NET_F_MTU = 3
+NET_F_MAC = 5
+RX_Q, TX_Q = 0, 1
+
+
+def _statuses(tb: Testbed, since: int | None = None) -> list[int]:
+    assert tb.backend is not None
+    return [int(e["new"]) for e in tb.backend.journal(["status.set"], since)]
+
+
+def _vduse_msgs(tb: Testbed, since: int | None = None) -> list[dict[str, Any]]:
+    assert tb.backend is not None
+    return tb.backend.journal(["vduse.msg"], since)
+
+
+def _tx_rx(tb: Testbed, seq: int, size: int = 200) -> None:
+    """One frame out (byte-exact on the wire) and one in (byte-exact in the driver)."""
+    out = make_frame(seq, size, stream=1)
+    tb.net.send(out)
+    assert tb.peer.recv(10) == out, f"TX frame {seq} changed or lost"
+    inbound = make_frame(seq, size, stream=2)
+    tb.peer.send(inbound)
+    assert tb.net.recv(0, timeout=10).data == inbound, f"RX frame {seq} changed or lost"
+
+
+def test_bring_up_features_status_and_config(make_testbed: Callable[..., Testbed]) -> None:
+    tb = make_testbed(transport=VDPA, backend_mac=BACKEND_MAC).start()
+    assert tb.backend is not None and tb.backend.vhost_vdpa is not None
+    assert tb.backend.vhost_vdpa.startswith("/dev/vhost-vdpa-")
+    features = tb.backend.cmd("query-features")
+    driver = int(features["driver"]["bits"])
+    device = int(features["device"]["bits"])
+    guest = tb.net.features
+    print(f"guest {guest:#x} device(driver) {driver:#x} model offers {device:#x}")
+    assert driver >> ACCESS_PLATFORM & 1, "QEMU forces ACCESS_PLATFORM on vhost-vdpa"
+    assert driver >> VERSION_1 & 1
+    assert driver & ~(1 << ACCESS_PLATFORM) == guest & ~(1 << ACCESS_PLATFORM), (
+        f"the device got {driver:#x}, the driver negotiated {guest:#x}"
+    )
+    statuses = _statuses(tb)
+    print(f"status sequence the device saw: {[hex(s) for s in statuses]}")
+    assert statuses[-2:] == [0xB, 0xF], statuses
+    assert 0 in statuses and statuses.index(0) < statuses.index(0x3) < len(statuses) - 2
+    config = tb.net.config()
+    assert config.mac_str == BACKEND_MAC, "the MAC comes from the vdpa config space"
+    if guest >> NET_F_MTU & 1:
+        assert config.mtu == 1500
+    iotlb = tb.backend.cmd("query-iotlb")["mappings"]
+    assert iotlb, "guest RAM mirrored through UPDATE_IOTLB"
+    assert any(m["iova"] == 0 for m in iotlb), f"RAM at IOVA 0 (GPA) expected: {iotlb}"
+    msgs = _vduse_msgs(tb)
+    print("VDUSE messages:", [(m["type"], m["result"]) for m in msgs])
+    assert all(m["result"] == "ok" for m in msgs)
+    assert {"SET_STATUS", "UPDATE_IOTLB"} <= {m["type"] for m in msgs}
+    _tx_rx(tb, 0)
+
+
+@pytest.mark.parametrize("size", [60, 61, 128, 512, 1000, 1514])
+def test_datapath_sizes_byte_exact(make_testbed: Callable[..., Testbed], size: int) -> None:
+    tb = make_testbed(transport=VDPA).start()
+    for seq in range(3):
+        _tx_rx(tb, seq, size)
+
+
+def test_ring_state_across_stop_cont(make_testbed: Callable[..., Testbed]) -> None:
+    tb = make_testbed(transport=VDPA).start()
+    assert tb.backend is not None
+    sent = 0
+    for cycle in range(3):
+        for _ in range(5):
+            _tx_rx(tb, sent)
+            sent += 1
+        tb.net.wait_tx()
+        before = tb.backend.vring(TX_Q)
+        assert before["last_avail_idx"] == before["used_idx"] == sent
+        mark = tb.backend.mark()
+        tb.qmp.command("stop")
+        poll_until(lambda m=mark: 0 in _statuses(tb, m), 20, "the device reset at stop")
+        msgs = _vduse_msgs(tb, mark)
+        print(f"cycle {cycle} stop: {[(m['type'], m.get('status')) for m in msgs]}")
+        s = tb.vring_base_from_qemu(TX_Q)
+        assert (s["last-avail-idx"], s["used-idx"]) == (sent, sent), s
+        mark = tb.backend.mark()
+        tb.qmp.command("cont")
+        poll_until(lambda m=mark: 0xF in _statuses(tb, m), 20, "DRIVER_OK again after cont")
+        infos = tb.backend.journal(["vduse.vq_info"], mark)
+        tx_info = [e for e in infos if e["vq"] == TX_Q]
+        assert tx_info and tx_info[-1]["split_avail"] == sent, tx_info
+        poll_until(lambda: tb.backend.vring(TX_Q)["started"], 20, "the TX ring started after cont")
+        assert tb.backend.vring(TX_Q)["last_avail_idx"] == sent
+    gets = tb.backend.journal(["vduse.msg"])
+    print("GET_VQ_STATE messages:", [m for m in gets if m["type"] == "GET_VQ_STATE"])
+
+
+def test_driver_reset_and_restart(make_testbed: Callable[..., Testbed]) -> None:
+    tb = make_testbed(transport=VDPA).start()
+    assert tb.backend is not None
+    _tx_rx(tb, 0)
+    mark = tb.backend.mark()
+    tb.net.dev.reset()
+    poll_until(lambda: 0 in _statuses(tb, mark), 20, "SET_STATUS 0 at the driver's reset")
+    tb.init_net()
+    _tx_rx(tb, 1)
+    assert _statuses(tb, mark)[-1] == 0xF
+
+
+def test_two_queue_pairs(make_testbed: Callable[..., Testbed]) -> None:
+    tb = make_testbed(transport=VDPA, queues=2)
+    tb.start_backend()
+    tb.start_qemu()
+    assert tb.backend is not None
+    try:
+        tb.init_net()
+        mq_result = "mq negotiated and VQ_PAIRS_SET accepted"
+    except Exception as e:
+        mq_result = f"mq bring-up failed: {type(e).__name__}: {e}"
+    print(mq_result)
+    vrings = tb.backend.vrings()
+    print("vrings:", [(v["index"], v["ready"], v["num"]) for v in vrings])
+    assert len(vrings) == 4
+    assert vrings[0]["ready"] and vrings[1]["ready"]
+
+
+def test_device_name_taken(log_dir: Path) -> None:
+    first = BackendProcess(log_dir, name="first", transport="vduse", vduse_name="lane-taken")
+    second = BackendProcess(log_dir, name="second", transport="vduse", vduse_name="lane-taken")
+    try:
+        first.start()
+        assert first.vhost_vdpa
+        with pytest.raises(BackendError, match="already exists"):
+            second.start()
+        assert second.returncode == 1 or second.proc is not None
+        assert first.running, "the first device is untouched"
+        assert first.cmd("query-status")["connection"]["connected"]
+    finally:
+        second.stop()
+        rc = first.stop()
+    assert rc == 0
+    journal = first.read_journal_file()
+    kinds = [e["kind"] for e in journal if e["kind"].startswith("vduse.")]
+    assert kinds[:2] == ["vduse.create", "vduse.attach"]
+    assert kinds[-2:] == ["vduse.detach", "vduse.destroy"]
