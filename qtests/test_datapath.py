@@ -134,6 +134,7 @@ def test_tx_frames_arrive_byte_exact(testbed: Testbed) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("transport", BOTH, indirect=True)
 def test_tx_scenario_catches_drop_tx(make_testbed: Callable[..., Testbed]) -> None:
     tb = make_testbed(faults=["drop-tx"]).start()
     with pytest.raises(AssertionError, match="reached the wire"):

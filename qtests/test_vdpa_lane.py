@@ -16,7 +16,10 @@ transports are parametrized over the transport where they are (qtests/qos/transp
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from qtests.qos.backend_process import BackendError, BackendProcess
+from qtests.qos.backend_process import REPO_ROOT, BackendError, BackendProcess, backend_python
 from qtests.qos.frames import make_frame
 from qtests.qos.testbed import Testbed
 from qtests.qos.waiting import poll_until
@@ -200,3 +203,33 @@ def test_device_name_taken(log_dir: Path) -> None:
     kinds = [e["kind"] for e in journal if e["kind"].startswith("vduse.")]
     assert kinds[:2] == ["vduse.create", "vduse.attach"]
     assert kinds[-2:] == ["vduse.detach", "vduse.destroy"]
+
+
+def test_vdpa_dev_add_failing_unwinds(log_dir: Path) -> None:
+    """``vdpa dev add`` fails (here: no vdpa tool on PATH): the backend says so, exits 1 and
+    destroys the VDUSE device it created, so the name is free again."""
+    name = f"lane-noattach-{os.getpid()}"
+    journal = log_dir / "backend-journal.jsonl"
+    env = {**os.environ, "PATH": str(log_dir), "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [backend_python(), "-m", "backends", "--transport", "vduse", "--name", name,
+           "--log", str(log_dir / "backend.log"), "--journal-file", str(journal)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    (log_dir / "backend.stderr").write_text(proc.stderr)
+    assert proc.returncode == 1, proc.stderr
+    assert f"vdpa dev add name {name} mgmtdev vduse failed" in proc.stderr
+    assert not Path(f"/dev/vduse/{name}").exists(), "the device was not destroyed"
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    kinds = [e["kind"] for e in entries]
+    assert kinds.index("vduse.create") < kinds.index("error.vduse") < kinds.index("vduse.destroy")
+    # the name is free again
+    run = Path(tempfile.mkdtemp(prefix="lane-"))
+    again = BackendProcess(log_dir, name="again", run_dir=run, transport="vduse", vduse_name=name)
+    try:
+        again.start()
+        assert again.vhost_vdpa
+    finally:
+        rc = again.stop()
+        shutil.rmtree(run, ignore_errors=True)
+    assert rc == 0
