@@ -32,6 +32,7 @@ UNITS_BY_PREFIX = {
     "get_vring_base_": "us",
     "qtest_suite_s": "s",
     "avocado_ci_s": "s",
+    "lab_": "s",
 }
 
 

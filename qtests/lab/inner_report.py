@@ -12,7 +12,7 @@ from typing import IO
 
 import pytest
 
-RESULTS_ENV = "VDPA_LAB_RESULTS"
+from qtests.lab.lane import RESULTS_ENV
 
 _out: IO[str] | None = None
 

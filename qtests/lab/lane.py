@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qtests.lab.inner_report import RESULTS_ENV
 from qtests.lab.vm import LabError, LabResult, run_in_lab
 
 #: Wall seconds the inner pytest may take in L1 (all lane tests, TCG, a loaded machine).
 INNER_TIMEOUT = 900.0
 RESULTS_FILE = "results.jsonl"
+#: Where the inner run's :mod:`qtests.lab.inner_report` writes (set by :func:`inner_command`).
+RESULTS_ENV = "VDPA_LAB_RESULTS"
 JUNIT_FILE = "junit.xml"
 INNER_LOGS = "test-logs"
 
@@ -82,7 +83,7 @@ def inner_command(nodeids: list[str], rootdir: Path, python: str) -> str:
     return (
         "set -u\n"
         f"cd {shlex.quote(str(rootdir))}\n"
-        "export PYTHONDONTWRITEBYTECODE=1\n"
+        "export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1\n"
         f'export QOS_LOG_DIR="$VDPA_LAB_SHARE/{INNER_LOGS}"\n'
         f'export {RESULTS_ENV}="$VDPA_LAB_SHARE/{RESULTS_FILE}"\n'
         f"exec {quoted}\n"
