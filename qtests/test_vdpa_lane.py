@@ -71,7 +71,9 @@ def _tx_rx(tb: Testbed, seq: int, size: int = 200) -> None:
 
 def test_bring_up_features_status_and_config(make_testbed: Callable[..., Testbed]) -> None:
     # the NIC says MAC GUEST_MAC and MTU 9000; the device's config says BACKEND_MAC and 1500
-    tb = make_testbed(transport=VDPA, backend_mac=BACKEND_MAC, net_props={"host_mtu": 9000}).start()
+    tb = make_testbed(
+        transport=VDPA, backend_mac=BACKEND_MAC, net_props={"props": {"host_mtu": 9000}}
+    ).start()
     assert tb.backend is not None and tb.backend.vhost_vdpa is not None
     assert tb.backend.vhost_vdpa.startswith("/dev/vhost-vdpa-")
     features = tb.backend.cmd("query-features")
@@ -233,3 +235,25 @@ def test_vdpa_dev_add_failing_unwinds(log_dir: Path) -> None:
         rc = again.stop()
         shutil.rmtree(run, ignore_errors=True)
     assert rc == 0
+
+
+def test_packed_ring_wraps_and_survives_stop_cont(make_testbed: Callable[..., Testbed]) -> None:
+    """Packed rings through VDUSE: VQ_GET_INFO's packed state form at DRIVER_OK, the wrap
+    counters flipping (more than one lap of a 256-slot ring), and stop / cont."""
+    from qtests.test_packed import QUEUE_SIZE, start_packed, traffic_laps
+
+    tb = start_packed(lambda **kw: make_testbed(transport=VDPA, **kw))
+    assert tb.backend is not None
+    traffic_laps(tb, 0, QUEUE_SIZE + 20)
+    tx = tb.net.txq[0]
+    vr = tb.backend.vring(tx.index)
+    assert (vr["last_avail_idx"], vr["avail_wrap"]) == (tx.next_avail, tx.avail_wrap)
+    assert (vr["used_idx"], vr["used_wrap"]) == (tx.next_used, tx.used_wrap)
+    mark = tb.backend.mark()
+    tb.qmp.command("stop")
+    poll_until(lambda: 0 in _statuses(tb, mark), 20, "the device reset at stop")
+    tb.qmp.command("cont")
+    poll_until(lambda: tb.backend.vring(tx.index)["started"], 20, "TX started after cont")
+    info = [e for e in tb.backend.journal(["vduse.vq_info"], mark) if e["vq"] == tx.index]
+    print("packed TX vq info after cont:", info[-1])
+    traffic_laps(tb, 1000, 20)
