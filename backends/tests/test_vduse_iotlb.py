@@ -197,3 +197,10 @@ def test_entry_at_the_top_of_the_address_space_ends_the_walk(rig: Rig) -> None:
     top = (1 << 64) - MB
     rig.ok(rig.kernel.set_map([(top, MB, a, 0, RW)]))
     assert [m.iova for m in rig.device.iotlb.entries()] == [top]
+
+
+def test_meta_remap_all_is_caught(rig: Rig) -> None:
+    """The 'remap-all' fault (every change recreates every mapping) fails the keep check."""
+    rig.device.faults.set("remap-all")
+    with pytest.raises(AssertionError, match="remapped"):
+        test_unchanged_entries_keep_their_mapping_and_mmap(rig)
