@@ -237,9 +237,15 @@ def test_vdpa_dev_add_failing_unwinds(log_dir: Path) -> None:
     assert rc == 0
 
 
-def test_packed_ring_wraps_and_survives_stop_cont(make_testbed: Callable[..., Testbed]) -> None:
-    """Packed rings through VDUSE: VQ_GET_INFO's packed state form at DRIVER_OK, the wrap
-    counters flipping (more than one lap of a 256-slot ring), and stop / cont."""
+def test_packed_ring_wraps_then_stop_cont_loses_its_state(
+    make_testbed: Callable[..., Testbed],
+) -> None:
+    """Packed rings through VDUSE: the packed form of VQ_GET_INFO at DRIVER_OK and the wrap
+    counters flipping (more than one lap of a 256-slot ring) work. Stop / cont does not:
+    without device suspend QEMU 10 never asks the device (GET_VQ_STATE) and has no index in
+    guest memory to recover a packed ring from, so at cont it hands the device the initial
+    state (slot 0, both wrap counters 1) while the driver is elsewhere. This test pins that
+    QEMU behaviour down; it fails (and must be revisited) the day QEMU restores the state."""
     from qtests.test_packed import QUEUE_SIZE, start_packed, traffic_laps
 
     tb = start_packed(lambda **kw: make_testbed(transport=VDPA, **kw))
@@ -249,11 +255,15 @@ def test_packed_ring_wraps_and_survives_stop_cont(make_testbed: Callable[..., Te
     vr = tb.backend.vring(tx.index)
     assert (vr["last_avail_idx"], vr["avail_wrap"]) == (tx.next_avail, tx.avail_wrap)
     assert (vr["used_idx"], vr["used_wrap"]) == (tx.next_used, tx.used_wrap)
+    assert (tx.next_used, tx.used_wrap) != (0, True), "the ring must have moved for this test"
     mark = tb.backend.mark()
     tb.qmp.command("stop")
     poll_until(lambda: 0 in _statuses(tb, mark), 20, "the device reset at stop")
+    assert not [m for m in _vduse_msgs(tb, mark) if m["type"] == "GET_VQ_STATE"]
     tb.qmp.command("cont")
     poll_until(lambda: tb.backend.vring(tx.index)["started"], 20, "TX started after cont")
     info = [e for e in tb.backend.journal(["vduse.vq_info"], mark) if e["vq"] == tx.index]
-    print("packed TX vq info after cont:", info[-1])
-    traffic_laps(tb, 1000, 20)
+    # (last_avail_counter, last_avail_idx, last_used_counter, last_used_idx)
+    assert info[-1]["packed_state"] == [1, 0, 1, 0], info[-1]
+    vr = tb.backend.vring(tx.index)
+    assert (vr["last_avail_idx"], vr["avail_wrap"]) == (0, True)
