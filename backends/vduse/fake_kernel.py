@@ -307,10 +307,7 @@ class FakeVduse:
     def reset(self) -> None:
         """vduse_dev_reset after the SET_STATUS 0 reply: queues and kick fds forgotten."""
         self.driver_features = 0
-        for q in self.vqs:
-            nm = q.num_max
-            q.__init__()  # type: ignore[misc]
-            q.num_max = nm
+        self.vqs = [FakeVq(num_max=q.num_max) for q in self.vqs]
 
     def close(self) -> None:
         self.close_dev()
