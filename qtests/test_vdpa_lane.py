@@ -2,7 +2,9 @@
 ``-netdev vhost-vdpa``, the qtest machine (halting BIOS, no guest OS) as the L2.
 
 What is specific to vhost-vdpa lives here; suites whose behaviour is the same on both
-transports are parametrized over the transport where they are (qtests/qos/transports.py).
+transports are parametrized over the transport where they are (qtests/qos/transports.py):
+the byte-exact TX (60 to 9000 bytes, bursts) and mergeable RX scenarios and the drop-tx
+meta-test of qtests/test_datapath.py run on vhost-vdpa too.
 
 * Bring-up: the features QEMU negotiated reach the device through VDUSE_DEV_GET_FEATURES
   (ACCESS_PLATFORM forced by QEMU), the status sequence the device saw, MAC and MTU read by
@@ -106,13 +108,6 @@ def test_bring_up_features_status_and_config(make_testbed: Callable[..., Testbed
     assert all(m["result"] == "ok" for m in msgs)
     assert {"SET_STATUS", "UPDATE_IOTLB"} <= {m["type"] for m in msgs}
     _tx_rx(tb, 0)
-
-
-@pytest.mark.parametrize("size", [60, 61, 128, 512, 1000, 1514])
-def test_datapath_sizes_byte_exact(make_testbed: Callable[..., Testbed], size: int) -> None:
-    tb = make_testbed(transport=VDPA).start()
-    for seq in range(3):
-        _tx_rx(tb, seq, size)
 
 
 def test_ring_state_across_stop_cont(make_testbed: Callable[..., Testbed]) -> None:
