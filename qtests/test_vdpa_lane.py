@@ -32,6 +32,7 @@ import pytest
 from qtests.qos.backend_process import REPO_ROOT, BackendError, BackendProcess, backend_python
 from qtests.qos.frames import make_frame
 from qtests.qos.testbed import Testbed
+from qtests.qos.vhost_vdpa import VhostVdpa
 from qtests.qos.waiting import poll_until
 
 pytestmark = [pytest.mark.vdpa_lane, pytest.mark.qemu]
@@ -262,3 +263,33 @@ def test_packed_ring_wraps_then_stop_cont_loses_its_state(
     assert info[-1]["packed_state"] == [1, 0, 1, 0], info[-1]
     vr = tb.backend.vring(tx.index)
     assert (vr["last_avail_idx"], vr["avail_wrap"]) == (0, True)
+
+
+def test_get_vq_state_through_the_kernel(log_dir: Path) -> None:
+    """The kernel's GET_VQ_STATE path, which QEMU 10 never takes with VDUSE: our own
+    vhost-vdpa front-end sets a ring base (SET_VRING_BASE, kept by the kernel) and asks for it
+    back (VHOST_GET_VRING_BASE -> VDUSE GET_VQ_STATE -> the model's get_vq_state)."""
+    run = Path(tempfile.mkdtemp(prefix="lane-"))
+    backend = BackendProcess(log_dir, name="backend", run_dir=run, transport="vduse")
+    try:
+        backend.start()
+        assert backend.vhost_vdpa
+        with VhostVdpa(backend.vhost_vdpa) as dev:
+            dev.set_owner()
+            assert dev.device_id() == 1
+            offered = dev.get_features()
+            assert offered >> ACCESS_PLATFORM & 1 and not offered >> NET_F_CTRL_VQ & 1
+            mark = backend.mark()
+            for index, base in ((RX_Q, 1234), (TX_Q, 65535)):
+                dev.set_vring_num(index, 256)
+                dev.set_vring_base(index, base)
+                assert dev.get_vring_base(index) == base
+            msgs = [m for m in backend.journal(["vduse.msg"], mark) if m["type"] == "GET_VQ_STATE"]
+            assert [(m["vq"], m["last_avail_idx"], m["result"]) for m in msgs] == [
+                (RX_Q, 1234, "ok"),
+                (TX_Q, 65535, "ok"),
+            ]
+    finally:
+        rc = backend.stop()
+        shutil.rmtree(run, ignore_errors=True)
+    assert rc == 0

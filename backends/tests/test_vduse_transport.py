@@ -228,3 +228,12 @@ def test_two_queue_pairs_offer_mq_and_set_up_four_queues() -> None:
         assert r.wire.sent == [(b"\x03" * 80, 1)]
     finally:
         r.close()
+
+
+def test_get_vq_state_of_a_stopped_ring_is_what_the_front_end_set(rig: Rig) -> None:
+    """Before DRIVER_OK (or after a stop) the state is the front-end's SET_VRING_BASE, which
+    the kernel keeps; the model's copy is refreshed from VQ_GET_INFO before answering."""
+    rig.kernel.setup_vq(1, 64, 0x1000, 0x2000, 0x3000, avail=1234)
+    index, avail, _ = uapi.unpack_vq_state(rig.ok(rig.kernel.get_vq_state(1)))
+    assert (index, avail) == (1, 1234)
+    assert rig.journal("vduse.msg")[-1]["from_kernel"] is True

@@ -450,8 +450,19 @@ class VduseTransport:
                 vq=i,
             )
         packed = has(self.device.get_driver_features(), VIRTIO_F_RING_PACKED)
+        fields: dict[str, Any] = {"vq": i, "packed": packed}
+        if not self.device.vqs[i].started:
+            # a ring that is not running: its state is what the front-end last set
+            # (SET_VRING_BASE, kept by the kernel), not the model's stale copy
+            info = self._read_info(i)
+            if info is not None:
+                try:
+                    self.device.set_vq_state(i, state_from_info(info, packed))
+                    fields["from_kernel"] = True
+                except ValueError as e:
+                    self._error("get_vq_state", f"vq {i}: {e}", vq=i)
         st = self.device.get_vq_state(i)
-        fields = {"vq": i, "packed": packed, "last_avail_idx": st.last_avail_idx}
+        fields["last_avail_idx"] = st.last_avail_idx
         if packed:
             fields.update(used_idx=st.used_idx, avail_wrap=st.avail_wrap, used_wrap=st.used_wrap)
         return state_to_wire(i, st, packed), fields
