@@ -10,11 +10,15 @@ phase of every test, by node id), ``junit.xml``, and per-test logs under ``test-
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,10 +130,30 @@ def copy_logs(share: Path, log_root: Path) -> None:
 def run_lane(nodeids: list[str], rootdir: Path, log_root: Path, timeout: float) -> LaneRun:
     """Boot L1 once and run the lane tests ``nodeids`` in it; never raises for a lab failure
     (every test then carries the reason)."""
-    workdir = log_root / "vdpa-lab"
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    with _claim_workdir(log_root) as workdir:
+        return _run_lane(nodeids, rootdir, log_root, timeout, workdir)
+
+
+@contextlib.contextmanager
+def _claim_workdir(log_root: Path) -> Iterator[Path]:
+    """``log_root/vdpa-lab``, emptied, held with a lock for this session; if another session
+    (sharing the checkout) holds it, ``log_root/vdpa-lab-<pid>`` instead."""
+    log_root.mkdir(parents=True, exist_ok=True)
+    with (log_root / "vdpa-lab.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            workdir = log_root / "vdpa-lab"
+        except BlockingIOError:
+            workdir = log_root / f"vdpa-lab-{os.getpid()}"
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        yield workdir
+
+
+def _run_lane(
+    nodeids: list[str], rootdir: Path, log_root: Path, timeout: float, workdir: Path
+) -> LaneRun:
     t0 = time.monotonic()
     command = inner_command(nodeids, rootdir, sys.executable)
     lab: LabResult | None = None
