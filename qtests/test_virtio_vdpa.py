@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from avocado_tests.peer import PeerTimeout
-from avocado_tests.ports import free_udp_port
 from guest_images import udpseq
+from qtests.guest.peer import PeerTimeout
+from qtests.guest.ports import free_udp_port
 from qtests.lab import virtio_vdpa as vv
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.waiting import poll_until
@@ -50,7 +50,7 @@ class Netdev:
 
 def _module_log_dir(request: pytest.FixtureRequest) -> Path:
     root = Path(os.environ.get("QOS_LOG_DIR") or request.config.rootpath / "test-logs")
-    path = root / request.node.nodeid.replace("/", "_")
+    path: Path = root / request.node.nodeid.replace("/", "_")
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
@@ -65,7 +65,8 @@ def netdev(
         pytest.fail("the virtio_vdpa module is not loaded (the lab loads it; modprobe it here)")
     log_dir = _module_log_dir(request)
     run_dir = tmp_path_factory.mktemp("virtio-vdpa")  # the monitor socket: a short path
-    with vv.EchoPeer(PEER_IP, PEER_MAC, pcap=log_dir / "wire.pcap") as peer:
+    peer = vv.EchoPeer(PEER_IP, PEER_MAC, pcap=log_dir / "wire.pcap")
+    with peer:  # started, and always closed
         peer_port = peer.port  # bound, so the wire's port below cannot be the same one
         wire_port = free_udp_port()
         peer.remote = ("127.0.0.1", wire_port)

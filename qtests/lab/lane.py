@@ -21,8 +21,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qtests.lab.vm import LabError, LabResult, run_in_lab
+from qtests.qos.machine import QemuError, find_qemu
 
 #: Wall seconds the inner pytest may take in L1 (all lane tests, TCG, a loaded machine).
 INNER_TIMEOUT = 900.0
@@ -43,11 +45,10 @@ class InnerResult:
     sections: list[tuple[str, str]] = field(default_factory=list)
     duration: float = 0.0
 
-    def add(self, rec: dict[str, object]) -> None:
+    def add(self, rec: dict[str, Any]) -> None:
         when, outcome = str(rec["when"]), str(rec["outcome"])
-        self.duration += float(rec.get("duration") or 0.0)  # type: ignore[arg-type]
-        sections = rec.get("sections") or []
-        self.sections = [(str(n), str(t)) for n, t in sections]  # type: ignore[union-attr]
+        self.duration += float(rec.get("duration") or 0.0)
+        self.sections = [(str(n), str(t)) for n, t in rec.get("sections") or []]
         text = str(rec.get("longrepr") or "")
         if outcome == "failed":
             if self.outcome != "failed":
@@ -75,8 +76,9 @@ class LaneRun:
         return self.results.get(nodeid) or InnerResult(nodeid)
 
 
-def inner_command(nodeids: list[str], rootdir: Path, python: str) -> str:
-    """The /bin/sh script L1 runs: the inner pytest over exactly ``nodeids``."""
+def inner_command(nodeids: list[str], rootdir: Path, python: str, qemu: str | None = None) -> str:
+    """The /bin/sh script L1 runs: the inner pytest over exactly ``nodeids``, with
+    ``QTEST_QEMU_BINARY=qemu`` (the host session's QEMU, same path through the shared root)."""
     args = [
         python, "-m", "pytest", "-p", "no:cacheprovider", "-p", "qtests.lab.inner_report",
         "-o", "console_output_style=classic", "-rA", "-v",
@@ -90,7 +92,8 @@ def inner_command(nodeids: list[str], rootdir: Path, python: str) -> str:
         "export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1\n"
         f'export QOS_LOG_DIR="$VDPA_LAB_SHARE/{INNER_LOGS}"\n'
         f'export {RESULTS_ENV}="$VDPA_LAB_SHARE/{RESULTS_FILE}"\n'
-        f"exec {quoted}\n"
+        + (f"export QTEST_QEMU_BINARY={shlex.quote(qemu)}\n" if qemu else "")
+        + f"exec {quoted}\n"
     )
 
 
@@ -155,7 +158,11 @@ def _run_lane(
     nodeids: list[str], rootdir: Path, log_root: Path, timeout: float, workdir: Path
 ) -> LaneRun:
     t0 = time.monotonic()
-    command = inner_command(nodeids, rootdir, sys.executable)
+    try:
+        qemu: str | None = find_qemu()
+    except QemuError:
+        qemu = None  # the lab cannot boot either: run_in_lab says so
+    command = inner_command(nodeids, rootdir, sys.executable, qemu)
     lab: LabResult | None = None
     error = ""
     try:

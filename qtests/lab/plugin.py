@@ -48,7 +48,8 @@ class _Lane:
 
     def results(self) -> LaneRun:
         if self.run is None:
-            capture = self.config.pluginmanager.get_plugin("capturemanager")
+            capture = self.config.pluginmanager.getplugin("capturemanager")
+            assert capture is not None
             with capture.global_and_fixture_disabled():
                 tw = self.config.get_terminal_writer()
                 tw.line()

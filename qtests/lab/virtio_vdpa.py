@@ -4,7 +4,7 @@ driven by the running kernel's own virtio-net driver (no QEMU at all).
 * :func:`rebind`: move a vDPA device from its driver (vhost_vdpa binds first) to another,
   through the bus's sysfs ``unbind`` / ``bind`` files, and wait until sysfs shows it.
 * :func:`netdev_of`: the network interface virtio_net created for the device.
-* :class:`EchoPeer`: the avocado tests' wire peer (:class:`avocado_tests.peer.UdpPeer`), able
+* :class:`EchoPeer`: the avocado tests' wire peer (:class:`qtests.guest.peer.UdpPeer`), able
   to ping too: it sends ICMP echo requests and keeps the replies (byte-exact check by caller).
 * :func:`ping_from`: ICMP echo from the local kernel out of one interface (a raw socket bound
   to it), returning each reply's payload, so the caller compares bytes, not just counts.
@@ -23,8 +23,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from avocado_tests import frames
-from avocado_tests.peer import UdpPeer
+from qtests.guest import frames
+from qtests.guest.peer import UdpPeer
 from qtests.qos.waiting import WaitTimeout, poll_until
 
 VDPA_BUS = Path("/sys/bus/vdpa")
@@ -63,9 +63,9 @@ def netdev_of(name: str, timeout: float = SYSFS_TIMEOUT) -> str:
     """The interface virtio_net made of vDPA device ``name`` (bound to virtio_vdpa)."""
     device = VDPA_BUS / "devices" / name
 
-    def find() -> str | None:
+    def find() -> str:
         found = sorted(device.glob("virtio*/net/*"))
-        return found[0].name if found else None
+        return found[0].name if found else ""
 
     return poll_until(
         find,
