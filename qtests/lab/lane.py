@@ -44,6 +44,7 @@ class InnerResult:
     text: str = ""  # failure / skip text of the phase that decided the outcome
     sections: list[tuple[str, str]] = field(default_factory=list)
     duration: float = 0.0
+    log_dir_name: str = ""  # its log directory's name under test-logs/ (copied to the host)
 
     def add(self, rec: dict[str, Any]) -> None:
         when, outcome = str(rec["when"]), str(rec["outcome"])
@@ -114,6 +115,9 @@ def read_results(path: Path, nodeids: list[str]) -> tuple[dict[str, InnerResult]
             collect_errors.append(f"{rec.get('nodeid')}: {rec.get('longrepr')}")
         elif rec.get("kind") == "test":
             results.setdefault(str(rec["nodeid"]), InnerResult(str(rec["nodeid"]))).add(rec)
+        elif rec.get("kind") == "log_dir":
+            inner = results.setdefault(str(rec["nodeid"]), InnerResult(str(rec["nodeid"])))
+            inner.log_dir_name = Path(str(rec["path"])).name
     return results, collect_errors
 
 

@@ -76,6 +76,13 @@ class LaneProxy(pytest.Item):
             pytest.skip(self.lane.why)
         run = self.lane.results()
         inner = run.result(self.nodeid)
+        console = run.workdir / "console.log"
+        self.user_properties.append(("lab_console_log", str(console)))
+        where = ""
+        if inner.log_dir_name:
+            log_dir = self.lane.log_root / inner.log_dir_name
+            self.user_properties.append(("log_dir", str(log_dir)))
+            where = f"logs: {log_dir}; "
         for name, text in inner.sections:  # "Captured <key> <when>" in the inner report
             key, _, when = name.removeprefix("Captured ").rpartition(" ")
             self.add_report_section(when or "call", f"{key or name} in L1", text)
@@ -83,11 +90,10 @@ class LaneProxy(pytest.Item):
             return
         if inner.outcome == "skipped":
             pytest.skip(f"skipped in L1: {inner.text}")
-        console = run.workdir / "console.log"
         if inner.outcome == "failed":
             raise LaneTestFailed(
-                f"{_headline(inner.text)}\n{inner.text}\n\n(ran in the lab L1; console log: "
-                f"{console})"
+                f"{_headline(inner.text)}\n{inner.text}\n\n(ran in the lab L1; {where}"
+                f"L1 console log: {console})"
             )
         raise LaneTestFailed(f"no result from L1: {run.error}\n(console log: {console})")
 
