@@ -30,6 +30,7 @@ Journal kinds: ``vduse.create``, ``vduse.attach``, ``vduse.detach``, ``vduse.des
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
@@ -296,8 +297,7 @@ class VduseTransport:
             for q in self.rings:
                 self.kernel.vq_setup(q.index, self.max_queue_size)
                 q.kickfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                fd = q.kickfd
-                self.loop.add_reader(fd, lambda q=q: self._on_kick(q))
+                self.loop.add_reader(q.kickfd, functools.partial(self._on_kick, q))
         except OSError as e:
             detail = f"setting up /dev/vduse/{self.name} failed: {e}"
             self._error("setup", detail, level=logging.ERROR, errno=e.errno)
