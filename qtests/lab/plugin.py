@@ -41,12 +41,15 @@ class _Lane:
         self.why = why
         self.nodeids: list[str] = []
         self.run: LaneRun | None = None
+        self.broken = ""  # the lab run was interrupted (e.g. a timeout): never run it twice
 
     @property
     def log_root(self) -> Path:
         return Path(os.environ.get("QOS_LOG_DIR") or self.config.rootpath / "test-logs")
 
     def results(self) -> LaneRun:
+        if self.broken:
+            raise LaneTestFailed(f"the lab run was interrupted in an earlier test: {self.broken}")
         if self.run is None:
             capture = self.config.pluginmanager.getplugin("capturemanager")
             assert capture is not None
@@ -57,7 +60,13 @@ class _Lane:
                     f"vdpa lane: {self.why}; booting the lab (L1) once for "
                     f"{len(self.nodeids)} lane test(s), logs in {self.log_root / 'vdpa-lab'}"
                 )
-            self.run = run_lane(self.nodeids, self.config.rootpath, self.log_root, INNER_TIMEOUT)
+            try:
+                self.run = run_lane(
+                    self.nodeids, self.config.rootpath, self.log_root, INNER_TIMEOUT
+                )
+            except BaseException as exc:
+                self.broken = f"{type(exc).__name__}: {exc}"
+                raise
         return self.run
 
 
