@@ -3,6 +3,7 @@
 #   QEMU: QTEST_QEMU_BINARY=~/qemu/build/qemu-system-x86_64 make check (every target follows it)
 #   make avocado  build the guest image (cached) and boot real guests
 #   make shell    interactive QMP debugging session (QEMU + backend + both monitors)
+#   make check-vdpa  only the vhost-vdpa lane (in the lab VM L1 where the host lacks vduse)
 #   make bench    benchmarks (JSON + plots under bench/results/)
 #   make lint     ruff check + format check
 SHELL := /bin/bash
@@ -14,7 +15,8 @@ PYTEST_ARGS ?=
 PYTEST_JOBS ?= auto
 AVOCADO_ARGS ?=
 
-.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench clean format compiled
+.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench clean format compiled \
+	check-vdpa lab-image
 
 setup:
 	@bash scripts/setup-host.sh
@@ -45,6 +47,14 @@ compiled: setup
 
 images: setup
 	$(PY) -m guest_images build
+
+# The vhost-vdpa lab's L1 image (kernel with vduse/vhost_vdpa/virtio_vdpa + busybox), cached.
+lab-image: setup
+	$(PY) -m guest_images build --image lab
+
+# The vhost-vdpa lane alone (make check runs it too).
+check-vdpa: setup lab-image
+	$(PY) -m pytest -m vdpa_lane $(PYTEST_ARGS)
 
 avocado: setup images
 	$(PY) -m avocado_tests.run $(AVOCADO_ARGS)

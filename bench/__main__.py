@@ -8,6 +8,7 @@ report):
   mapdiff    ADD/REM_MEM_REG vs a full table, device model and over the socket
   iotlb      IOTLB lookups/s; MISS round trip with QEMU + virtio-iommu and with a Python peer
   migration  qtest live-migration downtime / total time; GET_VRING_BASE with 256 in flight
+  lab        the vhost-vdpa lab: L1 boot time (TCG) and ``pytest -m vdpa_lane`` wall time
   suite      wall time of make check's vhost-user tests (xdist), ``pytest qtests`` and
              ``python -m avocado_tests.run --ci`` (minutes;
              ``--no-suite`` leaves it out, e.g. ``make bench BENCH_ARGS=--no-suite``)
@@ -33,7 +34,7 @@ from bench import dpdk, plots, readme
 from bench.report import Report
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("inproc", "datapath", "mapdiff", "iotlb", "migration", "suite")
+GROUPS = ("inproc", "datapath", "mapdiff", "iotlb", "migration", "lab", "suite")
 
 
 def log(msg: str) -> None:
@@ -238,6 +239,12 @@ class Runner:
         migration.vring_base_model(self.report, log)
         runs = 1 if self.args.quick else max(1, self.args.migration_runs)
         migration.live_migration(self.report, self.logs / "migration", runs, log)
+
+    def lab(self) -> None:
+        from bench import lab
+
+        lab.boot(self.report, self.scratch("lab"), log, boots=1 if self.args.quick else 3)
+        lab.lane(self.report, self.logs, log)
 
     def suite(self) -> None:
         from bench import suite

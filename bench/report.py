@@ -34,6 +34,7 @@ UNITS_BY_PREFIX = {
     "check_vhost_user_s": "s",
     "check_vhost_user_cpu_s": "CPU s",
     "avocado_ci_s": "s",
+    "lab_": "s",
 }
 
 
