@@ -25,6 +25,10 @@ from qtests.qos.guest_memory import UADDR_BASE, SharedGuestMemory
 from qtests.qos.vhost_user_frontend import Frontend, eventfd
 from qtests.qos.waiting import poll_until
 
+# One backend serves the whole module (module fixture, a count checked at its teardown, a last
+# test comparing descriptors): under pytest-xdist (make check) one worker runs all of it.
+pytestmark = pytest.mark.xdist_group("vhost_user_malformed")
+
 NEED = m.VERSION | m.FLAG_NEED_REPLY
 
 
