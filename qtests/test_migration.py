@@ -417,13 +417,16 @@ def start_pair(
     make_testbed: Callable[..., Testbed],
     *,
     faults: tuple[str, ...] = (),
+    dst_faults: tuple[str, ...] = (),
     before_init: Callable[[Testbed], None] | None = None,
     customize: Callable[[QemuMachine], None] | None = None,
     net_props: dict[str, Any] | None = None,
     **init_kw: Any,
 ) -> MigrationPair:
     extra: dict[str, Any] = {"net_props": net_props} if net_props else {}
-    pair = MigrationPair(make_testbed, src_faults=faults, memory=MEMORY, **extra)
+    pair = MigrationPair(
+        make_testbed, src_faults=faults, dst_faults=dst_faults, memory=MEMORY, **extra
+    )
     pair.start_source(before_init=before_init, **init_kw)
     pair.start_destination(customize)
     return pair
@@ -510,10 +513,13 @@ def test_ring_wrap(make_testbed: Callable[..., Testbed], log_dir: Path) -> None:
     assert a_tx["packets"] == 65533, f"A transmitted {a_tx['packets']} frames, not 65533"
 
 
-def test_after_dimm_hotplug(make_testbed: Callable[..., Testbed]) -> None:
-    """A DIMM plugged at run time holds the rings and every buffer; the destination has it on
-    its command line. Same invariants; this driver negotiates GUEST_ANNOUNCE (and the control
-    queue QEMU emulates), so the guest announces instead of the backend."""
+def dimm_pair(
+    make_testbed: Callable[..., Testbed],
+    faults: tuple[str, ...] = (),
+    dst_faults: tuple[str, ...] = (),
+) -> tuple[MigrationPair, int]:
+    """A pair whose rings and buffers live in a DIMM plugged before the driver's init (cold
+    plugged on the destination); returns the pair and the DIMM's address."""
     dimm: dict[str, int] = {}
 
     def plug(tb: Testbed) -> None:
@@ -539,11 +545,22 @@ def test_after_dimm_hotplug(make_testbed: Callable[..., Testbed]) -> None:
 
     pair = start_pair(
         make_testbed,
+        faults=faults,
+        dst_faults=dst_faults,
         before_init=plug,
         customize=cold_plug,
         ctrl_vq=True,
         extra_features=bit(NET_F_GUEST_ANNOUNCE),
     )
+    return pair, dimm["addr"]
+
+
+def test_after_dimm_hotplug(make_testbed: Callable[..., Testbed]) -> None:
+    """A DIMM plugged at run time holds the rings and every buffer; the destination has it on
+    its command line. Same invariants; this driver negotiates GUEST_ANNOUNCE (and the control
+    queue QEMU emulates), so the guest announces instead of the backend."""
+    pair, addr = dimm_pair(make_testbed)
+    dimm = {"addr": addr}
     assert pair.net.has_feature(NET_F_GUEST_ANNOUNCE)
     net = pair.net
     regions = pair.src.backend.cmd("query-mem-table")["regions"]  # type: ignore[union-attr]
@@ -568,15 +585,27 @@ def make_viommu_bed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
         tb.close()
 
 
-def test_with_viommu(make_viommu_bed: Callable[..., ViommuTestbed]) -> None:
-    """The device behind a virtio-iommu on both sides: A and B translate IOVAs through their
-    IOTLBs (B learns them by MISS after the switchover); the dirty log still carries GPAs."""
-    pair = MigrationPair(make_viommu_bed, memory=MEMORY)
+def viommu_pair(
+    make_viommu_bed: Callable[..., ViommuTestbed],
+    faults: tuple[str, ...] = (),
+    dst_faults: tuple[str, ...] = (),
+) -> MigrationPair:
+    """A pair whose device sits behind a virtio-iommu on both sides."""
+    pair = MigrationPair(make_viommu_bed, src_faults=faults, dst_faults=dst_faults, memory=MEMORY)
     pair.start_source()
     src = pair.src
     assert isinstance(src, ViommuTestbed)
     pair.also_rebind.append(src.rebind_viommu)
     pair.start_destination()
+    return pair
+
+
+def test_with_viommu(make_viommu_bed: Callable[..., ViommuTestbed]) -> None:
+    """The device behind a virtio-iommu on both sides: A and B translate IOVAs through their
+    IOTLBs (B learns them by MISS after the switchover); the dirty log still carries GPAs."""
+    pair = viommu_pair(make_viommu_bed)
+    src = pair.src
+    assert isinstance(src, ViommuTestbed)
     a, b = src.backend, pair.dst.backend
     assert a is not None and b is not None
     mark_b = b.mark()
@@ -711,3 +740,90 @@ def restart_destination(pair: MigrationPair) -> None:
     assert dst.machine is not None
     dst.machine.shutdown()
     pair.start_destination()
+
+
+# ---------------------------------------------------------------------------- variant meta-tests
+def variant_pair(
+    variant: str,
+    make_testbed: Callable[..., Testbed],
+    make_viommu_bed: Callable[..., ViommuTestbed],
+    faults: tuple[str, ...] = (),
+    dst_faults: tuple[str, ...] = (),
+) -> MigrationPair:
+    """The migration pair of one variant of the scenario: split / packed ring, rings and
+    buffers in a DIMM, the device behind a vIOMMU."""
+    if variant == "dimm":
+        return dimm_pair(make_testbed, faults, dst_faults)[0]
+    if variant == "viommu":
+        return viommu_pair(make_viommu_bed, faults, dst_faults)
+    net_props, init_kw = RING_LAYOUTS[variant]
+    return start_pair(make_testbed, faults=faults, dst_faults=dst_faults, net_props=net_props,
+                      **init_kw)  # fmt: skip
+
+
+TX_ORDER = r"TX frames on the wires are not 0\.\.10 exactly once in order: A sent \[0, 1, 2, 3, 4\]"
+PRECOPY_RX = r"RX (on the destination|frame 0 \(written by A during precopy\))"
+
+
+@pytest.mark.parametrize(
+    ("variant", "fault", "on", "symptom"),
+    [
+        # B ignores SET_VRING_BASE: it starts at 0 and re-sends what A sent (or, packed, finds
+        # slot 0 already used and sends nothing)
+        pytest.param("split", "ignore-set-vring-base", "dst", TX_ORDER, id="split-ignore-base"),
+        pytest.param("packed", "ignore-set-vring-base", "dst", TX_ORDER, id="packed-ignore-base"),
+        pytest.param("dimm", "ignore-set-vring-base", "dst", TX_ORDER, id="dimm-ignore-base"),
+        # packed: the used descriptors A wrote into the descriptor ring never reach B's side.
+        # (split without a vIOMMU: QEMU marks the used ring dirty itself when vhost stops)
+        pytest.param("packed", "used-ring-not-logged", "src", PRECOPY_RX, id="packed-used-log"),
+        pytest.param("viommu", "used-ring-not-logged", "src", PRECOPY_RX, id="viommu-used-log"),
+        # the log names IOVAs (far above RAM): neither used entries nor data pages travel
+        pytest.param("viommu", "log-at-iova", "src", PRECOPY_RX, id="viommu-log-at-iova"),
+        pytest.param("packed", "skip-dirty-log", "src", PRECOPY_RX, id="packed-skip-log"),
+        pytest.param("dimm", "skip-dirty-log", "src", PRECOPY_RX, id="dimm-skip-log"),
+        pytest.param("viommu", "skip-dirty-log", "src", PRECOPY_RX, id="viommu-skip-log"),
+        pytest.param(
+            "packed",
+            "vring-base-off-by-one",
+            "src",
+            rf"{TX_ORDER}, B sent \[6, 7, 8, 9, 10\]",
+            id="packed-off-by-one",
+        ),
+        pytest.param(
+            "dimm",
+            "vring-base-off-by-one",
+            "src",
+            rf"{TX_ORDER}, B sent \[6, 7, 8, 9, 10\]",
+            id="dimm-off-by-one",
+        ),
+        pytest.param(
+            "viommu",
+            "vring-base-off-by-one",
+            "src",
+            rf"{TX_ORDER}, B sent \[6, 7, 8, 9, 10\]",
+            id="viommu-off-by-one",
+        ),
+        pytest.param(
+            "packed",
+            "no-drain-before-base",
+            "src",
+            rf"{TX_ORDER}, B sent \[\]",
+            id="packed-no-drain",
+        ),
+    ],
+)
+def test_variant_fault(
+    make_testbed: Callable[..., Testbed],
+    make_viommu_bed: Callable[..., ViommuTestbed],
+    variant: str,
+    fault: str,
+    on: str,
+    symptom: str,
+) -> None:
+    """The packed, DIMM and vIOMMU variants of the scenario catch the faults their claims
+    rest on; ``on`` says whether backend A (source) or B (destination) has the fault."""
+    src_faults, dst_faults = ((fault,), ()) if on == "src" else ((), (fault,))
+    pair = variant_pair(variant, make_testbed, make_viommu_bed, src_faults, dst_faults)
+    with pytest.raises(AssertionError, match=symptom) as caught:
+        migrate_with_traffic(pair, Plan())
+    print(f"{variant} {fault}: {caught.value}")

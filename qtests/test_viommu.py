@@ -639,3 +639,11 @@ def test_meta_ignore_iotlb_perm_is_caught(make_vbed: Callable[..., ViommuTestbed
     # and the device then wrote the frame into the page the guest mapped READ-only
     (used,) = tb.net.rxq[0].wait_used(1, 5.0)
     assert used.token == "read-only" and used.length > NET_HDR_SIZE, (used, ei.value)
+
+
+def test_meta_stale_translation_cache_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    """A translation the device remembers across the INVALIDATE writes the remapped IOVA's
+    frame into the page the guest unmapped."""
+    tb = make_vbed(faults=["stale-translation-cache"]).start(post_rx=False)
+    with pytest.raises(AssertionError, match="stale translation"):
+        scenario_stale_mapping(tb)
