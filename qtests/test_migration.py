@@ -822,8 +822,13 @@ def test_variant_fault(
 ) -> None:
     """The packed, DIMM and vIOMMU variants of the scenario catch the faults their claims
     rest on; ``on`` says whether backend A (source) or B (destination) has the fault."""
-    src_faults, dst_faults = ((fault,), ()) if on == "src" else ((), (fault,))
-    pair = variant_pair(variant, make_testbed, make_viommu_bed, src_faults, dst_faults)
+    pair = variant_pair(
+        variant,
+        make_testbed,
+        make_viommu_bed,
+        faults=(fault,) if on == "src" else (),
+        dst_faults=(fault,) if on == "dst" else (),
+    )
     with pytest.raises(AssertionError, match=symptom) as caught:
         migrate_with_traffic(pair, Plan())
     print(f"{variant} {fault}: {caught.value}")
