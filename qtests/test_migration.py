@@ -53,6 +53,7 @@ from qtests.qos.frames import PEER_MAC, mac_bytes, make_frame, parse_frame
 from qtests.qos.machine import QemuMachine
 from qtests.qos.migration import MigrationPair, MigrationStats, PrecopyHold, set_capabilities
 from qtests.qos.packed_virtqueue import PackedVirtqueue
+from qtests.qos.sentinel import post_tx_sentinel
 from qtests.qos.testbed import GUEST_MAC, Testbed
 from qtests.qos.viommu_testbed import ViommuTestbed
 from qtests.qos.virtio_defs import NET_F_GUEST_ANNOUNCE, bit
@@ -74,6 +75,7 @@ pytestmark = pytest.mark.qemu
 TX_STREAM = 1
 RX_STREAM = 2
 FILL_STREAM = 3
+SENTINEL_STREAM = 4
 ETH_P_RARP = 0x8035
 GUEST = mac_bytes(GUEST_MAC)
 TX_VQ, RX_VQ = 1, 0
@@ -103,6 +105,11 @@ def tx_frame(seq: int) -> bytes:
 
 def rx_frame(seq: int) -> bytes:
     return make_frame(seq, 60 + (seq * 379) % 1900, stream=RX_STREAM, dst=GUEST, src=PEER_MAC)
+
+
+def sentinel_frame(n: int) -> bytes:
+    """A frame sent after a stream: everything the stream put on a wire arrives before it."""
+    return make_frame(n, 64, stream=SENTINEL_STREAM, dst=PEER_MAC, src=GUEST)
 
 
 def is_rarp(frame: bytes) -> bool:
@@ -139,13 +146,29 @@ class Wire:
             self.other.append(frame)
 
     def drain(self, peer: WirePeer, window: float = 0.15) -> None:
-        """Everything else that arrives within ``window`` seconds."""
+        """What arrives within ``window`` seconds: only to wait for something expected (a
+        RARP), never as proof that nothing else comes (`until_sentinel`, `take_sent`)."""
         deadline = time.monotonic() + window
         while (left := deadline - time.monotonic()) > 0:
             try:
                 self.sort(peer.recv(left))
             except WirePeerTimeout:
                 return
+
+    def until_sentinel(self, peer: WirePeer, sentinel: bytes, timeout: float = 5.0) -> None:
+        """Sort every frame that arrives before ``sentinel`` (sent after the stream through
+        the same TX queue, so nothing of the stream can come after it)."""
+        for frame in peer.recv_until(sentinel, timeout):
+            self.sort(frame)
+
+    def take_sent(self, peer: WirePeer, backend: BackendProcess, timeout: float = 3.0) -> None:
+        """A backend whose rings stopped sends nothing more: read until the peer has received
+        as many frames as that backend's wire handed to its socket (query-wire), a count to
+        wait for instead of a window of quiet."""
+        sent = int(backend.cmd("query-wire")["wire"]["tx_frames"])
+        deadline = time.monotonic() + timeout
+        while peer.received < sent:
+            self.sort(peer.recv(max(deadline - time.monotonic(), 0.0)))
 
 
 def seqs(frames: list[bytes]) -> list[int | None]:
@@ -267,8 +290,11 @@ def migrate_with_traffic(pair: MigrationPair, plan: Plan) -> Outcome:
             3.0,
             "B consuming every available TX chain",
         )
-        wire_b.take(dst.peer, n - k, 0.5)
-        wire_a.drain(src.peer, 0.1)
+        # B: a sentinel TX frame after the stream; A (its rings stopped): every frame its
+        # wire sent
+        post_tx_sentinel(net, sentinel_frame(0))
+        wire_b.until_sentinel(dst.peer, sentinel_frame(0))
+        wire_a.take_sent(src.peer, a)
     got = seqs(wire_a.frames) + seqs(wire_b.frames)
     assert got == list(range(n)), (
         f"TX frames on the wires are not 0..{n - 1} exactly once in order: A sent "
@@ -277,7 +303,7 @@ def migrate_with_traffic(pair: MigrationPair, plan: Plan) -> Outcome:
     assert wire_a.frames + wire_b.frames == tx, "TX frames on the wires are corrupted"
     with invariant("TX completions on the destination"):
         net.wait_tx(0, 3.0)
-    assert net.txq[0].device_used_idx() == (base + n) & 0xFFFF
+    assert net.txq[0].device_used_idx() == (base + n + 1) & 0xFFFF  # + the sentinel
 
     for f in rx[m:]:
         dst.peer.send(f)
@@ -505,10 +531,11 @@ def test_ring_wrap(make_testbed: Callable[..., Testbed], log_dir: Path) -> None:
     outcome = migrate_with_traffic(pair, plan)
     write_summary(log_dir, "migration-wrap", outcome)
     b_tx = pair.dst.backend.vring(TX_VQ)  # type: ignore[union-attr]
-    assert (b_tx["last_avail_idx"], b_tx["used_idx"]) == ((65533 + 6) & 0xFFFF,) * 2 == (3, 3), (
-        f"B's TX ring {b_tx}: not at 65533 + 6 wrapped"
-    )
-    assert pair.net.txq[0].device_used_idx() == 3, "B's published TX used idx is not 3"
+    # + 1: the sentinel frame sent after the stream
+    assert (
+        (b_tx["last_avail_idx"], b_tx["used_idx"]) == ((65533 + 6 + 1) & 0xFFFF,) * 2 == (4, 4)
+    ), f"B's TX ring {b_tx}: not at 65533 + 6 + 1 wrapped"
+    assert pair.net.txq[0].device_used_idx() == 4, "B's published TX used idx is not 4"
     a_tx = {q["vq"]: q for q in pair.src.backend.cmd("query-wire")["queues"]}[TX_VQ]  # type: ignore[union-attr]
     assert a_tx["packets"] == 65533, f"A transmitted {a_tx['packets']} frames, not 65533"
 
@@ -620,11 +647,14 @@ def test_with_viommu(make_viommu_bed: Callable[..., ViommuTestbed]) -> None:
 HELD_ON_A = "held TX frames on A's wire after the aborted migration"
 
 
-def exactly_once_on(peer: WirePeer, frames: list[bytes], what: str) -> None:
+def exactly_once_on(
+    net: VirtioNetDriver, peer: WirePeer, frames: list[bytes], what: str, sentinel: int
+) -> None:
+    """``frames`` and nothing else before a sentinel frame the guest sends after them."""
     wire = Wire()
     with invariant(what):
-        wire.take(peer, len(frames), 3.0)
-        wire.drain(peer, 0.1)
+        post_tx_sentinel(net, sentinel_frame(sentinel))
+        wire.until_sentinel(peer, sentinel_frame(sentinel), 3.0)
     assert wire.frames == frames, f"{what}: sent {seqs(wire.frames)}, expected {seqs(frames)}"
 
 
@@ -636,6 +666,7 @@ def aborted_migrations(pair: MigrationPair) -> None:
     a, b = src.backend, pair.dst.backend
     assert a is not None and b is not None
     seq = iter(range(1000))
+    sentinels = iter(range(1000, 2000))
     mark_b = b.mark()
 
     def held_burst(count: int) -> list[bytes]:
@@ -650,12 +681,14 @@ def aborted_migrations(pair: MigrationPair) -> None:
         poll_until(lambda: a.vring(TX_VQ)["started"], 5.0, "A's TX ring running")
         a.cmd("hold-tx", enable=False)
         # the wire first: what A resumed from decides which held frames go out
-        exactly_once_on(src.peer, held, HELD_ON_A)
+        exactly_once_on(net, src.peer, held, HELD_ON_A, next(sentinels))
         more = [tx_frame(next(seq)) for _ in range(3)]
         with invariant("TX after the aborted migration"):
             net.wait_tx(0, 3.0)
             net.send_burst(more, timeout=3.0)
-        exactly_once_on(src.peer, more, "A's wire after the aborted migration")
+        exactly_once_on(
+            net, src.peer, more, "A's wire after the aborted migration", next(sentinels)
+        )
         f = rx_frame(next(seq))
         src.peer.send(f)
         with invariant("RX after the aborted migration"):
@@ -771,7 +804,13 @@ PRECOPY_RX = r"RX (on the destination|frame 0 \(written by A during precopy\))"
         # B ignores SET_VRING_BASE: it starts at 0 and re-sends what A sent (or, packed, finds
         # slot 0 already used and sends nothing)
         pytest.param("split", "ignore-set-vring-base", "dst", TX_ORDER, id="split-ignore-base"),
-        pytest.param("packed", "ignore-set-vring-base", "dst", TX_ORDER, id="packed-ignore-base"),
+        pytest.param(
+            "packed",
+            "ignore-set-vring-base",
+            "dst",
+            r"TX frames on the wires: .*the sentinel frame never arrived",
+            id="packed-ignore-base",
+        ),
         pytest.param("dimm", "ignore-set-vring-base", "dst", TX_ORDER, id="dimm-ignore-base"),
         # packed: the used descriptors A wrote into the descriptor ring never reach B's side.
         # (split without a vIOMMU: QEMU marks the used ring dirty itself when vhost stops)

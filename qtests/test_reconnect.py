@@ -40,7 +40,7 @@ from qtests.qos.wire_peer import WirePeerTimeout
 pytestmark = pytest.mark.qemu
 
 RX_Q, TX_Q = 0, 1
-TX_STREAM, RX_STREAM = 1, 2
+TX_STREAM, RX_STREAM, SENTINEL_STREAM = 1, 2, 3
 FRAME_SIZE = 150
 RECONNECT_MS = 50
 GUEST_READY = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
@@ -179,16 +179,26 @@ def reconnect_scenario(
         new = start_replacement(tb, old, faults_after or [])
         bases = wait_device_back(tb, new)
         assert tb.net.dev.status == GUEST_READY, "the guest's device status changed"
+        _expect_on_wire(tb, unkicked, wire_timeout)  # exactly once; the dropped ones never
         # QEMU restored last_avail_idx from the used idx: everything before the un-kicked
         # chains was completed (sent, or dropped by QEMU)
         assert bases[TX_Q]["last_avail_idx"] == tr.tx_used & 0xFFFF, bases[TX_Q]
         assert bases[RX_Q]["last_avail_idx"] == tr.rx_buffers & 0xFFFF, bases[RX_Q]
-        _expect_on_wire(tb, unkicked, wire_timeout)  # exactly once; the dropped ones never
         tb.net.wait_tx()
         tr.tx_used += len(unkicked)
         _expect_on_wire(tb, _send(tb, tr, 4))
         _receive(tb, tr, 3)
-    tb.peer.expect_silence(0.1)  # no dropped frame or duplicate showed up late
+    expect_nothing_more(tb)  # no dropped frame or duplicate shows up late
+
+
+def expect_nothing_more(tb: Testbed) -> None:
+    """A sentinel frame transmitted after the stream is the next frame on the wire."""
+    sentinel = make_frame(0, FRAME_SIZE, stream=SENTINEL_STREAM)
+    tb.net.send(sentinel)
+    late = tb.peer.recv_until(sentinel)
+    assert not late, (
+        f"frames after the stream, before the sentinel: {[parse_frame(f) for f in late]}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -206,3 +216,13 @@ def test_lost_frames_after_reconnect_are_caught(make_testbed: Callable[..., Test
     tb = make_testbed(reconnect_ms=RECONNECT_MS).start()
     with pytest.raises(WirePeerTimeout, match="got 0 of 3 frames"):
         reconnect_scenario(tb, crash=True, faults_after=["drop-tx"], wire_timeout=1.0)
+
+
+def test_ignored_set_vring_base_after_reconnect_is_caught(
+    make_testbed: Callable[..., Testbed],
+) -> None:
+    """A replacement backend that ignores SET_VRING_BASE starts its TX ring at 0 and
+    transmits again what the first backend sent."""
+    tb = make_testbed(reconnect_ms=RECONNECT_MS).start()
+    with pytest.raises(AssertionError, match=r"wire frames \[\(1, 0\), .* \(lost, repeated"):
+        reconnect_scenario(tb, crash=True, faults_after=["ignore-set-vring-base"])
