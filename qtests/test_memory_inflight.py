@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from qtests.qos.inflight_memory import plug_mid_stream, rem_with_held_chains
+from qtests.qos.inflight_memory import plug_mid_stream, rem_with_held_chains, unplug_live_rings
 from qtests.qos.testbed import Testbed
 
 pytestmark = pytest.mark.qemu
@@ -56,3 +56,13 @@ def test_meta_held_chains_scenario_catches(
     with pytest.raises(AssertionError, match=symptom) as caught:
         rem_with_held_chains(tb)
     print(f"{fault}: {caught.value}")
+
+
+def test_unplug_of_the_dimm_holding_live_rings(make_testbed: Callable[..., Testbed]) -> None:
+    unplug_live_rings(make_testbed().start())
+
+
+def test_meta_unplug_live_rings_catches_ignored_rem(make_testbed: Callable[..., Testbed]) -> None:
+    tb = make_testbed(faults=["ignore-rem-mem-reg"]).start()
+    with pytest.raises(AssertionError, match="the removed region is still mapped"):
+        unplug_live_rings(tb)

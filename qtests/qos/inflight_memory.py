@@ -35,7 +35,7 @@ from pathlib import Path
 from .acpi_memhp import AcpiMemoryHotplug
 from .alloc import GuestAllocator
 from .frames import make_frame
-from .memory_devices import DimmHotplug, MemoryDevice
+from .memory_devices import DimmHotplug, MemoryDevice, PlacementAllocator
 from .testbed import Testbed
 from .virtio_net import NET_HDR_SIZE, VirtioNetDriver, VirtioNetHdr
 from .waiting import WaitTimeout, poll_until
@@ -355,3 +355,59 @@ def plug_mid_stream(tb: Testbed, rounds: int = 12, burst: int = 4) -> None:
     assert "GET_VRING_BASE" not in msgs, f"QEMU stopped the rings for the plug: {msgs}"
     assert not b.journal(["vq.stop", "device.suspend"], mark), "the device was paused"
     assert len(plugged) == 1, plugged
+
+
+def unplug_live_rings(tb: Testbed) -> None:
+    """The DIMM that holds live rings is ejected: who stops it?
+
+    Observed with QEMU 10 (qtest OSPM ejecting regardless): QEMU does not refuse and does not
+    stop the rings - device_del completes and the backend gets REM_MEM_REG while both rings
+    live in the DIMM (no GET_VRING_BASE). Protecting the rings is the guest's job: a Linux
+    guest cannot offline the pages of a live ring (unmovable kernel memory), so it never
+    ejects such a DIMM; a driver that wants the DIMM gone moves its rings first (a reset and
+    re-init elsewhere, `plug_unplug_scenario` of test_memory_hotplug). What the backend must
+    do when it happens anyway: unmap the region (/proc/PID/maps), never touch it again, fail
+    the ring cleanly on its next use (journal error, NEEDS_RESET) and stay alive; a driver
+    reset with rings in kept memory brings traffic back.
+    """
+    assert tb.backend is not None and tb.machine is not None
+    b = tb.backend
+    dimms = hotplug_for(tb)
+    dev = dimms.plug(DIMM_SIZE)
+    m0 = backend_mappings(tb)
+    gone = {k[0] for k, m in m0.items() if m.size == DIMM_SIZE}
+    ranges = tb.machine.make_allocator().ranges()
+    alloc = PlacementAllocator(ranges, [(lambda tag: True, "dimm")])
+    alloc.add_range(dev.addr, dev.size, "dimm")
+    assert tb.bus is not None
+    tb.net.close()
+    net = VirtioNetDriver.find(tb.bus, alloc)
+    net.init()
+    for vr in b.vrings()[:2]:
+        assert dev.addr <= vr["desc"] < dev.addr + dev.size, f"ring not in the DIMM: {vr}"
+    frames = Frames()
+    f = frames.next()
+    net.send(f)
+    assert tb.peer.recv() == f, "TX with rings in the DIMM"
+    mark = b.mark()
+    dimms.unplug(dev.id)  # the qtest OSPM ejects although the rings live there
+    msgs = [e["request"] for e in b.journal(["vhost.msg"], mark)]
+    assert "REM_MEM_REG" in msgs, f"QEMU refused or skipped the unplug: {msgs}"
+    assert "GET_VRING_BASE" not in msgs, f"QEMU stopped the rings for the unplug: {msgs}"
+    check_kept(m0, backend_mappings(tb), "after ejecting the DIMM with live rings", gone=gone)
+    # the next kick: the ring memory is gone
+    net.txq[0].kick(force=True)
+    errors = poll_until(
+        lambda: b.journal(["error."], mark) or None,
+        5.0,
+        "the backend's error for a ring in removed memory",
+    )
+    assert any("ring" in str(e.get("error", "")) for e in errors), errors
+    status = b.cmd("query-status")
+    assert "NEEDS_RESET" in status["status_names"] and b.running, status
+    # the driver resets and puts its rings in base RAM: traffic again
+    net.close()
+    tb.init_net()  # the testbed's allocator: base RAM
+    f = frames.next()
+    tb.net.send(f)
+    assert tb.peer.recv() == f, "TX after the driver moved its rings to base RAM"
