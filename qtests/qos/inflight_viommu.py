@@ -1,0 +1,193 @@
+"""vIOMMU changes that meet work in progress: the scenarios of issue 15, item 2.
+
+Plain functions on a started `ViommuTestbed` (the device behind a virtio-iommu, rings and
+buffers reached through IOVAs only) that raise AssertionError naming the broken invariant.
+
+What the device may and must do, from the specs: the driver gives a buffer to the device when
+it makes it available, and may only unmap it after the device used it (Linux DMA API; virtio
+1.2, 2.7.13 "the driver MUST NOT ... until used"). A device that reads a TX buffer early reads
+legitimately; after an INVALIDATE for an IOVA it must not reach memory through the old
+translation again (vhost-user IOTLB: "the back-end ... must not access the range after the
+invalidation is acknowledged"): a later access to the same IOVA needs a fresh translation
+(MISS -> UPDATE), which may point at another page.
+
+How this backend holds chains: TX chains held by the ``hold-tx`` monitor command were read when
+they were popped (like a NIC that fetched the packet into its FIFO and completes it later); RX
+chains are popped only when a frame is ready and are written in the same step. So after an
+INVALIDATE a held chain is only completed (its used entry, in the ring), never read again, and
+every new use of the IOVA goes through a fresh translation - `held_tx_then_invalidate` shows
+both from outside (the wire, the guest's pages, QEMU's fault events).
+"""
+
+from __future__ import annotations
+
+from .frames import make_frame
+from .viommu_testbed import ViommuTestbed
+from .virtio_iommu import FAULT_R_MAPPING, MAP_F_READ, MAP_F_WRITE, FaultEvent
+from .virtio_net import NET_HDR_SIZE
+from .waiting import WaitTimeout, poll_until
+from .wire_peer import WirePeerTimeout
+
+PAGE = 4096
+STREAM = 0x25
+SENTINEL_STREAM = 0x5F
+
+
+def _tx_from(tb: ViommuTestbed, iova: int, length: int, token: str) -> None:
+    txq = tb.net.txq[0]
+    txq.add([(iova, length)], (), token, premapped=True)
+    txq.kick(force=True)
+
+
+def _journal(tb: ViommuTestbed, since: int, kinds: list[str]) -> list[dict[str, object]]:
+    assert tb.backend is not None
+    return tb.backend.journal(kinds, since)
+
+
+def _covers(e: dict[str, object], iova: int) -> bool:
+    lo = int(e["iova"])  # type: ignore[call-overload]
+    return lo <= iova < lo + int(e.get("size", 1) or 1)  # type: ignore[call-overload]
+
+
+def _missed(e: dict[str, object], iova: int) -> bool:
+    return int(e["iova"]) & ~(PAGE - 1) == iova & ~(PAGE - 1)  # type: ignore[call-overload]
+
+
+def expect_wire(tb: ViommuTestbed, frames: list[bytes], what: str, n: int) -> None:
+    """``frames`` and nothing else reach the wire before a sentinel the guest sends after."""
+    sentinel = make_frame(n, 64, stream=SENTINEL_STREAM)
+    try:
+        tb.net.send(sentinel)
+        got = tb.peer.recv_until(sentinel)
+    except (WaitTimeout, WirePeerTimeout) as e:
+        raise AssertionError(f"{what}: {e}") from e
+    assert got == frames, (
+        f"{what}: {len(got)} frames before the sentinel, expected {len(frames)}; "
+        f"{'the same bytes' if sorted(got) == sorted(frames) else 'other bytes'}"
+    )
+
+
+def wait_mapping_fault(
+    tb: ViommuTestbed, iova: int, size: int = PAGE, timeout: float = 3.0
+) -> FaultEvent:
+    """QEMU's virtio-iommu fault event for an access to unmapped [iova, iova+size) (outside
+    evidence that the device asked for a translation the guest had removed)."""
+
+    def find() -> FaultEvent | None:
+        tb.iommu.poll_faults()
+        return next(
+            (
+                f
+                for f in tb.iommu.faults
+                if iova <= f.address < iova + size and f.reason == FAULT_R_MAPPING
+            ),
+            None,
+        )
+
+    try:
+        return poll_until(find, timeout, f"a virtio-iommu fault event for IOVA {iova:#x}")
+    except WaitTimeout as e:
+        raise AssertionError(
+            f"the device never asked for IOVA {iova:#x} after its INVALIDATE (it used a "
+            f"remembered translation): {e}"
+        ) from e
+
+
+# ---------------------------------------------------------------------------- scenarios
+def held_tx_then_invalidate(tb: ViommuTestbed) -> None:
+    """A TX chain the device holds (popped, read, not completed) whose IOVA the guest unmaps
+    and maps to another page; then a new chain at the same IOVA.
+
+    * the held chain completes with the bytes it read while the mapping was valid (page A's
+      frame), never with what the guest wrote into page A after the unmap;
+    * the new chain at that IOVA is translated afresh (MISS after the INVALIDATE) and carries
+      page B's frame;
+    * nothing else reaches the wire (sentinel).
+    """
+    assert tb.backend is not None and tb.machine is not None and tb.alloc is not None
+    b, qt = tb.backend, tb.machine.qtest
+    f1, f2 = make_frame(1, 700, stream=STREAM), make_frame(2, 900, stream=STREAM)
+    a = tb.alloc.alloc(PAGE, tag="page A")
+    pb = tb.alloc.alloc(PAGE, tag="page B")
+    qt.write(a, bytes(NET_HDR_SIZE) + f1)
+    qt.write(pb, bytes(NET_HDR_SIZE) + f2)
+    x = tb.dma.iova.alloc(PAGE)
+    tb.dma.map_pages(a, PAGE, MAP_F_READ, iova=x)
+    b.cmd("hold-tx", enable=True)
+    _tx_from(tb, x, NET_HDR_SIZE + len(f1), "held")
+    poll_until(lambda: b.cmd("query-wire")["tx_held"] == 1, 5.0, "the device holding 1 chain")
+    mark = b.mark()
+    tb.dma.unmap_pages(x)
+    assert any(_covers(e, x) for e in _journal(tb, mark, ["iotlb.invalidate"])), (
+        f"the UNMAP of {x:#x} completed before its INVALIDATE reached the backend"
+    )
+    qt.memset(a, PAGE, 0x5A)  # the guest reuses page A
+    tb.dma.map_pages(pb, PAGE, MAP_F_READ, iova=x)
+    b.cmd("hold-tx", enable=False)
+    try:
+        got = tb.peer.recv(5.0)
+        tb.net.txq[0].wait_used(1, 5.0)
+    except (WaitTimeout, WirePeerTimeout) as e:
+        raise AssertionError(f"the held chain after the INVALIDATE: {e}") from e
+    assert got == f1, "the held chain completed with " + (
+        "page A's bytes after the unmap" if got[:8] == b"\x5a" * 8 else "other bytes"
+    )
+    mark2 = b.mark()
+    _tx_from(tb, x, NET_HDR_SIZE + len(f2), "after remap")
+    try:
+        got = tb.peer.recv(5.0)
+        tb.net.txq[0].wait_used(1, 5.0)
+    except (WaitTimeout, WirePeerTimeout) as e:
+        raise AssertionError(f"the new chain at {x:#x} after the remap: {e}") from e
+    assert got == f2, f"the new chain at IOVA {x:#x} carried " + (
+        "page A's bytes: a stale translation" if got[:8] == b"\x5a" * 8 else "other bytes"
+    )
+    misses = [e for e in _journal(tb, mark2, ["iotlb.miss_sent"]) if _missed(e, x)]
+    assert misses, f"no MISS for IOVA {x:#x} after its INVALIDATE: a stale translation"
+    expect_wire(tb, [], "after the held chain and the remap", 1)
+    tb.dma.unmap_pages(x)
+
+
+def unmap_ring_while_running(tb: ViommuTestbed, burst: int = 8) -> None:
+    """The guest unmaps the TX ring's IOVA while the queue runs, then maps it again.
+
+    While the ring is unmapped the device must not reach it: a frame the driver makes
+    available meanwhile does not go out, and the device's translation request shows up as a
+    virtio-iommu fault event in QEMU (outside evidence). After the remap and a kick, every
+    frame goes out exactly once, in order (sentinel)."""
+    assert tb.backend is not None and tb.machine is not None
+    net = tb.net
+    vq = net.txq[0]
+    ring_iova = vq.avail_dma & ~(PAGE - 1)
+    entry = next(
+        (h for h in reversed(tb.dma.history) if h[0] == "map" and h[1] <= ring_iova < h[1] + h[2]),
+        None,
+    )
+    assert entry is not None, f"no vIOMMU mapping for the avail ring at {ring_iova:#x}"
+    _, m_iova, m_size, m_gpa, m_flags = entry
+    first = [make_frame(i, 100 + 40 * i, stream=STREAM) for i in range(burst)]
+    net.send_burst(first, wait=False)  # the queue runs
+    got = []
+    try:
+        got = [tb.peer.recv(5.0) for _ in first]
+    except WirePeerTimeout as e:
+        raise AssertionError(f"the burst before the unmap: {e}") from e
+    assert got == first, "the burst before the unmap"
+    net.wait_tx(0, 5.0)
+    tb.iommu.poll_faults()
+    tb.iommu.faults.clear()
+    # unmap the ring (the whole coherent mapping) behind the DMA layer's back, so that its
+    # IOVA stays reserved (the next buffer must not be mapped there), then make a frame
+    # available and kick
+    tb.iommu.unmap(tb.dma.domain, m_iova, m_size)
+    late = make_frame(100, 300, stream=STREAM)
+    net.send_burst([late], wait=False)
+    wait_mapping_fault(tb, m_iova, m_size)
+    # a ring the device cannot reach completes nothing (a correct device cannot flake this)
+    assert vq.pending_used() == 0, "a TX chain completed while the TX ring was unmapped"
+    assert tb.backend.running, "the backend died when its ring was unmapped"
+    # the ring comes back at the same IOVA; the driver kicks again
+    tb.iommu.map(tb.dma.domain, m_iova, m_size, m_gpa, m_flags or (MAP_F_READ | MAP_F_WRITE))
+    vq.kick(force=True)
+    expect_wire(tb, [late], "TX after the ring was mapped again", 2)
+    net.wait_tx(0, 5.0)

@@ -1,0 +1,48 @@
+"""vIOMMU changes that meet chains the device holds and a running queue (issue 15, item 2).
+
+Scenarios: `qtests.qos.inflight_viommu` (they take a started vIOMMU testbed); this module
+starts the testbeds and runs the meta-tests against a backend with a fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qtests.qos.inflight_viommu import held_tx_then_invalidate, unmap_ring_while_running
+from qtests.qos.viommu_testbed import ViommuTestbed
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture
+def make_vbed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
+    beds: list[ViommuTestbed] = []
+
+    def make(**kw: Any) -> ViommuTestbed:
+        beds.append(ViommuTestbed(log_dir, **kw))
+        return beds[-1]
+
+    yield make
+    for tb in reversed(beds):
+        tb.close()
+
+
+def test_invalidate_of_a_held_chain(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    held_tx_then_invalidate(make_vbed().start())
+
+
+def test_ring_unmapped_while_the_queue_runs(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    unmap_ring_while_running(make_vbed().start())
+
+
+def test_meta_stale_translation_cache_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    tb = make_vbed(faults=["stale-translation-cache"]).start()
+    with pytest.raises(AssertionError, match="page A's bytes: a stale translation"):
+        held_tx_then_invalidate(tb)
+    tb2 = make_vbed(name="ring", faults=["stale-translation-cache"]).start()
+    with pytest.raises(AssertionError, match="never asked for IOVA .* after its INVALIDATE"):
+        unmap_ring_while_running(tb2)
