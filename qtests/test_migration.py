@@ -50,6 +50,7 @@ from backends.vhost_user.rarp import rarp_frame
 from qtests.qos.alloc import GuestAllocator
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.frames import PEER_MAC, mac_bytes, make_frame, parse_frame
+from qtests.qos.inflight_migration import rx_taken_at_switchover
 from qtests.qos.machine import QemuMachine
 from qtests.qos.migration import MigrationPair, MigrationStats, PrecopyHold, set_capabilities
 from qtests.qos.packed_virtqueue import PackedVirtqueue
@@ -871,3 +872,17 @@ def test_variant_fault(
     with pytest.raises(AssertionError, match=symptom) as caught:
         migrate_with_traffic(pair, Plan())
     print(f"{variant} {fault}: {caught.value}")
+
+
+# ---------------------------------------------------------------------------- work in progress
+def test_rx_buffers_taken_at_switchover(make_testbed: Callable[..., Testbed]) -> None:
+    """A has taken RX buffers it has not filled when QEMU stops it: B fills exactly those."""
+    rx_taken_at_switchover(start_pair(make_testbed))
+
+
+def test_rx_taken_at_switchover_catches_no_drain(make_testbed: Callable[..., Testbed]) -> None:
+    pair = start_pair(make_testbed, faults=("no-drain-before-base",))
+    with pytest.raises(
+        AssertionError, match=r"B filled buffers \[[0-9, ]+\], not the ones A had taken"
+    ):
+        rx_taken_at_switchover(pair)
