@@ -47,11 +47,17 @@ from typing import Any
 import pytest
 
 from backends.vhost_user.rarp import rarp_frame
+from qtests.qos.acpi_memhp import AcpiMemoryHotplug
 from qtests.qos.alloc import GuestAllocator
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.frames import PEER_MAC, mac_bytes, make_frame, parse_frame
-from qtests.qos.inflight_migration import rx_taken_at_switchover
+from qtests.qos.inflight_migration import (
+    device_add_during_migration,
+    migrate_with_unplug_pending,
+    rx_taken_at_switchover,
+)
 from qtests.qos.machine import QemuMachine
+from qtests.qos.memory_devices import DimmHotplug
 from qtests.qos.migration import MigrationPair, MigrationStats, PrecopyHold, set_capabilities
 from qtests.qos.packed_virtqueue import PackedVirtqueue
 from qtests.qos.sentinel import post_tx_sentinel
@@ -886,3 +892,39 @@ def test_rx_taken_at_switchover_catches_no_drain(make_testbed: Callable[..., Tes
         AssertionError, match=r"B filled buffers \[[0-9, ]+\], not the ones A had taken"
     ):
         rx_taken_at_switchover(pair)
+
+
+def idle_dimm_pair(make_testbed: Callable[..., Testbed], **kw: Any) -> MigrationPair:
+    """A pair with an idle DIMM (nothing of the driver in it), cold-plugged on the
+    destination."""
+    dimm: dict[str, int] = {}
+
+    def plug(tb: Testbed) -> None:
+        assert tb.machine is not None
+        hp = DimmHotplug(tb.qmp, AcpiMemoryHotplug(tb.machine.qtest, tb.machine.slots))
+        dimm["addr"] = hp.plug(DIMM_SIZE, ident="dimm1").addr
+
+    def cold_plug(m: QemuMachine) -> None:
+        m.add_object("memory-backend-memfd", id="dimm1-mem", size=DIMM_SIZE, share=True)
+        m.add_device("pc-dimm", id="dimm1", memdev="dimm1-mem", addr=dimm["addr"])
+
+    return start_pair(make_testbed, before_init=plug, customize=cold_plug, **kw)
+
+
+def test_migration_with_a_dimm_unplug_pending(
+    make_testbed: Callable[..., Testbed], log_dir: Path
+) -> None:
+    facts = migrate_with_unplug_pending(idle_dimm_pair(make_testbed), "dimm1")
+    (log_dir / "unplug-pending.json").write_text(json.dumps(facts, default=str, indent=1))
+
+
+def test_device_add_during_migration(make_testbed: Callable[..., Testbed], log_dir: Path) -> None:
+    refused = device_add_during_migration(start_pair(make_testbed), DIMM_SIZE)
+    (log_dir / "device-add-during-migration.txt").write_text(refused + "\n")
+    print(refused)
+
+
+def test_meta_unplug_pending_catches_ignored_rem(make_testbed: Callable[..., Testbed]) -> None:
+    pair = idle_dimm_pair(make_testbed, dst_faults=("ignore-rem-mem-reg",))
+    with pytest.raises(AssertionError, match="B after the eject on the destination: the removed"):
+        migrate_with_unplug_pending(pair, "dimm1")
