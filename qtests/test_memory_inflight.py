@@ -17,8 +17,18 @@ from qtests.qos.testbed import Testbed
 pytestmark = pytest.mark.qemu
 
 
-def test_rem_mem_reg_with_held_chains(make_testbed: Callable[..., Testbed]) -> None:
-    rem_with_held_chains(make_testbed().start(post_rx=False))
+#: Ring layouts and queue pairs the scenarios run on: (testbed kwargs, driver init kwargs).
+LAYOUTS = {
+    "split": ({}, {}),
+    "packed": ({"net_props": {"packed": True}}, {"packed": True}),
+    "split-2qp": ({"queues": 2}, {}),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_rem_mem_reg_with_held_chains(make_testbed: Callable[..., Testbed], layout: str) -> None:
+    tb_kw, init_kw = LAYOUTS[layout]
+    rem_with_held_chains(make_testbed(**tb_kw).start(post_rx=False, **init_kw))
 
 
 @pytest.mark.parametrize("mem_slots", [True, False], ids=["add-mem-reg", "set-mem-table"])
@@ -27,6 +37,16 @@ def test_plug_in_the_middle_of_a_stream(
 ) -> None:
     args = [] if mem_slots else ["--no-mem-slots"]
     plug_mid_stream(make_testbed(backend_args=args).start())
+
+
+@pytest.mark.parametrize("layout", ["packed", "split-2qp"])
+def test_plug_in_the_middle_of_a_stream_layouts(
+    make_testbed: Callable[..., Testbed], layout: str
+) -> None:
+    tb_kw, init_kw = LAYOUTS[layout]
+    tb = make_testbed(**tb_kw).start(**init_kw)
+    assert tb.net.active_pairs == tb_kw.get("queues", 1)
+    plug_mid_stream(tb)
 
 
 def test_meta_plug_mid_stream_catches_full_replace(make_testbed: Callable[..., Testbed]) -> None:
