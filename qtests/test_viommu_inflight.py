@@ -12,7 +12,11 @@ from typing import Any
 
 import pytest
 
-from qtests.qos.inflight_viommu import held_tx_then_invalidate, unmap_ring_while_running
+from qtests.qos.inflight_viommu import (
+    held_tx_then_invalidate,
+    invalidate_races_miss_in_traffic,
+    unmap_ring_while_running,
+)
 from qtests.qos.viommu_testbed import ViommuTestbed
 
 pytestmark = pytest.mark.qemu
@@ -46,3 +50,20 @@ def test_meta_stale_translation_cache_is_caught(make_vbed: Callable[..., ViommuT
     tb2 = make_vbed(name="ring", faults=["stale-translation-cache"]).start()
     with pytest.raises(AssertionError, match="never asked for IOVA .* after its INVALIDATE"):
         unmap_ring_while_running(tb2)
+
+
+def test_invalidate_racing_a_miss_during_traffic(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    during = invalidate_races_miss_in_traffic(make_vbed(strict=True).start())
+    print(f"INVALIDATEs while a MISS was outstanding: {during}")
+
+
+def test_meta_race_in_traffic_catches_stale_translations(
+    make_vbed: Callable[..., ViommuTestbed],
+) -> None:
+    """IOVAs come back for other buffers after their UNMAP: a remembered translation sends
+    the old page's bytes."""
+    tb = make_vbed(strict=True, faults=["stale-translation-cache"]).start()
+    with pytest.raises(
+        AssertionError, match="racing MISSes: frame \\d+ of \\d+ carried other bytes|TX stalled"
+    ):
+        invalidate_races_miss_in_traffic(tb)

@@ -33,7 +33,7 @@ STREAM = 0x25
 SENTINEL_STREAM = 0x5F
 
 
-def _tx_from(tb: ViommuTestbed, iova: int, length: int, token: str) -> None:
+def _tx_from(tb: ViommuTestbed, iova: int, length: int, token: object) -> None:
     txq = tb.net.txq[0]
     txq.add([(iova, length)], (), token, premapped=True)
     txq.kick(force=True)
@@ -54,17 +54,26 @@ def _missed(e: dict[str, object], iova: int) -> bool:
 
 
 def expect_wire(tb: ViommuTestbed, frames: list[bytes], what: str, n: int) -> None:
-    """``frames`` and nothing else reach the wire before a sentinel the guest sends after."""
+    """``frames`` reach the wire in order, and the next frame is a sentinel the guest sends
+    after them (nothing doubled)."""
+    try:
+        got = tb.peer.recv_n(len(frames), 10.0) if frames else []
+    except WirePeerTimeout as e:
+        raise AssertionError(f"{what}: {e}") from e
+    assert got == frames, (
+        f"{what}: frame {first_mismatch(got, frames)} of {len(frames)} carried other bytes"
+    )
     sentinel = make_frame(n, 64, stream=SENTINEL_STREAM)
     try:
         tb.net.send(sentinel)
-        got = tb.peer.recv_until(sentinel)
+        late = tb.peer.recv_until(sentinel)
     except (WaitTimeout, WirePeerTimeout) as e:
         raise AssertionError(f"{what}: {e}") from e
-    assert got == frames, (
-        f"{what}: {len(got)} frames before the sentinel, expected {len(frames)}; "
-        f"{'the same bytes' if sorted(got) == sorted(frames) else 'other bytes'}"
-    )
+    assert not late, f"{what}: {len(late)} more frames before the sentinel (doubled?)"
+
+
+def first_mismatch(got: list[bytes], want: list[bytes]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), 0)
 
 
 def wait_mapping_fault(
@@ -191,3 +200,66 @@ def unmap_ring_while_running(tb: ViommuTestbed, burst: int = 8) -> None:
     vq.kick(force=True)
     expect_wire(tb, [late], "TX after the ring was mapped again", 2)
     net.wait_tx(0, 5.0)
+
+
+def invalidate_races_miss_in_traffic(tb: ViommuTestbed, rounds: int = 6, scratch: int = 6) -> int:
+    """A TX stream through a strict vIOMMU (every buffer MAPped for its send and UNMAPped
+    after: MISS -> UPDATE, then INVALIDATE, per frame) while, each round, a chain at an IOVA
+    that is mapped only together with a batch of UNMAPs of other pages makes the device's
+    MISS wait behind those INVALIDATEs (QEMU handles the whole batch before it reads the
+    MISS). Every frame must reach the wire exactly once, byte-exact and in order (sentinel);
+    the race must have happened; no backend error. Returns how many INVALIDATEs arrived while
+    a MISS was outstanding."""
+    from .virtio_iommu import MapOp, UnmapOp
+
+    assert tb.backend is not None and tb.machine is not None and tb.alloc is not None
+    b, qt, net = tb.backend, tb.machine.qtest, tb.net
+    mark = b.mark()
+    expected: list[bytes] = []
+    seq = 0
+    for r in range(rounds):
+        stream = [make_frame(seq + i, 200 + 131 * i, stream=STREAM) for i in range(3)]
+        seq += 3
+        net.send_burst(stream, wait=False)  # the driver maps each buffer (strict)
+        expected += stream
+        pages = [tb.alloc.alloc(PAGE, tag=f"scratch {r}.{i}") for i in range(scratch)]
+        iovas = [tb.dma.map_pages(pg, PAGE, MAP_F_READ) for pg in pages]
+        t = tb.alloc.alloc(PAGE, tag=f"race page {r}")
+        f = make_frame(1000 + r, 300 + 50 * r, stream=STREAM)
+        qt.write(t, bytes(NET_HDR_SIZE) + f)
+        x = tb.dma.iova.alloc(PAGE)
+        refused_mark = b.mark()
+        _tx_from(tb, x, NET_HDR_SIZE + len(f), ("alloc", t))  # the driver frees t when used
+        poll_until(
+            lambda m=refused_mark, x=x: any(
+                _missed(e, x) and e.get("status") not in (0, None)
+                for e in _journal(tb, m, ["iotlb.miss_ack"])
+            ),
+            5.0,
+            f"QEMU refusing the MISS for the unmapped IOVA {x:#x}",
+        )
+        tb.dma.apply([MapOp(t, PAGE, MAP_F_READ, iova=x)] + [UnmapOp(i) for i in iovas])
+        expected.append(f)
+        try:
+            net.wait_tx(0, 5.0)
+        except WaitTimeout as e:
+            raise AssertionError(f"round {r}: TX stalled: {e}") from e
+        tb.dma.unmap_pages(x)
+        for pg in pages:
+            tb.alloc.free(pg)
+    expect_wire(tb, expected, "the TX stream with INVALIDATEs racing MISSes", 3)
+    entries = _journal(tb, mark, ["iotlb.miss_sent", "iotlb.miss_ack", "iotlb.invalidate"])
+    outstanding: set[int] = set()
+    during = 0
+    for e in entries:
+        iova = int(e["iova"])  # type: ignore[call-overload]
+        if e["kind"] == "iotlb.miss_sent":
+            outstanding.add(iova)
+        elif e["kind"] == "iotlb.miss_ack":
+            outstanding.discard(iova)
+        elif outstanding:
+            during += 1
+    assert during, "no INVALIDATE arrived while a MISS was outstanding (the race never happened)"
+    errors = b.journal(["error."], mark)
+    assert not errors, f"backend errors: {errors}"
+    return during
