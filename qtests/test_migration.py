@@ -26,8 +26,14 @@ hotplugged before the migration (cold-plugged on the destination), the device be
 virtio-iommu (QEMU passes the used ring's IOVA as log_guest_addr; the backend logs the GPA it
 translated to).
 
-Meta-tests run the same scenario against a backend A with a fault and expect it to fail on
-the invariant the fault breaks. A cancelled migration (in precopy, and after the device was
+Meta-tests run the same scenario against a backend A (or B) with a fault and expect it to fail
+on the invariant the fault breaks, for the split, packed, DIMM and vIOMMU variants
+(`test_variant_fault`; with a split ring and no vIOMMU QEMU marks the used ring dirty itself
+when vhost stops, so ``used-ring-not-logged`` is caught by the packed and vIOMMU variants).
+
+Work in progress at the switchover (`qtests.qos.inflight_migration`): RX buffers A has taken
+but not filled; a DIMM unplug pending when the migration starts (the remove event does not
+migrate); device_add during the migration (QEMU refuses it). A cancelled migration (in precopy, and after the device was
 stopped, via pause-before-switchover) and a failed one (destination killed) leave the source
 running with its rings intact and traffic exactly once.
 """

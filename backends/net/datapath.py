@@ -20,6 +20,11 @@ order and completes their chains. When the ring stops (GET_VRING_BASE: ``queue_s
 held frames are dropped here and the device rewinds their chains, so whoever starts the ring
 next (the migration destination) transmits them: exactly once either way.
 
+RX hold (:meth:`NetDevice.hold_rx`, monitor ``hold-rx``): buffers of receiveq 0 are popped and
+kept unfilled (a device that prefetched buffers for frames still on their way); frames wait in
+the backlog meanwhile. Releasing gives the buffers back (rewind) and RX resumes; when the ring
+stops the device rewinds them, so the migration destination fills exactly those buffers.
+
 RX (queue 2k): frames from the wire or :meth:`NetDevice.inject` go to a bounded per-pair
 backlog (overflow counted as drops on the RX queue); the backlog is drained on an RX kick, on a
 new frame, and when the ring (re)starts. Wire frames for a pair that is not enabled (its RX
