@@ -8,6 +8,7 @@ against a backend with a fault, expecting the failure that fault must cause.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.qemu
 
 
 #: Ring layouts and queue pairs the scenarios run on: (testbed kwargs, driver init kwargs).
-LAYOUTS = {
+LAYOUTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "split": ({}, {}),
     "packed": ({"net_props": {"packed": True}}, {"packed": True}),
     "split-2qp": ({"queues": 2}, {}),

@@ -35,25 +35,31 @@ def make_vbed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
         tb.close()
 
 
+def started(make_vbed: Callable[..., ViommuTestbed], **kw: Any) -> ViommuTestbed:
+    tb = make_vbed(**kw)
+    tb.start()
+    return tb
+
+
 def test_invalidate_of_a_held_chain(make_vbed: Callable[..., ViommuTestbed]) -> None:
-    held_tx_then_invalidate(make_vbed().start())
+    held_tx_then_invalidate(started(make_vbed))
 
 
 def test_ring_unmapped_while_the_queue_runs(make_vbed: Callable[..., ViommuTestbed]) -> None:
-    unmap_ring_while_running(make_vbed().start())
+    unmap_ring_while_running(started(make_vbed))
 
 
 def test_meta_stale_translation_cache_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
-    tb = make_vbed(faults=["stale-translation-cache"]).start()
+    tb = started(make_vbed, faults=["stale-translation-cache"])
     with pytest.raises(AssertionError, match="page A's bytes: a stale translation"):
         held_tx_then_invalidate(tb)
-    tb2 = make_vbed(name="ring", faults=["stale-translation-cache"]).start()
+    tb2 = started(make_vbed, name="ring", faults=["stale-translation-cache"])
     with pytest.raises(AssertionError, match="never asked for IOVA .* after its INVALIDATE"):
         unmap_ring_while_running(tb2)
 
 
 def test_invalidate_racing_a_miss_during_traffic(make_vbed: Callable[..., ViommuTestbed]) -> None:
-    during = invalidate_races_miss_in_traffic(make_vbed(strict=True).start())
+    during = invalidate_races_miss_in_traffic(started(make_vbed, strict=True))
     print(f"INVALIDATEs while a MISS was outstanding: {during}")
 
 
@@ -62,7 +68,7 @@ def test_meta_race_in_traffic_catches_stale_translations(
 ) -> None:
     """IOVAs come back for other buffers after their UNMAP: a remembered translation sends
     the old page's bytes."""
-    tb = make_vbed(strict=True, faults=["stale-translation-cache"]).start()
+    tb = started(make_vbed, strict=True, faults=["stale-translation-cache"])
     with pytest.raises(
         AssertionError, match="racing MISSes: frame \\d+ of \\d+ carried other bytes|TX stalled"
     ):

@@ -31,6 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .acpi_memhp import AcpiMemoryHotplug
 from .alloc import GuestAllocator
@@ -421,8 +422,8 @@ def unplug_live_rings(tb: Testbed) -> None:
     check_kept(m0, backend_mappings(tb), "after ejecting the DIMM with live rings", gone=gone)
     # the next kick: the ring memory is gone
     net.txq[0].kick(force=True)
-    errors = poll_until(
-        lambda: b.journal(["error."], mark) or None,
+    errors: list[dict[str, Any]] = poll_until(
+        lambda: b.journal(["error."], mark) or [],
         5.0,
         "the backend's error for a ring in removed memory",
     )

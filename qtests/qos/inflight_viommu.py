@@ -21,6 +21,9 @@ both from outside (the wire, the guest's pages, QEMU's fault events).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from .frames import make_frame
 from .viommu_testbed import ViommuTestbed
 from .virtio_iommu import FAULT_R_MAPPING, MAP_F_READ, MAP_F_WRITE, FaultEvent
@@ -39,18 +42,26 @@ def _tx_from(tb: ViommuTestbed, iova: int, length: int, token: object) -> None:
     txq.kick(force=True)
 
 
-def _journal(tb: ViommuTestbed, since: int, kinds: list[str]) -> list[dict[str, object]]:
+def _journal(tb: ViommuTestbed, since: int, kinds: list[str]) -> list[dict[str, Any]]:
     assert tb.backend is not None
-    return tb.backend.journal(kinds, since)
+    return list(tb.backend.journal(kinds, since))
 
 
-def _covers(e: dict[str, object], iova: int) -> bool:
-    lo = int(e["iova"])  # type: ignore[call-overload]
-    return lo <= iova < lo + int(e.get("size", 1) or 1)  # type: ignore[call-overload]
+def _covers(e: dict[str, Any], iova: int) -> bool:
+    lo = int(e["iova"])
+    return lo <= iova < lo + int(e.get("size", 1) or 1)
 
 
-def _missed(e: dict[str, object], iova: int) -> bool:
-    return int(e["iova"]) & ~(PAGE - 1) == iova & ~(PAGE - 1)  # type: ignore[call-overload]
+def _missed(e: dict[str, Any], iova: int) -> bool:
+    return int(e["iova"]) & ~(PAGE - 1) == iova & ~(PAGE - 1)
+
+
+def _refused(tb: ViommuTestbed, since: int, iova: int) -> bool:
+    """QEMU answered a MISS for the page of ``iova`` with an error status since ``since``."""
+    return any(
+        _missed(e, iova) and e.get("status") not in (0, None)
+        for e in _journal(tb, since, ["iotlb.miss_ack"])
+    )
 
 
 def expect_wire(tb: ViommuTestbed, frames: list[bytes], what: str, n: int) -> None:
@@ -94,12 +105,14 @@ def wait_mapping_fault(
         )
 
     try:
-        return poll_until(find, timeout, f"a virtio-iommu fault event for IOVA {iova:#x}")
+        found = poll_until(find, timeout, f"a virtio-iommu fault event for IOVA {iova:#x}")
     except WaitTimeout as e:
         raise AssertionError(
             f"the device never asked for IOVA {iova:#x} after its INVALIDATE (it used a "
             f"remembered translation): {e}"
         ) from e
+    assert found is not None
+    return found
 
 
 # ---------------------------------------------------------------------------- scenarios
@@ -231,10 +244,7 @@ def invalidate_races_miss_in_traffic(tb: ViommuTestbed, rounds: int = 6, scratch
         refused_mark = b.mark()
         _tx_from(tb, x, NET_HDR_SIZE + len(f), ("alloc", t))  # the driver frees t when used
         poll_until(
-            lambda m=refused_mark, x=x: any(
-                _missed(e, x) and e.get("status") not in (0, None)
-                for e in _journal(tb, m, ["iotlb.miss_ack"])
-            ),
+            functools.partial(_refused, tb, refused_mark, x),
             5.0,
             f"QEMU refusing the MISS for the unmapped IOVA {x:#x}",
         )
@@ -242,8 +252,8 @@ def invalidate_races_miss_in_traffic(tb: ViommuTestbed, rounds: int = 6, scratch
         expected.append(f)
         try:
             net.wait_tx(0, 5.0)
-        except WaitTimeout as e:
-            raise AssertionError(f"round {r}: TX stalled: {e}") from e
+        except WaitTimeout as err:
+            raise AssertionError(f"round {r}: TX stalled: {err}") from err
         tb.dma.unmap_pages(x)
         for pg in pages:
             tb.alloc.free(pg)
@@ -252,7 +262,7 @@ def invalidate_races_miss_in_traffic(tb: ViommuTestbed, rounds: int = 6, scratch
     outstanding: set[int] = set()
     during = 0
     for e in entries:
-        iova = int(e["iova"])  # type: ignore[call-overload]
+        iova = int(e["iova"])
         if e["kind"] == "iotlb.miss_sent":
             outstanding.add(iova)
         elif e["kind"] == "iotlb.miss_ack":
