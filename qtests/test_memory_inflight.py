@@ -23,6 +23,7 @@ LAYOUTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "split": ({}, {}),
     "packed": ({"net_props": {"packed": True}}, {"packed": True}),
     "split-2qp": ({"queues": 2}, {}),
+    "whole-table": ({"backend_args": ["--no-mem-slots"]}, {}),
 }
 
 
