@@ -17,6 +17,7 @@ from qtests.qos.inflight_viommu import (
     invalidate_races_miss_in_traffic,
     unmap_ring_while_running,
 )
+from qtests.qos.packed_virtqueue import PackedVirtqueue
 from qtests.qos.viommu_testbed import ViommuTestbed
 
 pytestmark = pytest.mark.qemu
@@ -35,18 +36,28 @@ def make_vbed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
         tb.close()
 
 
-def started(make_vbed: Callable[..., ViommuTestbed], **kw: Any) -> ViommuTestbed:
-    tb = make_vbed(**kw)
-    tb.start()
+def started(
+    make_vbed: Callable[..., ViommuTestbed], *, packed: bool = False, **kw: Any
+) -> ViommuTestbed:
+    tb = make_vbed(net_props={"packed": True} if packed else None, **kw)
+    tb.start(**({"packed": True} if packed else {}))
+    assert isinstance(tb.net.txq[0], PackedVirtqueue) == packed
     return tb
 
 
-def test_invalidate_of_a_held_chain(make_vbed: Callable[..., ViommuTestbed]) -> None:
-    held_tx_then_invalidate(started(make_vbed))
+LAYOUTS = pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 
 
-def test_ring_unmapped_while_the_queue_runs(make_vbed: Callable[..., ViommuTestbed]) -> None:
-    unmap_ring_while_running(started(make_vbed))
+@LAYOUTS
+def test_invalidate_of_a_held_chain(make_vbed: Callable[..., ViommuTestbed], packed: bool) -> None:
+    held_tx_then_invalidate(started(make_vbed, packed=packed))
+
+
+@LAYOUTS
+def test_ring_unmapped_while_the_queue_runs(
+    make_vbed: Callable[..., ViommuTestbed], packed: bool
+) -> None:
+    unmap_ring_while_running(started(make_vbed, packed=packed))
 
 
 def test_meta_stale_translation_cache_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
@@ -58,8 +69,11 @@ def test_meta_stale_translation_cache_is_caught(make_vbed: Callable[..., ViommuT
         unmap_ring_while_running(tb2)
 
 
-def test_invalidate_racing_a_miss_during_traffic(make_vbed: Callable[..., ViommuTestbed]) -> None:
-    during = invalidate_races_miss_in_traffic(started(make_vbed, strict=True))
+@LAYOUTS
+def test_invalidate_racing_a_miss_during_traffic(
+    make_vbed: Callable[..., ViommuTestbed], packed: bool
+) -> None:
+    during = invalidate_races_miss_in_traffic(started(make_vbed, strict=True, packed=packed))
     print(f"INVALIDATEs while a MISS was outstanding: {during}")
 
 
