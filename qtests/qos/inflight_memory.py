@@ -12,10 +12,11 @@ unmapped and mapped everything again (faults ``remap-all``, ``mem-table-full-rep
 them, one that ignores REM_MEM_REG (``ignore-rem-mem-reg``) keeps the removed one.
 
 What the device must do when REM_MEM_REG removes memory that chains it holds point into
-(`rem_with_held_chains`): the vhost-user spec says the back-end must stop using a region once
-it acknowledged its removal ("REM_MEM_REG ... the back-end must unmap the region"), and the
-virtio spec gives buffers to the device until it marks them used (virtio 1.2, 2.7.13: the
-driver must not touch them before). QEMU does not check either: with CONFIGURE_MEM_SLOTS it
+(`rem_with_held_chains`): the vhost-user spec describes REM_MEM_REG's region as one "which
+the back-end device must unmap" (docs/interop/vhost-user.rst), so nothing may reach it after
+the reply; the virtio spec gives a buffer to the device from the moment it is made available
+until the device marks it used (virtio 1.2, 2.7: the driver does not touch it meanwhile), so
+the device owns the chain's completion, not the memory behind it. QEMU does not check either: with CONFIGURE_MEM_SLOTS it
 sends REM_MEM_REG as soon as the OSPM ejects the DIMM, without stopping the rings (observed:
 no GET_VRING_BASE, no SET_VRING_ADDR). A real guest kernel would not offline pages that are
 pinned for DMA, so this is the driver's bug, and the device must survive it: complete the held

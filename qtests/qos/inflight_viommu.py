@@ -6,10 +6,10 @@ buffers reached through IOVAs only) that raise AssertionError naming the broken 
 What the device may and must do, from the specs: the driver gives a buffer to the device when
 it makes it available, and may only unmap it after the device used it (Linux DMA API; virtio
 1.2, 2.7.13 "the driver MUST NOT ... until used"). A device that reads a TX buffer early reads
-legitimately; after an INVALIDATE for an IOVA it must not reach memory through the old
-translation again (vhost-user IOTLB: "the back-end ... must not access the range after the
-invalidation is acknowledged"): a later access to the same IOVA needs a fresh translation
-(MISS -> UPDATE), which may point at another page.
+legitimately; after an INVALIDATE for an IOVA (which QEMU sends, and waits for the reply to,
+before the guest's UNMAP completes) it must not reach memory through the old translation
+again: a later access to the same IOVA needs a fresh translation (MISS -> UPDATE), which may
+point at another page.
 
 How this backend holds chains: TX chains held by the ``hold-tx`` monitor command were read when
 they were popped (like a NIC that fetched the packet into its FIFO and completes it later); RX
