@@ -296,6 +296,8 @@ class VdpaDevice:
         vq = self._vq(i)
         if isinstance(state, int):
             state = VqState(last_avail_idx=state)
+        if self.faults.active("ignore-set-vring-base"):  # the fault: keep the queue's own state
+            state, used_idx = vq.get_state(), None
         if isinstance(vq, PackedVirtqueue):  # positions + wrap counters, taken as given
             vq.set_state(state)
             self._parked.pop(i, None)
