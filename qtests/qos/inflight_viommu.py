@@ -203,23 +203,13 @@ def unmap_ring_while_running(tb: ViommuTestbed, burst: int = 8) -> None:
     # unmap the ring (the whole coherent mapping) behind the DMA layer's back, so that its
     # IOVA stays reserved (the next buffer must not be mapped there), then make a frame
     # available and kick
-    since = tb.backend.mark()
     tb.iommu.unmap(tb.dma.domain, m_iova, m_size)
     late = make_frame(100, 300, stream=STREAM)
     net.send_burst([late], wait=False)
     wait_mapping_fault(tb, m_iova, m_size)
-    # QEMU's refusal must have reached the backend before the kick below: a kick that
-    # arrives while the MISS it would repeat is still outstanding is lost when that MISS is
-    # refused (VdpaDevice.iotlb_miss_refused leaves the queue parked) - a backend race this
-    # scenario found; see the report
-    poll_until(
-        lambda: any(
-            m_iova <= int(e["iova"]) < m_iova + m_size and e.get("status") not in (0, None)
-            for e in _journal(tb, since, ["iotlb.miss_ack"])
-        ),
-        5.0,
-        "the backend receiving QEMU's refusal of the MISS for the unmapped ring",
-    )
+    # no wait for QEMU's refusal of the MISS here: the kick below may land while that MISS
+    # is still outstanding, and the device must not lose it when the MISS is refused
+    # (VdpaDevice.iotlb_miss_refused asks again for a queue kicked meanwhile)
     # a ring the device cannot reach completes nothing (a correct device cannot flake this)
     assert vq.pending_used() == 0, "a TX chain completed while the TX ring was unmapped"
     assert tb.backend.running, "the backend died when its ring was unmapped"
