@@ -47,7 +47,7 @@ from backends.virtio.net import (
     VIRTIO_NET_S_LINK_UP,
 )
 from backends.virtio.net_header import HDR_LEN as NET_HDR_SIZE
-from backends.virtio.net_header import VirtioNetHdr
+from backends.virtio.net_header import VirtioNetHdr as VirtioNetHdr  # re-exported
 
 from .alloc import GuestAllocator
 from .driver_queue import DriverQueue, UsedElem
@@ -56,6 +56,16 @@ from .pci import PciBus
 from .qtest import QTest
 from .virtio_pci import VirtioPciDevice
 from .waiting import poll_until
+
+__all__ = [
+    "NET_HDR_SIZE",
+    "NetConfig",
+    "RxFrame",
+    "VirtioNetDriver",
+    "VirtioNetError",
+    "VirtioNetHdr",
+    "VIRTIO_NET_PCI_DEVICE_ID",
+]
 
 VIRTIO_NET_PCI_DEVICE_ID = VIRTIO_PCI_MODERN_BASE + VIRTIO_ID_NET  # 0x1041
 
