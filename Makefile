@@ -3,6 +3,8 @@
 #   make avocado  build the guest image (cached) and boot real guests
 #   make shell    interactive QMP debugging session (QEMU + backend + both monitors)
 #   make bench    benchmarks (JSON + plots under bench/results/)
+#   make fuzz     hostile front-end + hostile descriptor tables against the real backend
+#                 (FUZZ_MESSAGES, FUZZ_TABLES, FUZZ_DURATION; figures printed at the end)
 #   make lint     ruff check + format check
 SHELL := /bin/bash
 VENV ?= .venv
@@ -10,7 +12,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 AVOCADO_ARGS ?=
 
-.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench clean format
+.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench fuzz clean format
 
 setup:
 	@bash scripts/setup-host.sh
@@ -47,6 +49,14 @@ shell: setup
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The full fuzz run (issue #12); a bounded slice of it runs in `make check` (qtests/test_fuzz.py).
+FUZZ_MESSAGES ?= 1000000
+FUZZ_TABLES ?= 100000
+FUZZ_DURATION ?= 3600
+fuzz: setup
+	$(PY) -m qtests.fuzz --messages $(FUZZ_MESSAGES) --tables $(FUZZ_TABLES) \
+		--duration $(FUZZ_DURATION) --log-dir test-logs/fuzz $(FUZZ_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache test-logs

@@ -196,7 +196,7 @@ class DescriptorBench:
         d.set_status(0)
         poll_until(lambda: d.status == 0, VERDICT_TIMEOUT_S, "the device reset to read back 0")
         zero = []
-        for index, size, desc, avail, used in self.rings:
+        for _index, size, desc, avail, used in self.rings:
             if self.packed:
                 zero += [(desc, bytes(16 * size)), (avail, bytes(4)), (used, bytes(4))]
             else:
@@ -355,7 +355,9 @@ class DescriptorBench:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"after hostile tables frame {self.seq} never reached the wire")
+                raise AssertionError(
+                    f"after hostile tables frame {self.seq} never reached the wire"
+                )
             if parse_frame(self.tb.peer.recv(left)) == (7, self.seq):
                 break
         self.reset()
@@ -382,6 +384,44 @@ def _settings(examples: int, ci: bool) -> settings:
     )
 
 
+def _fuzz_layout(
+    bench: DescriptorBench,
+    budget: int,
+    deadline: float,
+    *,
+    ci: bool,
+    strict: bool,
+    chunk: int,
+    verify_every: int,
+    progress: Callable[[str], None] | None,
+) -> None:
+    stats = bench.stats
+    layout = "packed" if bench.packed else "split"
+    strategy = packed_tables(bench.size) if bench.packed else split_tables(bench.size)
+
+    @_settings(min(chunk, budget), ci)
+    @given(table=strategy)
+    def one(table: Table) -> None:
+        verdict = bench.run_table(table)
+        if strict and verdict is not None:
+            raise AssertionError(f"{verdict}: {stats.failures[-1]}")
+
+    end = stats.cases + budget
+    while stats.cases < end and time.monotonic() < deadline:
+        before = stats.cases
+        one()
+        if stats.cases // verify_every != before // verify_every:
+            bench.verify_traffic()
+        if progress is not None:
+            progress(
+                f"[{layout}] refused={bench.refused} consumed={bench.consumed} "
+                f"resets={bench.resets} " + stats.report()
+            )
+        if ci:
+            break  # derandomized: one chunk is the slice
+    bench.verify_traffic()
+
+
 def run(
     max_tables: int,
     max_seconds: float,
@@ -394,37 +434,25 @@ def run(
     layouts: tuple[str, ...] = ("split", "packed"),
     progress: Callable[[str], None] | None = None,
 ) -> FuzzStats:
-    """Hostile tables split across ``layouts`` until ``max_tables`` or ``max_seconds``."""
+    """Hostile tables split evenly across ``layouts`` until ``max_tables`` or ``max_seconds``.
+    ``strict``: the first crash / hang / silent refusal fails (hypothesis reports the table)."""
     stats = FuzzStats("descriptors")
-    started = time.monotonic()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + max_seconds
     per_layout = max(1, max_tables // len(layouts))
     for layout in layouts:
         bench = DescriptorBench(log_dir, stats, packed=layout == "packed")
         try:
-            strategy = packed_tables(bench.size) if layout == "packed" else split_tables(bench.size)
-            done = stats.cases
-            budget = done + per_layout
-
-            @_settings(min(chunk, per_layout), ci)
-            @given(table=strategy)
-            def one(table: Table) -> None:
-                verdict = bench.run_table(table)
-                if strict and verdict is not None:
-                    raise AssertionError(f"{verdict}: {stats.failures[-1]}")
-
-            while stats.cases < budget and time.monotonic() - started < max_seconds:
-                before = stats.cases
-                one()
-                if stats.cases // verify_every != before // verify_every or ci:
-                    bench.verify_traffic()
-                if progress is not None:
-                    progress(
-                        f"[{layout}] refused={bench.refused} consumed={bench.consumed} "
-                        f"resets={bench.resets} " + stats.report()
-                    )
-                if ci:
-                    break
-            bench.verify_traffic()
+            _fuzz_layout(
+                bench,
+                per_layout,
+                deadline,
+                ci=ci,
+                strict=strict,
+                chunk=chunk,
+                verify_every=verify_every,
+                progress=progress,
+            )
         finally:
             bench.close()
     return stats

@@ -21,9 +21,12 @@ PROBE_TIMEOUT_S = 10.0
 
 
 def rss_kib(pid: int) -> int:
+    """The process's *private* resident memory (RssAnon, KiB): its heap, where a leak shows.
+    VmRSS would also count the guest RAM it maps (shared memory the guest touches), which grows
+    with every page a hostile descriptor makes the device read and says nothing about leaks."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith("RssAnon:"):
                 return int(line.split()[1])
     return 0
 

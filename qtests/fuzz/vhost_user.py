@@ -22,6 +22,7 @@ import json
 import os
 import select
 import socket
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from hypothesis.stateful import (
 
 from backends.testing.frontend import UADDR_BASE, Frontend, GuestMemory, close_fds
 from backends.vhost_user import messages as m
+from backends.vhost_user.connection import Offer
 from backends.vhost_user.messages import Request as R
 from qtests.fuzz.target import BackendTarget, FuzzStats
 
@@ -61,11 +63,15 @@ def _msg(req: int, payload: bytes = b"", fds: list[str] | None = None, flags: in
     }
 
 
+# what QEMU's virtio-net keeps of what the backend offers (it strips CONFIG)
+_PROTOCOL = Offer().protocol_features() & ~(1 << m.ProtocolFeature.CONFIG)
+
+
 def prefix_ops() -> list[Op]:
     ops = [
         _msg(R.GET_FEATURES),
         _msg(R.GET_PROTOCOL_FEATURES),
-        _msg(R.SET_PROTOCOL_FEATURES, m.pack_u64(0x8A3F)),
+        _msg(R.SET_PROTOCOL_FEATURES, m.pack_u64(_PROTOCOL)),
         _msg(R.GET_QUEUE_NUM),
         _msg(R.SET_BACKEND_REQ_FD, fds=["socket"]),
         _msg(R.SET_OWNER),
@@ -98,6 +104,94 @@ def prefix_ops() -> list[Op]:
 PREFIX = prefix_ops()
 
 
+def issue_sequences() -> dict[str, list[Op]]:
+    """The three sequences of issue #12 as ops (the seed of the corpus)."""
+    head = [
+        _msg(R.SET_OWNER, flags=m.VERSION),
+        _msg(R.SET_FEATURES, m.pack_u64(1 << 32), flags=m.VERSION),
+        _msg(
+            R.SET_MEM_TABLE,
+            m.pack_mem_table([m.MemRegion(0, MEM_SIZE, UADDR_BASE, 0)]),
+            ["mem"],
+            flags=m.VERSION,
+        ),
+    ]
+    for i in range(2):
+        base = RING + 0x4000 * i
+        head += [
+            _msg(R.SET_VRING_NUM, m.VringState(i, 256).pack(), flags=m.VERSION),
+            _msg(
+                R.SET_VRING_ADDR,
+                m.VringAddr(
+                    i,
+                    0,
+                    UADDR_BASE + base,
+                    UADDR_BASE + base + 0x2000,
+                    UADDR_BASE + base + 0x1000,
+                    0,
+                ).pack(),
+                flags=m.VERSION,
+            ),
+        ]
+    head.append({"op": "sync"})
+    nofd_kick = _msg(R.SET_VRING_KICK, m.VringFile(1, True).pack(), flags=m.VERSION)
+    # one valid TX chain on ring 1: a 12-byte header + 60-byte frame at 0x8000, avail idx 1
+    desc = RING + 0x4000
+    chain = [
+        {
+            "op": "tamper",
+            "what": "scribble",
+            "off": 0x8000,
+            "data": (bytes(12) + b"\xff" * 60).hex(),
+        },
+        {
+            "op": "tamper",
+            "what": "scribble",
+            "off": desc,
+            "data": struct.pack("<QIHH", 0x8000, 72, 0, 0).hex(),
+        },
+        {"op": "tamper", "what": "scribble", "off": desc + 0x1000, "data": "000001000000"},
+    ]
+    return {
+        "issue12-1-shrunk-memfd-polling-kick": [
+            *head,
+            {"op": "tamper", "what": "truncate", "i": 0, "size": 0},
+            nofd_kick,
+            {"op": "sync"},
+        ],
+        "issue12-2-full-blocking-call-eventfd": [
+            *head,
+            _msg(
+                R.SET_VRING_CALL,
+                m.VringFile(1, False).pack(),
+                ["eventfd-blocking"],
+                flags=m.VERSION,
+            ),
+            {"op": "tamper", "what": "block", "i": 0},
+            {"op": "tamper", "what": "fill", "i": 0},
+            {"op": "tamper", "what": "block", "i": 0},
+            *chain,
+            nofd_kick,
+            {"op": "sync"},
+            {"op": "sync"},
+        ],
+        "issue12-3-shared-kick-made-blocking": [
+            *head,
+            _msg(R.SET_VRING_KICK, m.VringFile(0, False).pack(), ["eventfd"], flags=m.VERSION),
+            {"op": "dup-kick", "index": 1},
+            {"op": "sync"},
+            {"op": "tamper", "what": "block", "i": 0},
+            {"op": "tamper", "what": "kick", "i": 0},
+            {"op": "sync"},
+        ],
+        "qemu-prefix-then-need-reply-flood": [
+            *PREFIX,
+            *[_msg(R.GET_FEATURES) for _ in range(64)],
+            {"op": "sync"},
+        ],
+    }
+
+
 # -- a session: one connection, the memory and eventfds it handed over ------------------------
 class Session:
     """Executes ops on one connection to the backend. Keeps every fd it handed over (so it
@@ -112,6 +206,9 @@ class Session:
         self.others: list[int] = []  # sockets, pipes, files
         self.ops: list[Op] = []
         self.dead = False  # the backend closed this connection (fine: it may)
+        #: a header lied about its size (or its version): message boundaries are lost, so
+        #: a sync's GET_FEATURES may be swallowed as payload; syncs are skipped from then on
+        self.desynced = False
 
     # fds by kind ----------------------------------------------------------------------------
     def _fd(self, spec: str) -> int:
@@ -155,12 +252,19 @@ class Session:
             self._send(op)
         elif kind == "tamper":
             self._tamper(op)
+        elif kind == "sync":
+            self._sync()
+        elif kind == "dup-kick" and self.efds:
+            self.fe.send(R.SET_VRING_KICK, m.VringFile(op["index"], False).pack(), [self.efds[-1]])
+            self.stats.messages += 1
         self._drain()
 
     def _send(self, op: Op) -> None:
         payload = bytes.fromhex(op["payload"])
         fds = [self._fd(s) for s in op.get("fds", [])]
         size = op.get("size")
+        if size is not None or op["flags"] & m.VERSION_MASK != m.VERSION:
+            self.desynced = True
         hdr = m.HEADER.pack(
             op["req"] & 0xFFFFFFFF,
             op["flags"] & 0xFFFFFFFF,
@@ -216,6 +320,19 @@ class Session:
         except OSError:
             pass
 
+    def _sync(self) -> None:
+        """GET_FEATURES and wait for its answer: everything sent before has been handled.
+        No answer within the timeout leaves the verdict to the probe (a hang)."""
+        self._drain()
+        if self.desynced:
+            return
+        try:
+            self.fe.send(R.GET_FEATURES)
+            self.stats.messages += 1
+            self.fe.recv(what="the GET_FEATURES answer of a sync").close_fds()
+        except (OSError, ConnectionError, TimeoutError):
+            self.dead = True
+
     def _drain(self) -> None:
         """Read whatever the backend sent (replies), never waiting."""
         while True:
@@ -258,6 +375,17 @@ def replay_corpus(target: BackendTarget, corpus: Path = CORPUS) -> int:
             target.stats.failures.append(f"corpus case {path.name}: {verdict}")
         n += 1
     return n
+
+
+def write_seed_corpus(corpus: Path = CORPUS) -> list[Path]:
+    """(Re)write the hand-made seed cases (:func:`issue_sequences`) into the corpus."""
+    corpus.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, ops in issue_sequences().items():
+        path = corpus / f"{name}.json"
+        path.write_text(json.dumps(ops, indent=1) + "\n")
+        paths.append(path)
+    return paths
 
 
 def save_case(ops: list[Op], verdict: str, corpus: Path = CORPUS) -> Path:
@@ -501,6 +629,11 @@ class VhostUserMachine(RuleBasedStateMachine):
         self.s.apply(
             {"op": "tamper", "what": what, "i": i, "size": size, "off": off, "data": data.hex()}
         )
+
+    @rule()
+    def sync(self) -> None:
+        """A round trip: what was sent so far has been handled (so tampering comes after)."""
+        self.s.apply({"op": "sync"})
 
     def teardown(self) -> None:
         self.s.close()
