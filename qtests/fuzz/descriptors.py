@@ -37,7 +37,7 @@ from qtests.qos.virtio_pci import (
     COMMON_QUEUE_DRIVER,
     COMMON_QUEUE_SIZE,
 )
-from qtests.qos.waiting import WaitTimeout, poll_until
+from qtests.qos.waiting import poll_until
 
 DESC = struct.Struct("<QIHH")  # split: addr, len, flags, next / packed: addr, len, id, flags
 U16 = struct.Struct("<H")
@@ -273,30 +273,26 @@ class DescriptorBench:
         assert tb is not None and tb.backend is not None
         backend = tb.backend
         st_ = self.stats
-        self.qt.write_many(self._writes(t))
-        before = self.kicks()
-        mark = backend.mark()
-        self.qt.writew(self.notify_addr, TX_Q)
-        st_.cases += 1
-        st_.messages += 1
         try:
+            self.qt.write_many(self._writes(t))
+            before = self.kicks()
+            mark = backend.mark()
+            self.qt.writew(self.notify_addr, TX_Q)
+            st_.cases += 1
+            st_.messages += 1
             poll_until(
                 lambda: self.kicks() > before,
                 VERDICT_TIMEOUT_S,
                 "the backend to read the TX kick",
                 max_interval=0.002,
             )
-        except (WaitTimeout, OSError, ConnectionError) as e:
-            verdict = "hang" if backend.running else "crash"
-            if verdict == "crash":
-                st_.crashes += 1
-            else:
-                st_.hangs += 1
-            st_.failures.append(f"{verdict} on table {t!r}: {e}")
-            self.restart()
-            return verdict
-        errors = backend.journal(kinds=["error."], since=mark)
-        status = backend.cmd("query-status")
+        except Exception as e:  # no answer in time (monitor, qtest): the backend hung or died
+            return self._lost(t, e)
+        try:
+            errors = backend.journal(kinds=["error."], since=mark)
+            status = backend.cmd("query-status")
+        except Exception as e:
+            return self._lost(t, e)
         if errors:
             self.refused += 1
             if "NEEDS_RESET" not in status["status_names"]:
@@ -305,8 +301,25 @@ class DescriptorBench:
         else:
             self.consumed += 1
         self.sample()
-        self.reset()
+        try:
+            self.reset()
+        except Exception as e:
+            return self._lost(t, e)
         return None
+
+    def _lost(self, t: Table, e: BaseException) -> str:
+        """The backend did not answer within the bound (hang) or is gone (crash): count it,
+        keep the table in the failures, start a fresh testbed."""
+        assert self.tb is not None and self.tb.backend is not None
+        st_ = self.stats
+        verdict = "hang" if self.tb.backend.running else "crash"
+        if verdict == "crash":
+            st_.crashes += 1
+        else:
+            st_.hangs += 1
+        st_.failures.append(f"{verdict} on table {t!r}: {type(e).__name__}: {e}")
+        self.restart()
+        return verdict
 
     def sample(self) -> None:
         assert self.tb is not None and self.tb.backend is not None
