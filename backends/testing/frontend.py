@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from backends.vdpa.features import VIRTIO_F_RING_PACKED
 from backends.vhost_user import messages as m
@@ -62,7 +62,10 @@ def wait_readable(fd: int | socket.socket, timeout: float, what: str) -> None:
         raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.005):
+_T = TypeVar("_T")
+
+
+def wait_for(predicate: Callable[[], _T], timeout: float, what: str, step: float = 0.005) -> _T:
     """Poll ``predicate`` (cheap, no side effects) until true; TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -37,9 +37,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from backends.testing.frontend import UADDR_BASE, Frontend, GuestMemory, close_fds
+from backends.testing.frontend import UADDR_BASE, Frontend, GuestMemory
 from backends.vhost_user import messages as m
 from backends.vhost_user.connection import Offer
+from backends.vhost_user.framing import close_fds
 from backends.vhost_user.messages import Request as R
 from qtests.fuzz.target import BackendTarget, FuzzStats
 
@@ -427,7 +428,7 @@ _fdspec = st.sampled_from(
         "devnull",
     ]
 )
-_fds = st.one_of(
+_fds: st.SearchStrategy[list[str]] = st.one_of(
     st.just([]),
     st.lists(_fdspec, min_size=1, max_size=2),
     st.lists(_fdspec, min_size=9, max_size=12),
