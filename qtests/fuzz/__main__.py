@@ -5,8 +5,58 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
+
+
+def _parallel_descriptors(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """``--jobs N``: N descriptor fuzzers (own QEMU + backend each, layouts alternating),
+    their RESULT lines summed into one."""
+    procs = []
+    started = time.monotonic()
+    for k in range(args.jobs):
+        layout = ("split", "packed")[k % 2] if args.layout == "both" else args.layout
+        cmd = [
+            sys.executable,
+            "-m",
+            "qtests.fuzz",
+            "descriptors",
+            "--jobs",
+            "1",
+            "--tables",
+            str(args.tables // args.jobs),
+            "--duration",
+            str(args.duration),
+            "--layout",
+            layout,
+            "--log-dir",
+            f"{args.log_dir}/job{k}",
+        ]
+        if args.ci:
+            cmd.append("--ci")
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    total: dict[str, Any] = {"fuzzer": "descriptors", "jobs": args.jobs}
+    failures: list[str] = []
+    for k, proc in enumerate(procs):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                r = json.loads(line[7:])
+                for key in ("cases", "messages", "crashes", "hangs", "fd_leaks"):
+                    total[key] = total.get(key, 0) + r[key]
+                total.setdefault("per_job", []).append(r)
+            elif line.startswith("  "):
+                failures.append(f"job{k}: {line.strip()}")
+            else:
+                print(f"job{k} {line}", end="", flush=True)
+        if proc.wait() not in (0, 1):
+            failures.append(f"job{k} exited {proc.returncode}")
+            total["crashes"] = total.get("crashes", 0) + 1
+    total["wall_s"] = round(time.monotonic() - started, 1)
+    return total, failures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=bool(os.environ.get("CI")),
         help="deterministic (derandomized) generation",
     )
+    p.add_argument(
+        "--layout",
+        choices=["split", "packed", "both"],
+        default="both",
+        help="descriptor tables for which ring layout (both: half each)",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=2, help="descriptor fuzzers in parallel (one QEMU each)"
+    )
     p.add_argument("--log-dir", default="test-logs/fuzz", help="QEMU/backend logs (descriptors)")
     args = p.parse_args(argv)
     results = []
@@ -40,6 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ci=args.ci,
                 progress=lambda line: print(line, flush=True),
             )
+        elif args.jobs > 1:
+            total, failures = _parallel_descriptors(args)
+            print("RESULT " + json.dumps(total), flush=True)
+            for f in failures:
+                print(f"  {f}", flush=True)
+            bad |= bool(total.get("crashes") or total.get("hangs") or total.get("fd_leaks"))
+            bad |= bool(failures)
+            continue
         else:
             from pathlib import Path
 
@@ -49,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.tables,
                 args.duration,
                 log_dir=Path(args.log_dir),
+                layouts=("split", "packed") if args.layout == "both" else (args.layout,),
                 ci=args.ci,
                 progress=lambda line: print(line, flush=True),
             )
