@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import socket
 import struct
@@ -255,6 +256,8 @@ class Session:
             self._tamper(op)
         elif kind == "sync":
             self._sync()
+        elif kind == "burst":
+            self._burst(op)
         elif kind == "dup-kick" and self.efds:
             self.fe.send(R.SET_VRING_KICK, m.VringFile(op["index"], False).pack(), [self.efds[-1]])
             self.stats.messages += 1
@@ -320,6 +323,19 @@ class Session:
                     os.close(fd)
         except OSError:
             pass
+
+    def _burst(self, op: Op) -> None:
+        rng = random.Random(op["seed"])
+        base = bytes.fromhex(op["payload"])
+        for _ in range(op["count"]):
+            p = bytearray(base)
+            for _ in range(rng.randint(0, 3) if p else 0):
+                p[rng.randrange(len(p))] ^= rng.randint(1, 255)
+            self._send({"op": "msg", "req": op["req"], "flags": _NR, "payload": p.hex()})
+            if self.dead:
+                return
+            if rng.random() < 0.25:
+                self._drain()
 
     def _sync(self) -> None:
         """GET_FEATURES and wait for its answer: everything sent before has been handled.
@@ -526,6 +542,20 @@ class VhostUserMachine(RuleBasedStateMachine):
     @rule(req=st.sampled_from([int(r) for r in R]), payload=_payload(), fds=_fds)
     def need_reply(self, req: int, payload: bytes, fds: list[str]) -> None:
         self.s.apply({"op": "msg", "req": req, "flags": _NR, "payload": payload.hex(), "fds": fds})
+
+    @rule(
+        req=st.sampled_from([int(r) for r in R]),
+        payload=_payload(),
+        count=st.integers(2, 256),
+        seed=st.integers(0, 2**32 - 1),
+    )
+    def burst(self, req: int, payload: bytes, count: int, seed: int) -> None:
+        """A flood of one request, NEED_REPLY on each: hypothesis picks the request, the base
+        payload and a seed; each copy gets a few bytes flipped by a PRNG on that seed (cheap
+        variety: drawing every message through hypothesis costs ~100x more than sending it)."""
+        self.s.apply(
+            {"op": "burst", "req": req, "payload": payload.hex(), "count": count, "seed": seed}
+        )
 
     @rule(
         regions=st.lists(st.tuples(_u64, _u64, _u64, _u64), min_size=1, max_size=9),
