@@ -104,13 +104,6 @@ class EventLoop:
         self._update(fd, w)
         return True
 
-    def forget(self, fd: int) -> None:
-        """Drop every watch on ``fd`` (before closing it)."""
-        try:
-            self._sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
-
     # -- guards ----------------------------------------------------------------------------
     def add_guard(self, guard: Callback) -> None:
         """Run ``guard()`` before every callback (cheap checks only)."""
