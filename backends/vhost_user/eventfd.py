@@ -9,11 +9,12 @@ call that it will not wait:
   ``IOCB_NOWAIT`` whatever the file flags say, so an empty counter is ``EAGAIN``, never a wait
   (kernels without it: a zero-timeout ``poll`` first, then the read under ``O_NONBLOCK``).
 * :func:`signal` writes only when a zero-timeout ``poll`` says the counter has room
-  (``POLLOUT``: counter < 2^64-2) and with ``O_NONBLOCK`` set just before. eventfd writes have
-  no per-call no-wait flag, so one window remains: the peer fills the counter to 2^64-2 *and*
-  clears ``O_NONBLOCK`` between our poll and our write. In the main thread a one-shot
-  interval timer (``ITIMER_REAL``, :data:`WRITE_WATCHDOG_S`) bounds even that: the write is
-  interrupted and reported as not delivered. A write that cannot be made returns False; the
+  (``POLLOUT``: counter < 2^64-2). eventfd writes have no per-call no-wait flag, so one window
+  remains: the peer fills the counter to 2^64-2 with ``O_NONBLOCK`` cleared between our poll
+  and our write. In the main thread (the backend process) a one-shot interval timer
+  (``ITIMER_REAL``, :data:`WRITE_WATCHDOG_S`, borrowed and given back; our SIGALRM handler is
+  installed on first use, re-installed if replaced, and chains to the earlier one) interrupts even that write, reported as not delivered.
+  Other threads (in-process test backends) set ``O_NONBLOCK`` just before and keep the window. A write that cannot be made returns False; the
   caller reports it (journal + log) and coalesces it with the next interrupt.
 """
 
@@ -31,12 +32,12 @@ _ONE = (1).to_bytes(8, "little")
 _nowait_read = hasattr(os, "RWF_NOWAIT")
 
 
+_previous: object = None  # the SIGALRM handler ours chains to
+_armed = False  # a write is in progress under the watchdog
+
+
 class _WriteTimedOut(Exception):
     pass
-
-
-def _on_alarm(signum: int, frame: object) -> None:
-    raise _WriteTimedOut()
 
 
 def _ready(fd: int, events: int) -> bool:
@@ -79,26 +80,50 @@ def drain(fd: int) -> int | None:
         return None
 
 
+def _on_alarm(signum: int, frame: object) -> None:
+    if _armed:
+        raise _WriteTimedOut()
+    if callable(_previous):
+        _previous(signum, frame)
+
+
+def _install_watchdog() -> bool:
+    """Make sure our SIGALRM handler is in place (main thread only; re-installed if someone
+    replaced it, chaining to theirs); False where it cannot be."""
+    global _previous
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    current = _signal.getsignal(_signal.SIGALRM)
+    if current is not _on_alarm:
+        _previous = current
+        _signal.signal(_signal.SIGALRM, _on_alarm)
+    return True
+
+
 def signal(fd: int, value: int = 1) -> bool:
-    """Add ``value`` to the counter; False (nothing written) if it has no room or the write
-    could not be made at once. Never waits longer than :data:`WRITE_WATCHDOG_S`."""
+    """Add ``value`` to the counter; False (nothing written, or not known to be) if it has no
+    room or the write could not be made at once. Never waits longer than
+    :data:`WRITE_WATCHDOG_S`."""
+    global _armed
     if not writable(fd):
         return False
-    os.set_blocking(fd, False)
     data = _ONE if value == 1 else value.to_bytes(8, "little")
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not _install_watchdog():
+        os.set_blocking(fd, False)  # the best a thread can do: see the module docstring
         try:
             return os.write(fd, data) == 8
         except BlockingIOError:
             return False
-    old = _signal.signal(_signal.SIGALRM, _on_alarm)
+    previous: tuple[float, float] = (0.0, 0.0)
     try:
-        _signal.setitimer(_signal.ITIMER_REAL, WRITE_WATCHDOG_S)
         try:
-            return os.write(fd, data) == 8
+            _armed = True
+            # the process has one ITIMER_REAL: borrow it, give back what was left of it
+            previous = _signal.setitimer(_signal.ITIMER_REAL, WRITE_WATCHDOG_S)
+            ok = os.write(fd, data) == 8
         finally:
-            _signal.setitimer(_signal.ITIMER_REAL, 0)
+            _armed = False
+            _signal.setitimer(_signal.ITIMER_REAL, *previous)
     except (BlockingIOError, _WriteTimedOut):
-        return False
-    finally:
-        _signal.signal(_signal.SIGALRM, old)
+        return False  # (a timer firing just after a good write: one interrupt too many, later)
+    return ok
