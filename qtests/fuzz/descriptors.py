@@ -427,7 +427,9 @@ def _fuzz_layout(
             raise AssertionError(f"{verdict}: {stats.failures[-1]}")
 
     end = stats.cases + budget
-    while stats.cases < end and time.monotonic() < deadline:
+    first = True  # every layout gets at least one chunk, however slow the machine is
+    while stats.cases < end and (first or time.monotonic() < deadline):
+        first = False
         before = stats.cases
         one()
         if stats.cases // verify_every != before // verify_every:
