@@ -19,8 +19,8 @@ CI = bool(os.environ.get("CI"))
 
 
 def test_vhost_user_fuzz_slice() -> None:
-    stats = vhost_user.run(max_messages=10_000, max_seconds=20.0, ci=CI, strict=True, chunk=100)
-    assert stats.cases >= 100 and stats.messages > 1000, stats.report()
+    stats = vhost_user.run(max_messages=10_000, max_seconds=20.0, ci=CI, strict=True, chunk=50)
+    assert stats.cases >= 50 and stats.messages > 1000, stats.report()
     assert (stats.crashes, stats.hangs, stats.fd_leaks) == (0, 0, 0), stats.failures
     assert stats.fd_min == stats.fd_max, stats.report()
 
@@ -28,14 +28,14 @@ def test_vhost_user_fuzz_slice() -> None:
 @pytest.mark.qemu
 def test_descriptor_fuzz_slice(log_dir: Path) -> None:
     stats = descriptors.run(
-        max_tables=200,
+        max_tables=100,
         max_seconds=40.0,
         log_dir=log_dir,
         ci=CI,
         strict=True,
-        chunk=100,
+        chunk=50,
         verify_every=50,
     )
-    assert stats.cases >= 150, stats.report()
+    assert stats.cases >= 100, stats.report()
     assert (stats.crashes, stats.hangs, stats.fd_leaks) == (0, 0, 0), stats.failures
     assert not stats.failures, stats.failures
