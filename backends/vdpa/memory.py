@@ -83,6 +83,7 @@ class Piece:
         return n
 
 
+F_SEAL_SEAL = 0x0001
 F_SEAL_SHRINK = 0x0002
 F_SEAL_GROW = 0x0004
 
@@ -93,6 +94,20 @@ def file_seals(fd: int) -> int:
         return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         return 0
+
+
+def seal_against_shrinking(fd: int) -> int:
+    """Add F_SEAL_SHRINK to a memfd that allows sealing but is not sealed yet (seals belong to
+    the file, so the peer can no longer shrink it either: no SIGBUS window at all for it).
+    Returns the seals now in place; files that cannot be sealed are left as they are."""
+    seals = file_seals(fd)
+    if seals & F_SEAL_SHRINK or seals & F_SEAL_SEAL:
+        return seals
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_SHRINK)
+    except OSError:
+        return seals
+    return file_seals(fd)
 
 
 class HostRegion:
@@ -177,7 +192,7 @@ class HostRegion:
             offset=aligned,
         )
         r = cls(gpa, size, uaddr, mmap_offset, mm, base=delta)
-        r.seals = file_seals(fd)
+        r.seals = seal_against_shrinking(fd)
         if not r.seals & F_SEAL_SHRINK:
             r.backing_fd = os.dup(fd)
             os.set_inheritable(r.backing_fd, False)

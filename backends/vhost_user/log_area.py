@@ -6,7 +6,7 @@ import mmap
 import os
 import stat
 
-from backends.vdpa.memory import F_SEAL_SHRINK, file_seals
+from backends.vdpa.memory import F_SEAL_SHRINK, seal_against_shrinking
 from backends.vhost_user.errors import ProtocolError
 
 # log areas whose munmap waits for a still-exported view (closed on the next close())
@@ -50,7 +50,7 @@ class LogArea:
         self.view = memoryview(self._mm)[delta : delta + size]
         # a log file that can still shrink is re-checked (backing_ok) before every callback
         self._fd = -1
-        if not file_seals(fd) & F_SEAL_SHRINK:
+        if not seal_against_shrinking(fd) & F_SEAL_SHRINK:
             self._fd = os.dup(fd)
             os.set_inheritable(self._fd, False)
 
