@@ -3,6 +3,7 @@
 #   QEMU: QTEST_QEMU_BINARY=~/qemu/build/qemu-system-x86_64 make check (every target follows it)
 #   make avocado  build the guest image (cached) and boot real guests
 #   make shell    interactive QMP debugging session (QEMU + backend + both monitors)
+#   make check-vdpa  only the vhost-vdpa lane (in the lab VM L1 where the host lacks vduse)
 #   make bench    benchmarks (JSON + plots under bench/results/)
 #   make fuzz     hostile front-end + hostile descriptor tables against the real backend
 #                 (FUZZ_MESSAGES, FUZZ_TABLES, FUZZ_DURATION; figures printed at the end)
@@ -11,9 +12,13 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# make check runs its tests on this many pytest-xdist workers (1: in-process, no xdist);
+# loadgroup: tests marked xdist_group(name) share one worker (module-scoped fixtures)
+PYTEST_JOBS ?= auto
 AVOCADO_ARGS ?=
 
-.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench fuzz clean format
+.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench fuzz clean format \
+	compiled check-vdpa lab-image
 
 setup:
 	@bash scripts/setup-host.sh
@@ -35,11 +40,23 @@ qtests: setup
 # One pytest session for unit tests and qtests; exit 5 ("no tests collected") is a failure.
 # The junit report records each test's log directory (conftest.py).
 JUNIT_XML ?= test-logs/junit.xml
-check: setup lint
-	$(PY) -m pytest --junitxml=$(JUNIT_XML) $(PYTEST_ARGS)
+check: setup lint compiled
+	$(PY) -m pytest $(if $(filter 1,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadgroup) --junitxml=$(JUNIT_XML) $(PYTEST_ARGS)
+
+# mypyc build of the hot-path modules (backends/compiled.py): cached; falls back to the source
+compiled: setup
+	$(PY) -m backends.compiled
 
 images: setup
 	$(PY) -m guest_images build
+
+# The vhost-vdpa lab's L1 image (kernel with vduse/vhost_vdpa/virtio_vdpa + busybox), cached.
+lab-image: setup
+	$(PY) -m guest_images build --image lab
+
+# The vhost-vdpa lane alone (make check runs it too).
+check-vdpa: setup lab-image
+	$(PY) -m pytest -m vdpa_lane $(PYTEST_ARGS)
 
 avocado: setup images
 	$(PY) -m avocado_tests.run $(AVOCADO_ARGS)

@@ -1,6 +1,8 @@
 """``python -m backends`` / ``vdpa-backend``: run one vDPA backend process.
 
-Prints ``READY socket=PATH`` (flushed) once the vhost-user socket listens; exits 0 on SIGTERM
+Prints ``READY socket=PATH`` (flushed) once the vhost-user socket listens, or, with
+``--transport vduse --name NAME``, ``READY vhost-vdpa=/dev/vhost-vdpa-N`` once the VDUSE device
+is on the vDPA bus (SIGTERM then detaches and destroys it); exits 0 on SIGTERM
 or SIGINT (delivered to the event loop through ``signal.set_wakeup_fd``, so a signal arriving
 at any moment stops the loop), writing the journal file if asked.
 """
@@ -53,9 +55,19 @@ def _positive(text: str) -> int:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="vdpa-backend",
-        description="A Python vDPA virtio-net backend reached by QEMU through vhost-user.",
+        description="A Python vDPA virtio-net backend reached by QEMU through vhost-user or, as a "
+        "VDUSE device on the kernel's vDPA bus, through vhost-vdpa.",
     )
-    p.add_argument("--socket", required=True, metavar="PATH", help="vhost-user socket to listen on")
+    p.add_argument(
+        "--transport",
+        choices=("vhost-user", "vduse"),
+        default="vhost-user",
+        help="how QEMU reaches the device: a vhost-user socket (default) or a VDUSE device on "
+        "the kernel's vDPA bus (QEMU: -netdev vhost-vdpa; needs the vduse and vhost_vdpa "
+        "modules and CAP_NET_ADMIN)",
+    )
+    p.add_argument("--socket", metavar="PATH", help="vhost-user socket to listen on")
+    p.add_argument("--name", metavar="NAME", help="VDUSE device name (--transport vduse)")
     p.add_argument("--monitor", metavar="PATH", help="QMP-compatible monitor socket")
     p.add_argument("--queues", type=_positive, default=1, metavar="N", help="queue pairs")
     p.add_argument(
@@ -76,7 +88,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--journal-file", metavar="FILE", help="write the journal (JSON lines) at exit")
     p.add_argument("--mac", type=_mac, metavar="MAC", help="MAC address (52:54:00:12:34:56)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.transport == "vhost-user" and not args.socket:
+        p.error("--socket is required with --transport vhost-user")
+    if args.transport == "vduse" and not args.name:
+        p.error("--name is required with --transport vduse")
+    return args
 
 
 def _setup_logging(path: str | None, verbose: bool) -> None:
@@ -112,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_logging(args.log, args.verbose)
     options = BackendOptions(
-        socket=args.socket,
+        socket=args.socket or "",
         monitor=args.monitor,
         queues=args.queues,
         wire=args.wire,
@@ -122,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         offer_log=not args.no_log,
         mac=args.mac,
         journal_file=args.journal_file,
+        transport=args.transport,
+        name=args.name,
     )
     try:
         backend = Backend(options)
@@ -131,12 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r, w = _install_signal_pipe(backend)
     try:
         try:
-            backend.start()
+            ready = backend.start()
         except OSError as e:
             print(f"vdpa-backend: {e}", file=sys.stderr)
             return 1
-        print(f"READY socket={args.socket}", flush=True)
-        log.info("backend ready: socket=%s monitor=%s", args.socket, args.monitor)
+        print(f"READY {ready}", flush=True)
+        log.info("backend ready: %s monitor=%s", ready, args.monitor)
         backend.run()
         return 0
     finally:

@@ -17,6 +17,8 @@ from backends.net.wire import make_wire
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.faults import Faults
 from backends.vdpa.journal import Journal
+from backends.vduse.kernel import LinuxVduse, VduseKernel
+from backends.vduse.transport import VduseTransport
 from backends.vhost_user.rarp import rarp_frame
 from backends.vhost_user.server import VhostUserServer
 
@@ -36,6 +38,11 @@ class BackendOptions:
     mac: str | None = None
     journal_file: str | None = None
     reconnect: bool = True
+    #: "vhost-user" (listen on ``socket``) or "vduse" (a VDUSE device named ``name`` on the
+    #: kernel's vDPA bus; QEMU uses ``-netdev vhost-vdpa``)
+    transport: str = "vhost-user"
+    name: str | None = None
+    kernel: VduseKernel | None = None  # vduse: the kernel interface (default: the real one)
 
 
 class Backend:
@@ -56,18 +63,32 @@ class Backend:
                 self.wire, queue_pairs=options.queues, mac=mac, faults=self.faults, loop=self.loop
             )
             self.device = VdpaDevice(self.net, self.journal, self.faults)
-            self.server = VhostUserServer(
-                options.socket,
-                self.device,
-                self.loop,
-                offer_mem_slots=options.offer_mem_slots,
-                offer_iommu=options.offer_iommu,
-                offer_log=options.offer_log,
-                reconnect=options.reconnect,
-                max_queues=options.queues,
-                on_rarp=self._send_rarp,
-                on_mtu=self._set_mtu,
-            )
+            self.server: VhostUserServer | VduseTransport
+            if options.transport == "vduse":
+                if not options.name:
+                    raise ValueError("the vduse transport needs a device name (--name)")
+                self.server = VduseTransport(
+                    self.device,
+                    self.loop,
+                    options.kernel if options.kernel is not None else LinuxVduse(),
+                    options.name,
+                    queue_pairs=options.queues,
+                )
+            elif options.transport != "vhost-user":
+                raise ValueError(f"unknown transport {options.transport!r}")
+            else:
+                self.server = VhostUserServer(
+                    options.socket,
+                    self.device,
+                    self.loop,
+                    offer_mem_slots=options.offer_mem_slots,
+                    offer_iommu=options.offer_iommu,
+                    offer_log=options.offer_log,
+                    reconnect=options.reconnect,
+                    max_queues=options.queues,
+                    on_rarp=self._send_rarp,
+                    on_mtu=self._set_mtu,
+                )
             self.monitor: Monitor | None = None
             if options.monitor:
                 self.monitor = Monitor(
@@ -83,10 +104,17 @@ class Backend:
             raise
         self._closed = False
 
-    def start(self) -> None:
-        self.server.start()
+    def start(self) -> str:
+        """Start the transport; returns what the READY line names (``socket=PATH`` or
+        ``vhost-vdpa=/dev/vhost-vdpa-N``)."""
+        if isinstance(self.server, VduseTransport):
+            ready = f"vhost-vdpa={self.server.start()}"
+        else:
+            self.server.start()
+            ready = f"socket={self.options.socket}"
         if self.monitor is not None:
             self.monitor.start()
+        return ready
 
     def run(self) -> None:
         self.loop.run_forever()

@@ -8,7 +8,9 @@ report):
   mapdiff    ADD/REM_MEM_REG vs a full table, device model and over the socket
   iotlb      IOTLB lookups/s; MISS round trip with QEMU + virtio-iommu and with a Python peer
   migration  qtest live-migration downtime / total time; GET_VRING_BASE with 256 in flight
-  suite      wall time of ``pytest qtests`` and ``python -m avocado_tests.run --ci`` (minutes;
+  lab        the vhost-vdpa lab: L1 boot time (TCG) and ``pytest -m vdpa_lane`` wall time
+  suite      wall time of make check's vhost-user tests (xdist), ``pytest qtests`` and
+             ``python -m avocado_tests.run --ci`` (minutes;
              ``--no-suite`` leaves it out, e.g. ``make bench BENCH_ARGS=--no-suite``)
 
 DPDK (``dpdk-testpmd``) is installed with apt-get by this command when missing (root on Debian
@@ -28,11 +30,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import dpdk, plots
+from bench import dpdk, plots, readme
 from bench.report import Report
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("inproc", "datapath", "mapdiff", "iotlb", "migration", "suite")
+GROUPS = ("inproc", "datapath", "mapdiff", "iotlb", "migration", "lab", "suite")
 
 
 def log(msg: str) -> None:
@@ -50,6 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="time the full qtest suite and the avocado CI subset (default: yes)",
     )
+    p.add_argument(
+        "--suites",
+        action="append",
+        choices=("check_vhost_user_s", "qtest_suite_s", "avocado_ci_s"),
+        help="with the suite group: time only these suites",
+    )
     p.add_argument("--quick", action="store_true", help="shorter windows, 64-byte frames only")
     p.add_argument("--no-dpdk", action="store_true", help="skip the DPDK reference runs")
     p.add_argument(
@@ -59,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="also py-spy our backend under testpmd TX/RX 64 B (needs py-spy in the venv)",
+    )
+    p.add_argument(
+        "--readme", action="store_true", help="rewrite README.md's benchmark table from the report"
     )
     p.add_argument(
         "--plots",
@@ -229,10 +240,16 @@ class Runner:
         runs = 1 if self.args.quick else max(1, self.args.migration_runs)
         migration.live_migration(self.report, self.logs / "migration", runs, log)
 
+    def lab(self) -> None:
+        from bench import lab
+
+        lab.boot(self.report, self.scratch("lab"), log, boots=1 if self.args.quick else 3)
+        lab.lane(self.report, self.logs, log)
+
     def suite(self) -> None:
         from bench import suite
 
-        suite.run(self.report, self.logs, log)
+        suite.run(self.report, self.logs, log, only=self.args.suites)
 
     # -- all ----------------------------------------------------------------------------------
     def run(self, argv: list[str]) -> int:
@@ -259,10 +276,20 @@ class Runner:
             log(f"no plots: {why}")
         else:
             drawn = plots.draw_all(self.report.to_dict(), self.out)
-            self.report.meta["plots"] = [str(p.relative_to(REPO)) for p in drawn]
+            self.report.meta["plots"] = [
+                str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in drawn
+            ]
             log("plots: " + ", ".join(str(p) for p in drawn))
         self.report.save()
+        table = readme.render(self.report.to_dict())
+        (self.out / "table.md").write_text(table)
+        if self.args.readme:
+            readme.update(REPO / "README.md", table)
+            log("README.md: benchmark table regenerated")
         log(f"report: {self.report.path}")
+        log("figures against issue #17's targets:")
+        for line in self.report.summary():
+            log("  " + line)
         return 0
 
 

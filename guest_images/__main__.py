@@ -1,4 +1,6 @@
-"""``python -m guest_images build [--cache DIR] [--force] [--json]``: build or find the guest."""
+"""``python -m guest_images build [--image guest|lab] [--cache DIR] [--force] [--json]``.
+
+Builds (or finds cached) the test guest (default) or the vhost-vdpa lab's L1 image."""
 
 from __future__ import annotations
 
@@ -9,14 +11,18 @@ import time
 from pathlib import Path
 
 from guest_images.apt import AptError
-from guest_images.builder import BuildError, build, default_cache_dir
+from guest_images.builder import GUEST, BuildError, build, default_cache_dir
+from guest_images.lab import LAB
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m guest_images")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the guest kernel + initramfs (or find it cached)")
-    b.add_argument("--cache", type=Path, default=None, help=f"default: {default_cache_dir()}")
+    b.add_argument("--image", choices=("guest", "lab"), default="guest",
+                   help="guest: the avocado tests' guest; lab: the vhost-vdpa lab's L1")  # fmt: skip
+    b.add_argument("--cache", type=Path, default=None,
+                   help=f"default: {default_cache_dir(GUEST)} or {default_cache_dir(LAB)}")  # fmt: skip
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON")
     args = parser.parse_args(argv)
@@ -26,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     try:
-        image = build(args.cache, force=args.force, log=log)
+        image = build(
+            args.cache, force=args.force, log=log, spec=LAB if args.image == "lab" else GUEST
+        )
     except (BuildError, AptError, OSError) as exc:
         print(f"guest_images: build failed: {exc}", file=sys.stderr)
         return 1

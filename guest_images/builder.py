@@ -1,9 +1,14 @@
-"""Build (or find in the cache) the minimal test guest: Debian kernel + busybox initramfs.
+"""Build (or find in the cache) a Debian kernel + busybox initramfs image.
+
+Two images share this machinery, each described by an :class:`ImageSpec`: :data:`GUEST`, the
+minimal test guest the avocado tests boot, and :data:`LAB` (``guest_images.lab``), the L1 VM
+that runs the vhost-vdpa lane.
 
 Cache layout: ``<cache>/<key>/{vmlinuz,initrd.gz,manifest.json}``, where the key hashes the
 SHA256 of the chosen .deb files and the recipe (the files that shape the output, the recipe
 version and the compiler). ``<cache>/debs/`` keeps the verified .deb files. An entry is
-published by renaming a finished staging directory, so a half-built guest is never used.
+published by renaming a finished staging directory, so a half-built image is never used.
+Each image has its own cache directory (old .deb files are pruned per cache).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from guest_images.kmod import ModuleTree
 RECIPE_VERSION = 1
 HERE = Path(__file__).resolve().parent
 # The files whose content shapes the image: any change makes a new cache key.
-RECIPE_FILES = ("builder.py", "cpio.py", "kmod.py", "init.sh", "udpseq.c")
+RECIPE_FILES = ("builder.py", "cpio.py", "kmod.py", "udpseq.c")  # + the spec's init
 
 KERNEL_PREFIX = "linux-image-6.12."
 KERNEL_REGEX = r"linux-image-6\.12\.\d+\+deb12(\.\d+)?-cloud-amd64"
@@ -45,6 +50,23 @@ LIST_SUITES = ["bookworm", KERNEL_SUITE]
 MODULES = ("virtio_iommu", "virtio_net")
 CC = "gcc"
 CFLAGS = ["-static", "-O2", "-s", "-Wall", "-Wextra"]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What distinguishes one image from another: its kernel package, modules and /init."""
+
+    name: str  # also the cache directory name under ~/.cache/vdpa-qtest/
+    kernel_regex: str  # wholly matches the kernel package name (prefix KERNEL_PREFIX)
+    modules: tuple[str, ...]  # loaded by /init in this order, dependencies first
+    init: str  # file in guest_images/ that becomes /init
+    cache_env: str  # environment variable that overrides the cache directory
+    release: str  # /etc/<release> in the initramfs records key, kernel, modules
+
+
+GUEST = ImageSpec(
+    "guest", KERNEL_REGEX, MODULES, "init.sh", "VDPA_GUEST_CACHE", "vdpa-guest-release"
+)
 
 
 class BuildError(Exception):
@@ -75,12 +97,12 @@ class GuestImage:
         return isinstance(udpseq, dict) and bool(udpseq.get("built"))
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("VDPA_GUEST_CACHE")
+def default_cache_dir(spec: ImageSpec = GUEST) -> Path:
+    env = os.environ.get(spec.cache_env)
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vdpa-qtest" / "guest"
+    return Path(base) / "vdpa-qtest" / spec.name
 
 
 def _compiler_id() -> str:
@@ -91,9 +113,12 @@ def _compiler_id() -> str:
         return "none"
 
 
-def recipe_hash() -> str:
-    h = hashlib.sha256(f"recipe {RECIPE_VERSION}\n{_compiler_id()}\n{CFLAGS}\n{MODULES}\n".encode())
-    for name in RECIPE_FILES:
+def recipe_hash(spec: ImageSpec = GUEST) -> str:
+    h = hashlib.sha256(
+        f"recipe {RECIPE_VERSION}\n{_compiler_id()}\n{CFLAGS}\n{spec.modules}\n".encode()
+    )
+    h.update(f"{spec.name}\0{spec.kernel_regex}\0{spec.release}\0".encode())
+    for name in (*RECIPE_FILES, spec.init):
         h.update(f"\0{name}\0".encode())
         h.update((HERE / name).read_bytes())
     return h.hexdigest()
@@ -134,7 +159,8 @@ def _locked(cache: Path) -> Iterator[None]:
 class _Apt:
     """Selection and download with at most one `apt-get update` per build."""
 
-    def __init__(self, log: Log, memo: Path) -> None:
+    def __init__(self, spec: ImageSpec, log: Log, memo: Path) -> None:
+        self.spec = spec
         self.log = log
         self.memo = memo
         self.updated = False
@@ -160,7 +186,7 @@ class _Apt:
     def _select(self) -> list[DebPackage]:
         """Selection depends only on the apt sources + lists: memoised on their fingerprint,
         so a warm-cache run does not pay for apt-cache (slow when its own cache is disabled)."""
-        criteria = [KERNEL_PREFIX, KERNEL_REGEX, KERNEL_SUITE, BUSYBOX]
+        criteria = [KERNEL_PREFIX, self.spec.kernel_regex, KERNEL_SUITE, BUSYBOX]
         fingerprint = apt.lists_fingerprint()
         try:
             memo = json.loads(self.memo.read_text())
@@ -168,7 +194,7 @@ class _Apt:
                 return [DebPackage(**p) for p in memo["packages"]]
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        packages = apt.select(KERNEL_PREFIX, KERNEL_REGEX, KERNEL_SUITE, [BUSYBOX])
+        packages = apt.select(KERNEL_PREFIX, self.spec.kernel_regex, KERNEL_SUITE, [BUSYBOX])
         memo = {"fingerprint": fingerprint, "criteria": criteria,
                 "packages": [p.as_dict() for p in packages]}  # fmt: skip
         self.memo.write_text(json.dumps(memo, indent=1) + "\n")
@@ -208,7 +234,11 @@ def _compile_udpseq(out: Path, log: Log) -> dict[str, object]:
 
 
 def _initramfs(
-    busybox: bytes, modules: list[tuple[str, bytes]], udpseq: bytes | None, release: str
+    spec: ImageSpec,
+    busybox: bytes,
+    modules: list[tuple[str, bytes]],
+    udpseq: bytes | None,
+    release: str,
 ) -> bytes:
     raw = io.BytesIO()
     cpio = CpioWriter(raw)
@@ -216,14 +246,14 @@ def _initramfs(
               "tmp", "usr", "usr/bin", "usr/sbin"):  # fmt: skip
         cpio.directory(d, 0o1777 if d == "tmp" else 0o755)
     cpio.char_device("dev/console", 5, 1)  # the kernel opens it for init before devtmpfs
-    cpio.file("init", (HERE / "init.sh").read_bytes(), 0o755)
+    cpio.file("init", (HERE / spec.init).read_bytes(), 0o755)
     cpio.file("bin/busybox", busybox, 0o755)
     for name, data in modules:
         cpio.file(f"lib/modules/{name}.ko", data)
     cpio.file("lib/modules/load.order", "".join(f"{n}\n" for n, _ in modules).encode())
     if udpseq is not None:
         cpio.file("usr/bin/udpseq", udpseq, 0o755)
-    cpio.file("etc/vdpa-guest-release", release.encode())
+    cpio.file(f"etc/{spec.release}", release.encode())
     cpio.close()
     out = io.BytesIO()
     with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9, mtime=0) as gz:
@@ -232,7 +262,13 @@ def _initramfs(
 
 
 def _assemble(
-    packages: list[DebPackage], debs: list[Path], key: str, recipe: str, work: Path, log: Log
+    spec: ImageSpec,
+    packages: list[DebPackage],
+    debs: list[Path],
+    key: str,
+    recipe: str,
+    work: Path,
+    log: Log,
 ) -> dict[str, object]:
     """Build vmlinuz + initrd.gz + manifest.json into ``work/stage``; returns the manifest."""
     t0 = time.monotonic()
@@ -250,17 +286,18 @@ def _assemble(
         raise BuildError(f"expected one boot/vmlinuz-* in {kernel_pkg.name}, found {vmlinuz}")
     shutil.copyfile(vmlinuz[0], stage / "vmlinuz")
     tree = ModuleTree(kroot)
-    mods = tree.resolve(list(MODULES))
+    mods = tree.resolve(list(spec.modules))
     busybox = (broot / "bin" / "busybox").read_bytes()
 
     udpseq_info = _compile_udpseq(work / "udpseq", log)
     udpseq = (work / "udpseq").read_bytes() if udpseq_info["built"] else None
     release = f"key={key}\nkernel={tree.kernel_version}\nmodules={','.join(m.name for m in mods)}\n"
-    initrd = _initramfs(busybox, [(m.name, m.data) for m in mods], udpseq, release)
+    initrd = _initramfs(spec, busybox, [(m.name, m.data) for m in mods], udpseq, release)
     (stage / "initrd.gz").write_bytes(initrd)
 
     manifest: dict[str, object] = {
         "key": key,
+        "image": spec.name,
         "recipe": recipe,
         "recipe_version": RECIPE_VERSION,
         "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -296,15 +333,20 @@ def _newest_entry(cache: Path, recipe: str) -> Path | None:
     return best[1] if best else None
 
 
-def build(cache_dir: Path | None = None, force: bool = False, log: Log = print) -> GuestImage:
-    """The guest image for the current recipe and newest packages, built only if not cached.
+def build(
+    cache_dir: Path | None = None,
+    force: bool = False,
+    log: Log = print,
+    spec: ImageSpec = GUEST,
+) -> GuestImage:
+    """The image for ``spec``'s current recipe and newest packages, built only if not cached.
 
     If apt cannot be asked (offline, no apt), an existing entry for the same recipe is used.
     """
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    recipe = recipe_hash()
+    cache = Path(cache_dir) if cache_dir else default_cache_dir(spec)
+    recipe = recipe_hash(spec)
     with _locked(cache):
-        helper = _Apt(log, cache / "selection.json")
+        helper = _Apt(spec, log, cache / "selection.json")
         try:
             packages = helper.resolve()
         except AptError as exc:
@@ -322,7 +364,7 @@ def build(cache_dir: Path | None = None, force: bool = False, log: Log = print) 
         key = image_key(packages, recipe)
         entry = cache / key
         with tempfile.TemporaryDirectory(dir=cache, prefix=f".build-{key}-") as tmp:
-            manifest = _assemble(packages, debs, key, recipe, Path(tmp), log)
+            manifest = _assemble(spec, packages, debs, key, recipe, Path(tmp), log)
             if entry.exists():
                 shutil.rmtree(entry)
             os.rename(Path(tmp) / "stage", entry)
@@ -330,5 +372,5 @@ def build(cache_dir: Path | None = None, force: bool = False, log: Log = print) 
         for old in (cache / "debs").glob("*.deb"):
             if old.name not in keep:  # superseded packages: do not let the cache grow forever
                 old.unlink()
-        log(f"built guest {key} in {manifest['build_seconds']} s")
+        log(f"built {spec.name} {key} in {manifest['build_seconds']} s")
         return _load(entry, cached=False)

@@ -35,13 +35,20 @@ def log_dir(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture
-def make_testbed(log_dir: Path) -> Iterator[Callable[..., Testbed]]:
+def transport(request: pytest.FixtureRequest) -> str:
+    """How QEMU reaches the backend in this test: "vhost-user" unless the test is
+    parametrized over :data:`qtests.qos.transports.BOTH` (indirectly, through this fixture)."""
+    return str(getattr(request, "param", "vhost-user"))
+
+
+@pytest.fixture
+def make_testbed(log_dir: Path, transport: str) -> Iterator[Callable[..., Testbed]]:
     """Factory for testbeds (backend process + QEMU + driver); every one is closed at teardown,
-    whatever the test did."""
+    whatever the test did. Testbeds use the test's ``transport`` unless told otherwise."""
     beds: list[Testbed] = []
 
     def make(**kw: Any) -> Testbed:
-        tb = Testbed(log_dir, **kw)
+        tb = Testbed(log_dir, **{"transport": transport, **kw})
         beds.append(tb)
         return tb
 

@@ -26,6 +26,7 @@ import pytest
 from qtests.qos.frames import HEADER, make_frame, parse_frame
 from qtests.qos.qmp import QmpError
 from qtests.qos.testbed import Testbed
+from qtests.qos.transports import BOTH
 from qtests.qos.virtio_net import NET_HDR_SIZE, VirtioNetDriver, VirtioNetHdr
 from qtests.qos.virtqueue import VRING_AVAIL_F_NO_INTERRUPT, SplitVirtqueue
 from qtests.qos.waiting import poll_until
@@ -127,11 +128,13 @@ def test_frame_pattern_table_matches_its_definition() -> None:
 
 # ---------------------------------------------------------------------------- TX
 @pytest.mark.qemu
+@pytest.mark.parametrize("transport", BOTH, indirect=True)
 def test_tx_frames_arrive_byte_exact(testbed: Testbed) -> None:
     tx_frames_arrive_byte_exact(testbed)
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("transport", BOTH, indirect=True)
 def test_tx_scenario_catches_drop_tx(make_testbed: Callable[..., Testbed]) -> None:
     tb = make_testbed(faults=["drop-tx"]).start()
     with pytest.raises(AssertionError, match="reached the wire"):
@@ -180,6 +183,7 @@ def rx_mergeable_byte_exact(tb: Testbed) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("transport", BOTH, indirect=True)
 def test_rx_mergeable_byte_exact(testbed: Testbed) -> None:
     rx_mergeable_byte_exact(testbed)
 

@@ -20,7 +20,8 @@ QEMU_MIN_MINOR=0
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 # System packages the suite needs besides QEMU (tmux drives the interactive-session test,
-# gcc + libc6-dev build the guest's static traffic tool, xz-utils/cpio are handy for images).
+# gcc + libc6-dev build the guest's static traffic tool, xz-utils/cpio are handy for images;
+# iproute2's `vdpa` runs in the vhost-vdpa lab's L1, which reuses the host's root).
 SYSTEM_PKGS=(gcc libc6-dev tmux)
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -106,6 +107,7 @@ ensure_system_pkgs() {
     command -v gcc >/dev/null 2>&1 || missing+=(gcc)
     [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
     command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+    [ -x /usr/sbin/vdpa ] || [ -x /sbin/vdpa ] || command -v vdpa >/dev/null 2>&1 || missing+=(iproute2)
     if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then missing+=(python3-venv); fi
     # Debian's python3 splits venv out; with another python on PATH this is already fine
     [ ${#missing[@]} -eq 0 ] && return

@@ -9,6 +9,7 @@ stdout/stderr stay in the test's log directory.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ _log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY = b"READY"
+_vduse_names = itertools.count(1)  # VDUSE device names are system-wide: unique per process
 
 
 def backend_python() -> str:
@@ -56,11 +58,21 @@ class BackendProcess:
         extra_args: Iterable[str] = (),
         log: logging.Logger | None = None,
         socket_path: str | None = None,
+        transport: str = "vhost-user",
+        vduse_name: str | None = None,
     ) -> None:
         """Logs go to ``log_dir``, the sockets to ``run_dir`` (default: ``log_dir``; unix socket
         paths must stay under 108 bytes). ``log``: where to report (default: this module's).
         ``socket_path``: the vhost-user socket (default ``run_dir/NAME.sock``), e.g. the path of a
-        backend this one replaces for a QEMU that reconnects."""
+        backend this one replaces for a QEMU that reconnects. ``transport``: "vhost-user", or
+        "vduse" for a VDUSE device named ``vduse_name`` on the kernel's vDPA bus (then
+        :attr:`vhost_vdpa` is the ``/dev/vhost-vdpa-N`` its READY line named)."""
+        if transport not in ("vhost-user", "vduse"):
+            raise ValueError(f"unknown backend transport {transport!r}")
+        self.transport = transport
+        self.vduse_name = vduse_name or f"qos-{os.getpid()}-{next(_vduse_names)}"
+        #: the vhost-vdpa device of a vduse backend, from its READY line
+        self.vhost_vdpa: str | None = None
         self.name = name
         self.log = log or _log
         self.log_dir = Path(log_dir)
@@ -85,8 +97,11 @@ class BackendProcess:
 
     # -- life cycle ------------------------------------------------------------------------
     def command(self) -> list[str]:
-        cmd = [backend_python(), "-m", "backends",
-               "--socket", self.socket, "--monitor", self.monitor_path,
+        if self.transport == "vduse":
+            where = ["--transport", "vduse", "--name", self.vduse_name]
+        else:
+            where = ["--socket", self.socket]
+        cmd = [backend_python(), "-m", "backends", *where, "--monitor", self.monitor_path,
                "--log", str(self.log_path), "--journal-file", str(self.journal_path),
                "--queues", str(self.queues), "--wire", self.wire]  # fmt: skip
         for fault in self.faults:
@@ -142,6 +157,7 @@ class BackendProcess:
                             f"stdout {buf[-500:]!r}\n{self.tails()}"
                         )
                     buf += chunk
+            self._read_ready(buf)
         except BaseException:
             out.write(buf)
             out.close()
@@ -155,6 +171,18 @@ class BackendProcess:
         self._drain.start()
         self.log.info("%s ready (pid %d)", self.name, self.proc.pid)
         return self
+
+    def _read_ready(self, stdout: bytes) -> None:
+        """Take what the READY line names (``vhost-vdpa=PATH`` for a vduse backend)."""
+        for line in stdout.splitlines():
+            words = line.decode(errors="replace").split()
+            if words[:1] == ["READY"]:
+                for word in words[1:]:
+                    key, _, value = word.partition("=")
+                    if key == "vhost-vdpa":
+                        self.vhost_vdpa = value
+        if self.transport == "vduse" and not self.vhost_vdpa:
+            raise BackendError(f"{self.name}'s READY line names no vhost-vdpa device: {stdout!r}")
 
     @staticmethod
     def _drain_stdout(fd: int, out: Any) -> None:

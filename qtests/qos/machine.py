@@ -401,6 +401,25 @@ class QemuMachine:
             **extra,
         )
 
+    def add_vhost_vdpa_netdev(
+        self,
+        vhostdev: str,
+        *,
+        netdev_id: str = "n0",
+        queues: int = 1,
+        **extra: Any,
+    ) -> QemuMachine:
+        """A vhost-vdpa netdev on ``/dev/vhost-vdpa-N`` (a VDUSE device of ours, or any vDPA
+        device). Guest RAM must be shared and fd-backed (the default here), or the device
+        cannot map it (VDUSE_IOTLB_GET_FD hands out the memory's fd)."""
+        return self.add_netdev(
+            "vhost-vdpa",
+            netdev_id,
+            vhostdev=vhostdev,
+            queues=queues if queues > 1 else None,
+            **extra,
+        )
+
     def add_dgram_netdev(
         self, local_path: str, remote_path: str, *, netdev_id: str = "n0"
     ) -> QemuMachine:

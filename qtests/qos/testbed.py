@@ -27,6 +27,9 @@ from qtests.qos.virtio_net import VirtioNetDriver
 from qtests.qos.wire_peer import WirePeer
 
 GUEST_MAC = "52:54:00:12:34:56"
+#: How QEMU reaches the backend: a vhost-user socket, or ``-netdev vhost-vdpa`` on the
+#: /dev/vhost-vdpa-N of the backend's VDUSE device (needs vduse + vhost_vdpa: the lane).
+TRANSPORTS = ("vhost-user", "vhost-vdpa")
 #: Exit statuses that mean a process crashed rather than stopped.
 CRASH_STATUSES = {-signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS, -signal.SIGILL, -signal.SIGFPE}
 
@@ -47,7 +50,14 @@ class Testbed:
         slots: int = 4,
         reconnect_ms: int | None = None,
         net_props: dict[str, Any] | None = None,
+        transport: str = "vhost-user",
+        backend_mac: str = GUEST_MAC,
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.transport = transport
+        #: the MAC the backend's config space carries (vhost-vdpa: what the guest reads)
+        self.backend_mac = backend_mac
         self.log_dir = Path(log_dir)
         self.name = name
         self.queues = queues
@@ -80,8 +90,9 @@ class Testbed:
             queues=self.queues,
             wire=self.peer.backend_wire_spec(),
             faults=self.faults,
-            mac=GUEST_MAC,
+            mac=self.backend_mac,
             extra_args=self.backend_args,
+            transport="vduse" if self.transport == "vhost-vdpa" else "vhost-user",
         ).start()
         self.peer.connect(self.backend.wire_spec())
         return self.backend
@@ -97,9 +108,13 @@ class Testbed:
             slots=self.slots,
         )
         self.add_platform(m)
-        m.add_vhost_user_netdev(
-            self.backend.socket, queues=self.queues, reconnect_ms=self.reconnect_ms
-        )
+        if self.transport == "vhost-vdpa":
+            assert self.backend.vhost_vdpa is not None
+            m.add_vhost_vdpa_netdev(self.backend.vhost_vdpa, queues=self.queues)
+        else:
+            m.add_vhost_user_netdev(
+                self.backend.socket, queues=self.queues, reconnect_ms=self.reconnect_ms
+            )
         m.add_virtio_net(**{**self.nic_props(), **self.net_props})
         return m
 

@@ -1,0 +1,175 @@
+"""pytest plugin: the ``vdpa_lane`` marker, and lane tests run in the lab where the host can't.
+
+A lane test is an ordinary pytest test marked ``@pytest.mark.vdpa_lane``: it needs
+``/dev/vduse/control`` and vhost_vdpa on the kernel it runs on. Where this host has them
+(:func:`qtests.lab.host.lane_mode`), lane tests run here like any other. Where it does not,
+each selected lane test is replaced by a :class:`LaneProxy` with the same node id; the first
+proxy to run boots L1 once and runs all of them in one inner pytest
+(:func:`qtests.lab.lane.run_lane`), and each proxy then passes, fails (with the inner failure
+text and captured output) or skips as its inner test did. When neither the host nor the lab
+can run the lane, the proxies skip and say what to install.
+
+Loaded for every session through ``-p qtests.lab.plugin`` in pyproject's addopts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qtests.lab import host
+from qtests.lab.lane import INNER_TIMEOUT, LaneRun, run_lane
+from qtests.lab.vm import BOOT_TIMEOUT
+
+MARKER = "vdpa_lane"
+_LANE = pytest.StashKey["_Lane"]()
+
+
+class LaneTestFailed(Exception):
+    """The inner test failed in L1 (or could not run there): the text says how."""
+
+
+class _Lane:
+    """The session's lane: which tests are proxied and, once run, the inner results."""
+
+    def __init__(self, config: pytest.Config, mode: str, why: str) -> None:
+        self.config = config
+        self.mode = mode
+        self.why = why
+        self.nodeids: list[str] = []
+        self.run: LaneRun | None = None
+        self.broken = ""  # the lab run was interrupted (e.g. a timeout): never run it twice
+
+    @property
+    def log_root(self) -> Path:
+        return Path(os.environ.get("QOS_LOG_DIR") or self.config.rootpath / "test-logs")
+
+    def results(self) -> LaneRun:
+        if self.broken:
+            raise LaneTestFailed(f"the lab run was interrupted in an earlier test: {self.broken}")
+        if self.run is None:
+            capture = self.config.pluginmanager.getplugin("capturemanager")
+            assert capture is not None
+            with capture.global_and_fixture_disabled():
+                tw = self.config.get_terminal_writer()
+                tw.line()
+                tw.line(
+                    f"vdpa lane: {self.why}; booting the lab (L1) once for "
+                    f"{len(self.nodeids)} lane test(s), logs in {self.log_root / 'vdpa-lab'}"
+                )
+            try:
+                self.run = run_lane(
+                    self.nodeids, self.config.rootpath, self.log_root, INNER_TIMEOUT
+                )
+            except BaseException as exc:
+                self.broken = f"{type(exc).__name__}: {exc}"
+                raise
+        return self.run
+
+
+class LaneProxy(pytest.Item):
+    """Stands on the host for one lane test that runs in L1; same node id, same markers."""
+
+    def __init__(self, *, original: pytest.Item, lane: _Lane, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.original = original
+        self.lane = lane
+        self.own_markers.extend(original.own_markers)
+        self.keywords.update(original.keywords)
+
+    def runtest(self) -> None:
+        if self.lane.mode == "none":
+            pytest.skip(self.lane.why)
+        run = self.lane.results()
+        inner = run.result(self.nodeid)
+        console = run.workdir / "console.log"
+        self.user_properties.append(("lab_console_log", str(console)))
+        where = ""
+        if inner.log_dir_name:
+            log_dir = self.lane.log_root / inner.log_dir_name
+            self.user_properties.append(("log_dir", str(log_dir)))
+            where = f"logs: {log_dir}; "
+        for name, text in inner.sections:  # "Captured <key> <when>" in the inner report
+            key, _, when = name.removeprefix("Captured ").rpartition(" ")
+            self.add_report_section(when or "call", f"{key or name} in L1", text)
+        if inner.outcome == "passed":
+            return
+        if inner.outcome == "skipped":
+            pytest.skip(f"skipped in L1: {inner.text}")
+        if inner.outcome == "failed":
+            raise LaneTestFailed(
+                f"{_headline(inner.text)}\n{inner.text}\n\n(ran in the lab L1; {where}"
+                f"L1 console log: {console})"
+            )
+        raise LaneTestFailed(f"no result from L1: {run.error}\n(console log: {console})")
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, LaneTestFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.original.reportinfo()
+
+
+def _headline(text: str) -> str:
+    """The first ``E   `` line of a pytest failure text (what the short summary shows)."""
+    for line in text.splitlines():
+        if line.startswith("E   "):
+            return "failed in L1: " + line[1:].strip()
+    return "failed in L1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}: a vhost-vdpa lane test (needs /dev/vduse/control and vhost_vdpa); runs in "
+        "the lab L1 where the host has neither",
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: proxy exactly what will run
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    lane_items = [i for i in items if i.get_closest_marker(MARKER) is not None]
+    if not lane_items:
+        return
+    mode, why = host.lane_mode()
+    if mode == "direct":
+        return
+    lane = _Lane(config, mode, why)
+    config.stash[_LANE] = lane
+    timeout = BOOT_TIMEOUT + INNER_TIMEOUT + 120
+    for index, item in enumerate(items):
+        if item.get_closest_marker(MARKER) is None:
+            continue
+        assert item.parent is not None
+        proxy = LaneProxy.from_parent(item.parent, name=item.name, original=item, lane=lane)
+        if config.pluginmanager.hasplugin("timeout"):
+            proxy.add_marker(pytest.mark.timeout(timeout))  # the whole lane runs in the first
+        lane.nodeids.append(proxy.nodeid)
+        items[index] = proxy
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    lane = config.stash.get(_LANE, None)
+    if lane is None:
+        return
+    if lane.run is None:
+        if lane.mode == "none":
+            terminalreporter.write_line(f"vdpa lane skipped: {lane.why}")
+        return
+    run, lab = lane.run, lane.run.lab
+    figures = (
+        f"L1 boot {lab.boot_seconds:.1f} s, inner pytest {lab.run_seconds:.1f} s, "
+        if lab is not None
+        else ""
+    )
+    terminalreporter.write_line(
+        f"vdpa lane in the lab: {len(run.results)} test(s), {figures}lane {run.seconds:.1f} s "
+        f"(logs: {run.workdir})"
+    )

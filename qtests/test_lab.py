@@ -1,0 +1,117 @@
+"""The lab runner itself (on the host): L1 runs a command and brings back its results; an L1
+that does not boot fails with the reason named and its console log kept.
+
+These boot L1 (a few seconds each under TCG); they skip only where the lab cannot run at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from guest_images import lab as image
+from qtests.lab import host
+from qtests.lab.lane import InnerResult, inner_command, read_results
+from qtests.lab.vm import LabBootError, run_in_lab
+
+REPO = Path(__file__).resolve().parents[1]
+
+_LAB_PROBLEM = "we are inside the lab" if host.inside_lab() else host.lab_problem()
+needs_lab = pytest.mark.skipif(
+    _LAB_PROBLEM is not None, reason=f"the lab cannot run here: {_LAB_PROBLEM}"
+)
+
+
+@needs_lab
+@pytest.mark.qemu
+def test_lab_runs_a_command_in_the_host_root(log_dir: Path) -> None:
+    script = (
+        f"cd {REPO}\n"
+        'echo "cwd=$(pwd) inside=$VDPA_LAB_INSIDE"\n'
+        f"{sys.executable} -c 'import qtests.lab; print(\"venv ok\")'\n"
+        'echo "to stderr" >&2\n'
+        'uname -r > "$VDPA_LAB_SHARE/uname"\n'
+        "exit 7\n"
+    )
+    result = run_in_lab(script, log_dir / "lab")
+    assert result.rc == 7, result
+    assert f"cwd={REPO} inside=1" in result.stdout
+    assert "venv ok" in result.stdout
+    assert result.stderr == "to stderr\n"
+    assert (result.share / "uname").read_text().strip().endswith("-amd64"), "not L1's kernel"
+    assert image.DONE_MARKER + " rc=7" in result.console_log.read_text()
+    assert 0 < result.boot_seconds < result.total_seconds
+
+
+@needs_lab
+@pytest.mark.qemu
+def test_lab_kernel_panic_is_named_and_console_kept(log_dir: Path) -> None:
+    with pytest.raises(LabBootError) as err:
+        run_in_lab("true", log_dir / "lab", kernel_args=["rdinit=/no-such-init"])
+    assert err.value.reason.startswith("L1 kernel panic: Kernel panic - not syncing")
+    assert err.value.console_log.is_file()
+    assert "Kernel panic" in err.value.console_log.read_text()
+
+
+@needs_lab
+@pytest.mark.qemu
+def test_lab_init_failure_is_named(log_dir: Path) -> None:
+    # A later lab.share= wins: a path on the read-only root where the share cannot be mounted.
+    with pytest.raises(LabBootError) as err:
+        run_in_lab("true", log_dir / "lab", kernel_args=["lab.share=/proc/no-such-dir"])
+    assert "L1's /init failed: mount of the writable share" in err.value.reason
+    assert image.FAILED_MARKER in err.value.console_log.read_text()
+
+
+@needs_lab
+@pytest.mark.qemu
+def test_lab_boot_timeout_names_the_marker(log_dir: Path) -> None:
+    with pytest.raises(LabBootError) as err:
+        run_in_lab("true", log_dir / "lab", boot_timeout=0.2)
+    assert f"waiting for {image.READY_MARKER}" in err.value.reason
+    assert err.value.console_log.is_file()
+
+
+# -- the lane's bookkeeping (no VM) -------------------------------------------------------------
+def _rec(nodeid: str, when: str, outcome: str, text: str = "") -> str:
+    return json.dumps(
+        {"kind": "test", "nodeid": nodeid, "when": when, "outcome": outcome,
+         "longrepr": text, "duration": 0.1, "sections": [], "wasxfail": None}
+    )  # fmt: skip
+
+
+def test_lane_results_merge_phases(tmp_path: Path) -> None:
+    lines = [
+        _rec("a", "setup", "passed"), _rec("a", "call", "passed"), _rec("a", "teardown", "passed"),
+        _rec("b", "setup", "passed"), _rec("b", "call", "failed", "E   boom"),
+        _rec("b", "teardown", "passed"),
+        _rec("c", "setup", "skipped", "no device"),
+        _rec("d", "setup", "passed"), _rec("d", "call", "passed"),
+        _rec("d", "teardown", "failed", "E   leak"),
+        json.dumps({"kind": "collect", "nodeid": "qtests/x.py", "longrepr": "ImportError"}),
+        json.dumps({"kind": "log_dir", "nodeid": "b", "path": "/s/test-logs/qtests_t.py_b"}),
+        '{"kind": "test", "nodeid": "cut sh',  # a line cut short by a killed L1
+    ]  # fmt: skip
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    results, collect_errors = read_results(path, ["a", "b", "c", "d", "e"])
+    assert {n: r.outcome for n, r in results.items()} == {
+        "a": "passed", "b": "failed", "c": "skipped", "d": "failed", "e": "missing"
+    }  # fmt: skip
+    assert results["b"].text == "E   boom"
+    assert results["d"].text == "error in teardown: E   leak"
+    assert results["c"].text == "no device"
+    assert results["b"].log_dir_name == "qtests_t.py_b" and results["a"].log_dir_name == ""
+    assert collect_errors == ["qtests/x.py: ImportError"]
+    assert read_results(tmp_path / "absent", ["a"])[0]["a"] == InnerResult("a")
+
+
+def test_lane_inner_command_runs_exactly_the_given_tests() -> None:
+    script = inner_command(["qtests/t.py::test_a[x y]", "qtests/t.py::test_b"], REPO, "/py")
+    assert f"cd {REPO}\n" in script
+    assert "'qtests/t.py::test_a[x y]' qtests/t.py::test_b" in script
+    assert "-p qtests.lab.inner_report" in script and "-p no:cacheprovider" in script
+    assert 'QOS_LOG_DIR="$VDPA_LAB_SHARE/test-logs"' in script
