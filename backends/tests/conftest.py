@@ -26,30 +26,6 @@ from backends.vdpa.virtqueue import (
     VRING_DESC_F_WRITE,
 )
 
-#: Test modules run whole on one pytest-xdist worker: the malformed-input suite must (a
-#: module-scoped backend whose teardown checks what every case left in its journal, a last test
-#: comparing descriptors); the packaging tests share one pip-installed venv (built once).
-ONE_WORKER_MODULES = frozenset(
-    {"backends/tests/test_vhost_user_malformed.py", "qtests/test_packaging.py"}
-)
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``make check`` (``-n auto --dist loadgroup``): tests are spread one by one, except the
-    modules in :data:`ONE_WORKER_MODULES`, each sent whole to one worker. (xdist's own
-    loadgroup no longer groups ``xdist_group`` marks under pytest 9.2: pytest-xdist#1386.)"""
-    if config.getoption("dist") not in ("load", "loadgroup"):
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class OneWorkerModules(LoadScopeScheduling):  # type: ignore[misc]
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return module if module in ONE_WORKER_MODULES else nodeid
-
-    return OneWorkerModules(config, log)
-
-
 # CI runs are reproducible (derandomized); developer runs keep exploring new examples.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("dev", print_blob=True)

@@ -715,3 +715,31 @@ def test_tx_hold_dropped_on_reset() -> None:
     assert rig.net.tx_held == 0
     rig.net.hold_tx(False)
     assert len(rig.wire.sent) == 2
+
+
+# -- RX hold (buffers taken, not filled: what GET_VRING_BASE must give back) -------------------
+
+
+def test_rx_hold_takes_buffers_and_stop_gives_them_back() -> None:
+    rig = make_rig()
+    posted = rig.post_rx(0, [HDR + 2000], count=4)
+    assert rig.net.hold_rx(3) == 3 and rig.dev.vqs[0].inflight == 3
+    f = frame(200, seed=9)
+    rig.wire.deliver(f)  # waits in the backlog while the hold lasts
+    assert rig.vqs[0].take_used() == [] and rig.net.backlog() == 1
+    st = rig.dev.stop_vq(0)
+    assert st.last_avail_idx == 0 and rig.net.rx_held == 0  # rewound: nothing was used
+    rig.dev.set_vq_state(0, st)
+    rig.net.hold_rx(0)
+    rig.dev.start_vq(0)
+    assert rig.vqs[0].take_used() == [(posted[0][0], HDR + 200)], "the first taken buffer"
+
+
+def test_rx_hold_release_fills_in_order() -> None:
+    rig = make_rig()
+    posted = rig.post_rx(0, [HDR + 2000], count=2)
+    rig.net.hold_rx(2)
+    f = frame(300, seed=4)
+    rig.wire.deliver(f)
+    assert rig.net.hold_rx(0) == 0
+    assert rig.vqs[0].take_used() == [(posted[0][0], HDR + 300)]
