@@ -97,6 +97,11 @@ TX_BUDGET = 256
 RX_BUDGET = 256
 #: Frames held per queue pair while the guest has no RX buffers posted.
 RX_BACKLOG = 256
+#: The largest frame a TX chain may carry after its virtio_net_hdr: well above any real one (a
+#: 64 KiB GSO frame, a 65535-byte MTU, the 70000-byte frames the wire tests send). A longer
+#: chain is refused before a byte is copied (found by `make fuzz`: a descriptor of length
+#: 0x7fffffff inside guest RAM made the backend copy gigabytes, stalling it for seconds).
+MAX_TX_FRAME = 0x40000
 
 NET_FEATURES = mask(
     VIRTIO_F_VERSION_1,
@@ -397,6 +402,12 @@ class NetDevice:
                             "net-tx-header",
                             f"vq {i}: TX chain {chain.head} has {chain.out_len} readable "
                             f"bytes, less than the {hdr_len}-byte virtio_net_hdr",
+                        )
+                    if chain.out_len - hdr_len > MAX_TX_FRAME:
+                        raise VqError(
+                            "net-tx-length",
+                            f"vq {i}: TX chain {chain.head} carries {chain.out_len - hdr_len} "
+                            f"bytes after the header, more than a frame ({MAX_TX_FRAME})",
                         )
                     frame = _join_out(chain, hdr_len)
                     if hold:  # popped, not completed: stays in flight

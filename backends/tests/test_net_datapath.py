@@ -378,6 +378,18 @@ def test_tx_chain_shorter_than_header_needs_reset() -> None:
     assert rig.wire.sent == []
 
 
+def test_tx_chain_longer_than_a_frame_needs_reset_without_copying() -> None:
+    """Found by the descriptor fuzzer: a readable descriptor of 0x7fffffff bytes inside guest
+    RAM made the backend copy it all (seconds, gigabytes). Refused before any copy now."""
+    rig = make_rig()
+    gpa = rig.alloc(16)
+    rig.vqs[1].add([(gpa, HDR, False), (GPA, SIZE, False)])
+    rig.vqs[1].kick()
+    assert rig.dev.get_status() & Status.NEEDS_RESET
+    assert journal_error(rig, "net-tx-length")
+    assert rig.wire.sent == []
+
+
 # -- RX ----------------------------------------------------------------------------------------
 
 
