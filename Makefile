@@ -26,8 +26,8 @@ setup:
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy --strict backends qtests/qos --exclude backends/tests --exclude backends/testing
-	$(VENV)/bin/mypy backends/tests backends/testing
+	$(VENV)/bin/mypy --strict backends qtests/qos --exclude backends/tests
+	$(VENV)/bin/mypy backends/tests
 
 format: setup
 	$(VENV)/bin/ruff format .
