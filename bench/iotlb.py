@@ -172,7 +172,7 @@ def miss_rtt_frontend(
         mem.close()
 
 
-def _warm_up(fe: Any, tx: VhostUserRing, buf: int, length: int, timeout: float = 10.0) -> None:
+def _warm_up(fe: Any, tx: VhostUserRing, buf: int, length: int, timeout: float = 30.0) -> None:
     """One packet through, serving every MISS (start-up ones included) until it is used."""
     tx.add(out=[(buf, length)])
     tx.kick()

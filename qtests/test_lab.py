@@ -16,6 +16,8 @@ from guest_images import lab as image
 from qtests.lab import host
 from qtests.lab.lane import InnerResult, inner_command, read_results
 from qtests.lab.vm import LabBootError, run_in_lab
+from qtests.qemu_wrapper import RecordingQemu
+from qtests.qos.machine import find_qemu
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +46,38 @@ def test_lab_runs_a_command_in_the_host_root(log_dir: Path) -> None:
     assert (result.share / "uname").read_text().strip().endswith("-amd64"), "not L1's kernel"
     assert image.DONE_MARKER + " rc=7" in result.console_log.read_text()
     assert 0 < result.boot_seconds < result.total_seconds
+
+
+@needs_lab
+@pytest.mark.qemu
+def test_lab_and_the_lane_in_it_follow_qtest_qemu_binary(
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$QTEST_QEMU_BINARY picks the QEMU that boots L1, and the lane hands the same binary to
+    the L2 QEMUs inside it. The recording wrapper lives in the writable share, so runs made
+    inside L1 are recorded too."""
+    workdir = log_dir / "lab"
+    wrapper = RecordingQemu.create(workdir / "share" / "qemu", find_qemu())
+    monkeypatch.setenv("QTEST_QEMU_BINARY", str(wrapper.path))
+    exports = [
+        line
+        for line in inner_command([], REPO, sys.executable, find_qemu()).splitlines()
+        if line.startswith("export QTEST_QEMU_BINARY=")
+    ]
+    assert exports, "the lane does not hand its QEMU to L1"
+    script = "\n".join(
+        [
+            f"cd {REPO}",
+            *exports,
+            f"{sys.executable} -c 'from qtests.qos.machine import find_qemu, require_qemu; "
+            'require_qemu(); print("inner qemu", find_qemu())\'',
+        ]
+    )
+    result = run_in_lab(script, workdir)
+    assert result.rc == 0, result
+    assert f"inner qemu {wrapper.path}" in result.stdout
+    assert any(" -kernel " in f" {r} " for r in wrapper.machines()), wrapper.runs()
+    assert "--version" in wrapper.runs(), "the version check inside L1 ran another QEMU"
 
 
 @needs_lab

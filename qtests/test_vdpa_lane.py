@@ -13,6 +13,7 @@ meta-test of qtests/test_datapath.py run on vhost-vdpa too.
 * Ring state across stop / cont: without VHOST_BACKEND_F_SUSPEND (VDUSE has none) QEMU
   resets the device at stop, never asks GET_VQ_STATE, takes last_avail_idx from the used
   index in guest memory, and hands it back at cont as the avail index VQ_GET_INFO reports.
+* The split ring's indices wrap past 65535 (from a base restored at cont).
 * Reset and restart of the driver; two queue pairs; a device name already taken.
 """
 
@@ -157,6 +158,44 @@ def test_ring_state_across_stop_cont(make_testbed: Callable[..., Testbed]) -> No
         assert tb.backend.vring(TX_Q)["last_avail_idx"] == sent
     gets = tb.backend.journal(["vduse.msg"])
     print("GET_VQ_STATE messages:", [m for m in gets if m["type"] == "GET_VQ_STATE"])
+
+
+def test_split_ring_wraps_past_65535_from_a_restored_base(
+    make_testbed: Callable[..., Testbed],
+) -> None:
+    """The split TX ring's indices wrap past 65535 on vhost-vdpa without 65536 chains through
+    nested TCG: at stop QEMU (no suspend) takes last_avail_idx from the used index in guest
+    memory, and at cont hands it to the device (SET_VRING_BASE -> VQ_GET_INFO). The driver
+    moves its idle ring to 8 before the wrap (avail and used idx in guest memory, no kick:
+    the device reads the ring only when kicked), then stop / cont, then 20 frames across the
+    wrap, byte-exact and in order."""
+    tb = make_testbed(transport=VDPA).start()
+    assert tb.backend is not None
+    _tx_rx(tb, 0)
+    tb.net.wait_tx()
+    tx = tb.net.txq[0]
+    start = 0x10000 - 8
+    tx.set_base(start)
+    mark = tb.backend.mark()
+    tb.qmp.command("stop")
+    _wait_status(tb, 0, mark, "the device reset at stop")
+    s = tb.vring_base_from_qemu(TX_Q)
+    assert s["last-avail-idx"] == start, s
+    mark = tb.backend.mark()
+    tb.qmp.command("cont")
+    _wait_status(tb, 0xF, mark, "status 0xF (DRIVER_OK) again after cont")
+    poll_until(lambda: _backend(tb).vring(TX_Q)["started"], 20, "the TX ring started after cont")
+    assert tb.backend.vring(TX_Q)["last_avail_idx"] == start
+    frames = [make_frame(seq, 60 + seq, stream=3) for seq in range(20)]
+    for frame in frames:
+        tb.net.send(frame)
+        assert tb.peer.recv(10) == frame, "a TX frame across the wrap changed or was lost"
+    tb.net.wait_tx()
+    end = (start + len(frames)) & 0xFFFF
+    vr = tb.backend.vring(TX_Q)
+    assert (vr["last_avail_idx"], vr["used_idx"]) == (end, end), vr
+    assert tx.avail_idx == tx.last_used_idx == end
+    _tx_rx(tb, 1)  # both ways still healthy
 
 
 def test_driver_reset_and_restart(make_testbed: Callable[..., Testbed]) -> None:
