@@ -24,6 +24,13 @@ FAULTS: dict[str, str] = {
         "mapping with new ids, so regions in use are remapped. Caught by the memory hotplug "
         "suite (unchanged regions must keep their mapping id; no unmap of untouched regions)."
     ),
+    "keep-stale-map": (
+        "while the device runs (DRIVER_OK) the VDUSE transport answers UPDATE_IOTLB OK without "
+        "fetching the range again, as a device that reads the table only at start: it keeps "
+        "the table it had (new memory never mapped, removed memory still mapped). Hook: vduse/transport.py VduseTransport._update_iotlb. Caught by the memory "
+        "hotplug suite (qtests/test_memory_hotplug.py test_keep_stale_map_is_caught: the "
+        "set_map diffs must add exactly the plugged DIMM)."
+    ),
     "vring-base-off-by-one": (
         "get_vq_state / GET_VRING_BASE returns last_avail_idx + 1. Caught by the migration and "
         "ring-state suites (the destination's SET_VRING_BASE / used idx no longer match)."

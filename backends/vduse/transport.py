@@ -580,6 +580,9 @@ class VduseTransport:
     def _update_iotlb(self, req: Request) -> tuple[bytes, dict[str, Any]]:
         start, last = req.iova_range
         fields: dict[str, Any] = {"start": start, "last": last}
+        if self.device.faults.active("keep-stale-map") and self.device.get_status() & DRIVER_OK:
+            fields["fault"] = "keep-stale-map"  # the fault: OK, but nothing fetched
+            return b"", fields
         t0 = time.monotonic_ns()
         try:
             diff = self.mirror.update(start, last)
