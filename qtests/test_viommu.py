@@ -36,8 +36,20 @@ import pytest
 
 from qtests.qos.frames import make_frame
 from qtests.qos.iova import PAGE_SIZE
+from qtests.qos.machine import QemuLaunchError
 from qtests.qos.testbed import Testbed
-from qtests.qos.viommu_testbed import ViommuTestbed
+from qtests.qos.transports import BOTH, VHOST_VDPA
+from qtests.qos.viommu_scenarios import (
+    covers,
+    journal,
+    missed_in,
+    scenario_iotlb_follows_guest_maps,
+    scenario_permissions_vdpa,
+    scenario_stale_mapping,
+    stalled,
+    tx_from,
+)
+from qtests.qos.viommu_testbed import IntelIommuTestbed, ViommuTestbed
 from qtests.qos.virtio_iommu import (
     DEFAULT_IOVA_WINDOW,
     FAULT_R_MAPPING,
@@ -54,15 +66,15 @@ from qtests.qos.wire_peer import WirePeerTimeout
 pytestmark = pytest.mark.qemu
 
 WINDOW_LO, WINDOW_HI = DEFAULT_IOVA_WINDOW
-IOTLB_KINDS = ["iotlb.", "dma.map", "dma.unmap", "error."]
 
 
 @pytest.fixture
-def make_vbed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
+def make_vbed(log_dir: Path, transport: str) -> Iterator[Callable[..., ViommuTestbed]]:
+    """ViommuTestbeds on the test's ``transport`` (qtests/conftest.py), all closed at the end."""
     beds: list[ViommuTestbed] = []
 
     def make(**kw: Any) -> ViommuTestbed:
-        tb = ViommuTestbed(log_dir, **kw)
+        tb = ViommuTestbed(log_dir, **{"transport": transport, **kw})
         beds.append(tb)
         return tb
 
@@ -72,24 +84,9 @@ def make_vbed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
 
 
 # ----------------------------------------------------------------------------- helpers
-def journal(tb: Testbed, since: int, kinds: list[str] | None = None) -> list[dict[str, Any]]:
-    assert tb.backend is not None
-    return tb.backend.journal(kinds=kinds or IOTLB_KINDS, since=since)
-
-
 def assert_no_backend_errors(entries: list[dict[str, Any]]) -> None:
     errors = [e for e in entries if str(e["kind"]).startswith("error.")]
     assert not errors, f"the backend reported {len(errors)} error(s), first: {errors[0]}"
-
-
-def covers(e: dict[str, Any], iova: int) -> bool:
-    """Does the journalled range (dma.map/unmap, iotlb.update/invalidate) contain ``iova``?"""
-    return int(e["iova"]) <= iova < int(e["iova"]) + int(e["size"])
-
-
-def missed_in(e: dict[str, Any], iova: int, size: int) -> bool:
-    """Is the first missing IOVA of an ``iotlb.miss`` entry inside [iova, iova+size)?"""
-    return iova <= int(e["iova"]) < iova + size
 
 
 class HostMap:
@@ -152,20 +149,6 @@ def assert_miss_then_update(
         m = maps[0]
         got = host.gpa(int(m["uaddr"]) + (iova - int(m["iova"])))
         assert got == gpa, f"{what}: the UPDATE points at GPA {got}, not {gpa:#x}"
-
-
-def stalled(tb: Testbed, what: str, e: Exception) -> AssertionError:
-    """The failure of a wait for traffic, with what the backend says about it."""
-    notes = ""
-    if tb.backend is not None and tb.backend.running:
-        entries = journal(tb, 0, ["iotlb.miss_sent", "error."])
-        errors = [e for e in entries if str(e["kind"]).startswith("error.")]
-        sent = len(entries) - len(errors)
-        notes = f"; backend: {sent} MISS sent"
-        if errors:
-            last = errors[-1]
-            notes += f", {len(errors)} error(s), last {last['kind']}: {last.get('detail', last)}"
-    return AssertionError(f"{what} stalled: {e}{notes}")
 
 
 def wait_entry(
@@ -232,27 +215,6 @@ def assert_alive(tb: ViommuTestbed) -> None:
     assert tb.backend is not None and tb.backend.running, "the backend process died"
     assert tb.backend.cmd("query-status") is not None
     assert tb.qmp.command("query-status")["status"] == "running"
-
-
-def rx_into(tb: ViommuTestbed, iova: int, frame: bytes, timeout: float = 5.0) -> int:
-    """Post one premapped RX buffer at ``iova`` (one page), send ``frame`` from the wire,
-    wait for the used element; returns the length the device wrote."""
-    rxq = tb.net.rxq[0]
-    rxq.add((), [(iova, PAGE_SIZE)], "premapped", premapped=True)
-    rxq.kick(force=True)
-    tb.peer.send(frame)
-    try:
-        (used,) = rxq.wait_used(1, timeout)
-    except WaitTimeout as e:
-        raise stalled(tb, f"RX into IOVA {iova:#x}", e) from e
-    return used.length
-
-
-def tx_from(tb: ViommuTestbed, iova: int, length: int) -> None:
-    """Post one premapped TX chain of ``length`` bytes at ``iova`` and kick."""
-    txq = tb.net.txq[0]
-    txq.add([(iova, length)], (), "premapped", premapped=True)
-    txq.kick(force=True)
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -344,47 +306,6 @@ def scenario_dynamic(tb: ViommuTestbed, packets: int) -> None:
             f"IOVA {page:#x}: {n_uses} uses but {rounds} MISS/UPDATE/INVALIDATE rounds "
             f"(a use without a fresh translation); journal: {seen[:12]}"
         )
-
-
-def scenario_stale_mapping(tb: ViommuTestbed) -> None:
-    """IOVA X -> page A, RX into X, UNMAP X (the INVALIDATE reaches the backend before the
-    UNMAP completes), remap X -> page B, RX into X again: the frame lands in B; A keeps what
-    the guest wrote into it after the unmap.  Needs a driver with no RX buffers posted."""
-    assert tb.backend is not None and tb.machine is not None and tb.alloc is not None
-    qt = tb.machine.qtest
-    a, b = tb.alloc.alloc(PAGE_SIZE, tag="page A"), tb.alloc.alloc(PAGE_SIZE, tag="page B")
-    x = tb.dma.iova.alloc(PAGE_SIZE)
-    qt.memset(a, PAGE_SIZE, 0xAA)
-    qt.memset(b, PAGE_SIZE, 0xBB)
-    tb.dma.map_pages(a, PAGE_SIZE, MAP_F_WRITE, iova=x)
-    f1 = make_frame(1, 300, stream=4)
-    n = rx_into(tb, x, f1)
-    assert n == NET_HDR_SIZE + len(f1), f"first RX wrote {n} bytes"
-    assert qt.read(a + NET_HDR_SIZE, len(f1)) == f1, "the first frame did not land in page A"
-    mark = tb.backend.mark()
-    tb.dma.unmap_pages(x)
-    assert any(covers(e, x) for e in journal(tb, mark, ["iotlb.invalidate"])), (
-        f"the UNMAP of IOVA {x:#x} completed before QEMU's INVALIDATE reached the backend"
-    )
-    qt.memset(a, PAGE_SIZE, 0x5A)  # the guest reuses page A for something else
-    tb.dma.map_pages(b, PAGE_SIZE, MAP_F_WRITE, iova=x)
-    f2 = make_frame(2, 400, stream=4)
-    n = rx_into(tb, x, f2)
-    assert qt.read(a, PAGE_SIZE) == b"\x5a" * PAGE_SIZE, (
-        f"the device wrote into page A through the stale translation of IOVA {x:#x}"
-    )
-    assert n == NET_HDR_SIZE + len(f2) and qt.read(b + NET_HDR_SIZE, len(f2)) == f2, (
-        "the second frame did not land in page B"
-    )
-    kinds = [
-        e["kind"]
-        for e in journal(tb, mark, ["iotlb.invalidate", "iotlb.miss", "dma.map"])
-        if (missed_in(e, x, PAGE_SIZE) if e["kind"] == "iotlb.miss" else covers(e, x))
-    ]
-    assert kinds[:3] == ["iotlb.invalidate", "iotlb.miss", "dma.map"], (
-        f"IOVA {x:#x} after the unmap: {kinds} (expected INVALIDATE, then MISS, then UPDATE)"
-    )
-    tb.dma.unmap_pages(x)
 
 
 def scenario_refused(tb: ViommuTestbed) -> None:
@@ -551,9 +472,53 @@ def test_dynamic_map_unmap_thousands(make_vbed: Callable[..., ViommuTestbed]) ->
     scenario_dynamic(tb, 2000)
 
 
+@pytest.mark.parametrize("transport", BOTH, indirect=True)
 def test_stale_mapping_never_reaches_the_old_page(make_vbed: Callable[..., ViommuTestbed]) -> None:
     tb = make_vbed().start(post_rx=False)
     scenario_stale_mapping(tb)
+
+
+# ----------------------------------------------------------------------------- vhost-vdpa
+@pytest.mark.vdpa_lane
+@pytest.mark.parametrize("transport", [VHOST_VDPA], indirect=True)
+def test_vdpa_iotlb_follows_guest_maps(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    """Over vhost-vdpa the guest's MAP / UNMAP requests are pushed to the device (QEMU's
+    IOMMU notifier -> UPDATE_IOTLB): no MISS; the device's IOTLB is the domain."""
+    tb = make_vbed(strict=False).start()
+    stats = scenario_iotlb_follows_guest_maps(tb, [60, 61, 512, 1514] * 2)
+    print("vIOMMU over vhost-vdpa:", stats)
+    assert stats["update_iotlb_per_map"] >= 1 and stats["update_iotlb_per_unmap"] >= 1
+
+
+@pytest.mark.vdpa_lane
+@pytest.mark.parametrize("transport", [VHOST_VDPA], indirect=True)
+def test_vdpa_permissions(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    tb = make_vbed(strict=False).start(post_rx=False)
+    scenario_permissions_vdpa(tb)
+
+
+@pytest.mark.vdpa_lane
+@pytest.mark.parametrize("caching_mode", [False, True], ids=["no-caching-mode", "caching-mode"])
+def test_vdpa_intel_iommu(
+    log_dir: Path, request: pytest.FixtureRequest, caching_mode: bool
+) -> None:
+    """intel-iommu in front of a vhost-vdpa NIC: QEMU's vhost-vdpa needs MAP notifications,
+    which intel-iommu gives only with caching-mode=on; without it QEMU refuses the NIC at
+    start. With caching-mode=on QEMU starts and, DMA remapping not enabled by the (qtest)
+    guest, the device works on guest-physical addresses."""
+    tb = IntelIommuTestbed(log_dir, transport="vhost-vdpa", caching_mode=caching_mode)
+    request.addfinalizer(tb.close)
+    tb.start_backend()
+    m = tb.build_machine()
+    if not caching_mode:
+        with pytest.raises(QemuLaunchError, match="caching-mode=on"):
+            tb.start_qemu(m)
+        return
+    tb.start_qemu(m)
+    tb.init_net()
+    frame = make_frame(1, 300, stream=9)
+    tb.net.send(frame, timeout=20)
+    assert tb.peer.recv(timeout=20) == frame
 
 
 def test_refused_access_is_not_performed_and_recovers(
@@ -616,6 +581,17 @@ def test_meta_stale_iotlb_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> 
     tb2 = make_vbed(name="dyn", faults=["stale-iotlb"]).start()
     with pytest.raises(AssertionError, match="stale translation"):
         scenario_dynamic(tb2, 20)
+
+
+@pytest.mark.vdpa_lane
+@pytest.mark.parametrize("transport", [VHOST_VDPA], indirect=True)
+def test_meta_stale_iotlb_is_caught_over_vhost_vdpa(
+    make_vbed: Callable[..., ViommuTestbed],
+) -> None:
+    """The VDUSE device keeps the entries it cached across UPDATE_IOTLB: X still reaches A."""
+    tb = make_vbed(faults=["stale-iotlb"]).start(post_rx=False)
+    with pytest.raises(AssertionError, match="into page A through the stale translation"):
+        scenario_stale_mapping(tb)
 
 
 def test_meta_translate_by_gpa_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
