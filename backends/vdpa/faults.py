@@ -15,7 +15,9 @@ FAULTS: dict[str, str] = {
     "stale-iotlb": (
         "dma_unmap / IOTLB invalidate is journalled but the translation keeps working (a cached "
         "stale translation): the device still reaches memory the guest unmapped. Hook: "
-        "vdpa/iotlb.py IOTLB.dma_unmap. Caught by the vIOMMU suite (qtests/test_viommu.py "
+        "vdpa/iotlb.py IOTLB.dma_unmap; on VDUSE vduse/iotlb_mirror.py IotlbMirror._update "
+        "(cached entries survive UPDATE_IOTLB, new ones overlapping them are not taken, "
+        "caught by test_meta_stale_iotlb_is_caught_over_vhost_vdpa). Caught by the vIOMMU suite (qtests/test_viommu.py "
         "test_meta_stale_iotlb_is_caught: an RX into a remapped IOVA lands in the old page; "
         "per-packet map/unmap sends another packet's bytes)."
     ),

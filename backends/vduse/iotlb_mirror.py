@@ -23,6 +23,7 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from backends.vdpa.device import VdpaDevice
@@ -154,14 +155,19 @@ class IotlbMirror:
         fetched = self._walk(start, last)
         new_regions: list[HostRegion] = []
         try:
+            # the fault 'stale-iotlb': cached entries survive the update, new ones that
+            # overlap them are not taken (the device keeps translating the old way)
+            stale = self.device.faults.active("stale-iotlb")
             table: dict[Key, MirrorEntry] = {
                 k: e
                 for k, e in self.entries.items()
-                if e.entry.last < start or e.entry.start > last  # outside the range: kept
+                if stale or e.entry.last < start or e.entry.start > last  # outside: kept
             }
             for entry, fd in fetched:
                 key = self._key(entry, fd)
                 old = self.entries.get(key)
+                if stale and old is None and _overlaps(entry, table.values()):
+                    continue
                 if old is None:
                     region = self._map(entry, fd)
                     new_regions.append(region)
@@ -228,6 +234,10 @@ class IotlbMirror:
 
     def to_list(self) -> list[dict[str, int]]:
         return [m.to_dict() for m in sorted(self.entries.values(), key=lambda m: m.entry.start)]
+
+
+def _overlaps(entry: IotlbEntry, kept: Iterable[MirrorEntry]) -> bool:
+    return any(m.entry.start <= entry.last and entry.start <= m.entry.last for m in kept)
 
 
 def _close(fd: int) -> None:
