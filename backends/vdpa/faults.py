@@ -37,6 +37,15 @@ FAULTS: dict[str, str] = {
         "get_vq_state / GET_VRING_BASE returns last_avail_idx + 1. Caught by the migration and "
         "ring-state suites (the destination's SET_VRING_BASE / used idx no longer match)."
     ),
+    "ignore-restored-base": (
+        "the VDUSE transport ignores the ring state the front-end set (VDUSE_VQ_GET_INFO at "
+        "DRIVER_OK: the split avail index, the packed indexes and wrap counters) and starts "
+        "every queue from the initial state. Hook: vduse/transport.py "
+        "VduseTransport._load_vqs. Caught by the vhost-vdpa migration suite "
+        "(qtests/test_migration.py test_ignore_restored_base_is_caught: after stop / cont "
+        "QEMU restores the index from the guest ring and the device sends old chains again). "
+        "Under x-svq=on the restored shadow index is always 0, so only stop / cont shows it."
+    ),
     "skip-dirty-log": (
         "packet data and header writes are not marked in the dirty log (used ring writes still "
         "are). Caught by the migration suite (RX payload pages missing from the log)."

@@ -47,6 +47,7 @@ from backends.vdpa.features import (
     feature_names,
     has,
 )
+from backends.vdpa.virtqueue import VqState
 
 from . import uapi
 from .iotlb_mirror import IotlbFetchError, IotlbMirror
@@ -533,7 +534,10 @@ class VduseTransport:
             try:
                 dev.set_vq_num(q.index, info.num)
                 dev.set_vq_address(q.index, info.desc_addr, info.driver_addr, info.device_addr)
-                dev.set_vq_state(q.index, state_from_info(info, packed))
+                state = state_from_info(info, packed)
+                if dev.faults.active("ignore-restored-base"):
+                    state = VqState()  # the fault: start over, whatever the front-end set
+                dev.set_vq_state(q.index, state)
             except ValueError as e:
                 self._error("vq_info", f"vq {q.index}: {e}", vq=q.index)
                 continue
