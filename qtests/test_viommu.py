@@ -36,7 +36,6 @@ import pytest
 
 from qtests.qos.frames import make_frame
 from qtests.qos.iova import PAGE_SIZE
-from qtests.qos.machine import QemuLaunchError
 from qtests.qos.testbed import Testbed
 from qtests.qos.transports import BOTH, VHOST_VDPA
 from qtests.qos.viommu_scenarios import (
@@ -499,78 +498,22 @@ def test_vdpa_permissions(make_vbed: Callable[..., ViommuTestbed]) -> None:
 
 @pytest.mark.vdpa_lane
 @pytest.mark.parametrize("caching_mode", [False, True], ids=["no-caching-mode", "caching-mode"])
-def test_vdpa_intel_iommu(
+def test_vdpa_intel_iommu_accepted(
     log_dir: Path, request: pytest.FixtureRequest, caching_mode: bool
 ) -> None:
-    """intel-iommu in front of a vhost-vdpa NIC: QEMU's vhost-vdpa needs MAP notifications,
-    which intel-iommu gives only with caching-mode=on; without it QEMU refuses the NIC at
-    start. With caching-mode=on QEMU starts and, DMA remapping not enabled by the (qtest)
-    guest, the device works on guest-physical addresses."""
+    """intel-iommu in front of a vhost-vdpa NIC: QEMU 10 accepts it with and without
+    caching-mode. The qtest guest does not enable DMA remapping, so the NIC's address space
+    has no IOMMU region, vhost-vdpa registers no IOMMU notifier (the one place intel-iommu
+    would demand caching-mode=on) and the device works on guest-physical addresses."""
     tb = IntelIommuTestbed(log_dir, transport="vhost-vdpa", caching_mode=caching_mode)
     request.addfinalizer(tb.close)
-    tb.start_backend()
-    m = tb.build_machine()
-    if not caching_mode:
-        with pytest.raises(QemuLaunchError, match="caching-mode=on"):
-            tb.start_qemu(m)
-        return
-    tb.start_qemu(m)
-    tb.init_net()
+    tb.start()
+    assert tb.backend is not None
+    maps = tb.backend.cmd("query-iotlb")["mappings"]
+    assert any(m["iova"] == 0 for m in maps), f"guest RAM at IOVA 0 (GPA) expected: {maps}"
     frame = make_frame(1, 300, stream=9)
     tb.net.send(frame, timeout=20)
     assert tb.peer.recv(timeout=20) == frame
-
-
-def test_refused_access_is_not_performed_and_recovers(
-    make_vbed: Callable[..., ViommuTestbed],
-) -> None:
-    tb = make_vbed().start(post_rx=False)
-    scenario_refused(tb)
-
-
-def test_invalidate_while_a_miss_is_outstanding(make_vbed: Callable[..., ViommuTestbed]) -> None:
-    tb = make_vbed().start()
-    scenario_invalidate_during_miss(tb)
-    scenario_byte_exact(tb, [64, 1514])  # and the datapath is still fine
-
-
-def test_miss_while_stopped_and_access_fail_are_refused(
-    make_vbed: Callable[..., ViommuTestbed],
-) -> None:
-    tb = make_vbed().start()
-    assert tb.backend is not None and tb.machine is not None
-    warm = make_frame(1, 100, stream=8)
-    tb.net.send(warm)
-    assert tb.peer.recv() == warm
-    x = tb.net.txq[0].desc_dma  # mapped: only the stopped device makes QEMU refuse it
-    mark = tb.backend.mark()
-    tb.qmp.command("stop")
-    tb.machine.wait_for_status("paused")
-    wait_entry(tb, "vq.stop", mark, lambda e: True, "vhost to stop the rings", 5.0)
-    assert tb.backend.cmd("iotlb-request", iova=x, perm=1) == {"sent": True}
-    wait_refused(tb, mark, x)
-    assert tb.backend.cmd("iotlb-request", iova=x, perm=1, type="access-fail") == {"sent": True}
-    fail_ack = wait_entry(tb, "iotlb.access_fail_ack", mark, lambda e: True, "ACCESS_FAIL ack")
-    assert fail_ack["status"] != 0
-    assert not [e for e in journal(tb, mark, ["dma.map"]) if covers(e, x)]
-    tb.qmp.command("cont")
-    tb.machine.wait_for_status("running")
-    mark = tb.backend.mark()
-    assert tb.backend.cmd("iotlb-request", iova=x, perm=1, type="access-fail") == {"sent": True}
-    fail_ack = wait_entry(tb, "iotlb.access_fail_ack", mark, lambda e: True, "ACCESS_FAIL ack")
-    assert fail_ack["status"] != 0, "QEMU 10 accepted an ACCESS_FAIL"
-    # running again, the same MISS is served
-    assert tb.backend.cmd("iotlb-request", iova=x, perm=1) == {"sent": True}
-    ack = wait_entry(tb, "iotlb.miss_ack", mark, lambda e: e["iova"] == x, "MISS ack")
-    assert ack["status"] == 0, f"QEMU refused a MISS for the mapped ring page {x:#x}"
-    err = tb.machine.stderr_text()
-    assert "Unexpected IOTLB message when virtio device is stopped" in err
-    assert "Access failure IOTLB message type not supported" in err
-    again = make_frame(2, 1400, stream=8)
-    tb.net.send(again)
-    assert tb.peer.recv() == again
-    assert_alive(tb)
-    assert_no_backend_errors(journal(tb, 0))
 
 
 # ----------------------------------------------------------------------------- meta-tests

@@ -97,3 +97,7 @@ class IntelIommuTestbed(Testbed):
 
     def nic_props(self) -> dict[str, Any]:
         return {**super().nic_props(), "iommu_platform": True}
+
+    def init_net(self, **init_kw: Any) -> VirtioNetDriver:
+        init_kw["extra_features"] = init_kw.get("extra_features", 0) | bit(F_ACCESS_PLATFORM)
+        return super().init_net(**init_kw)
