@@ -544,6 +544,18 @@ def test_meta_translate_by_gpa_is_caught(make_vbed: Callable[..., ViommuTestbed]
         scenario_byte_exact(tb, [60, 1514], timeout=2.0)
 
 
+@pytest.mark.vdpa_lane
+@pytest.mark.parametrize("transport", [VHOST_VDPA], indirect=True)
+def test_meta_translate_by_gpa_is_caught_over_vhost_vdpa(
+    make_vbed: Callable[..., ViommuTestbed],
+) -> None:
+    """The VDUSE device reads IOVAs as guest-physical addresses (offsets in the guest's RAM
+    file): the window far above RAM reaches nothing, traffic stalls on an error there."""
+    tb = make_vbed(strict=False, faults=["translate-by-gpa"]).start()
+    with pytest.raises(AssertionError, match=r"stalled: .*unmapped translation at 0x8"):
+        scenario_iotlb_follows_guest_maps(tb, [60, 1514], timeout=5.0)
+
+
 def test_meta_no_miss_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
     tb = make_vbed(faults=["no-miss"]).start()
     with pytest.raises(AssertionError, match="stalled: timed out .*backend: 0 MISS sent"):

@@ -26,9 +26,10 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from backends.vdpa.access import Access, TranslationError
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.iotlb import SetMapDiff
-from backends.vdpa.memory import HostRegion
+from backends.vdpa.memory import HostRegion, Piece
 
 from .kernel import VduseKernel
 from .uapi import IotlbEntry
@@ -231,6 +232,16 @@ class IotlbMirror:
                 pass
             m.region.close()
         self.entries = {}
+
+    def lookup_offset(self, addr: int, length: int, access: Access) -> list[Piece]:
+        """Guest memory by file offset: what a device reaches that takes an IOVA for a
+        guest-physical address (for the guest's RAM file, offset == GPA below 4 GiB). The
+        fault 'translate-by-gpa' on VDUSE, where regions know no GPAs."""
+        for m in self.entries.values():
+            off, size = m.entry.offset, m.entry.size
+            if off <= addr and addr + length <= off + size:
+                return [m.region.piece(addr - off, length)]
+        raise TranslationError("unmapped", addr, length, access)
 
     def to_list(self) -> list[dict[str, int]]:
         return [m.to_dict() for m in sorted(self.entries.values(), key=lambda m: m.entry.start)]

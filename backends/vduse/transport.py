@@ -160,6 +160,7 @@ class VduseTransport:
         self.vdpa_timeout = vdpa_timeout
         self.journal = device.journal
         self.mirror = IotlbMirror(kernel, device)
+        device.dma.gpa_lookup = self.mirror.lookup_offset  # fault 'translate-by-gpa'
         self.rings = [VduseQueue(i) for i in range(len(device.vqs))]
         self.path = ""  # /dev/vhost-vdpa-N once attached
         self.offered_features = 0

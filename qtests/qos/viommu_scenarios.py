@@ -130,7 +130,9 @@ def updates_since(tb: Testbed, since: int) -> list[dict[str, Any]]:
     return [m for m in tb.backend.journal(["vduse.msg"], since) if m["type"] == "UPDATE_IOTLB"]
 
 
-def scenario_iotlb_follows_guest_maps(tb: ViommuTestbed, sizes: list[int]) -> dict[str, Any]:
+def scenario_iotlb_follows_guest_maps(
+    tb: ViommuTestbed, sizes: list[int], timeout: float = 20.0
+) -> dict[str, Any]:
     """vhost-vdpa: rings and buffers at IOVAs (not GPAs); the device's IOTLB is the guest's
     domain (perms included) after DRIVER_OK, after traffic, after each MAP and UNMAP; each
     guest MAP / UNMAP is an UPDATE_IOTLB before the request completes; TX and RX byte-exact.
@@ -148,15 +150,15 @@ def scenario_iotlb_follows_guest_maps(tb: ViommuTestbed, sizes: list[int]) -> di
     assert_iotlb_is_the_domain(tb, "after DRIVER_OK")
     frames = [make_frame(i, size, stream=1) for i, size in enumerate(sizes)]
     try:
-        tb.net.send_burst(frames, hdr_separate=True, timeout=20)
-        got = tb.peer.recv_n(len(frames), timeout=20)
+        tb.net.send_burst(frames, hdr_separate=True, timeout=timeout)
+        got = tb.peer.recv_n(len(frames), timeout=timeout)
         for i, (want, have) in enumerate(zip(frames, got, strict=True)):
             assert have == want, f"TX frame {i} ({len(want)} bytes) corrupted on the wire"
         rx = [make_frame(i, size, stream=2) for i, size in enumerate(sizes)]
         for f in rx:
             tb.peer.send(f)
         for i, want in enumerate(rx):
-            have = tb.net.recv(timeout=20, refill=False).data
+            have = tb.net.recv(timeout=timeout, refill=False).data
             assert have == want, f"RX frame {i} ({len(want)} bytes) corrupted in guest memory"
     except (WaitTimeout, WirePeerTimeout) as e:
         raise stalled(tb, "traffic through the vIOMMU", e) from e
