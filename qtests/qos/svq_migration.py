@@ -42,7 +42,7 @@ GUEST = mac_bytes(GUEST_MAC)
 SVQ_NETDEV = {"x-svq": True}
 #: What QEMU 10's shadow virtqueues refuse in the device's features.
 SVQ_WITHHOLD = ["--withhold-feature", "INDIRECT_DESC", "--withhold-feature", "RING_PACKED"]
-SCRATCH_PAGES = 256
+SCRATCH_PAGES = 1024
 TIMEOUT = 30.0  # nested TCG, two L2 QEMUs on one vCPU
 DriverErrors = (VirtqueueError, VirtioNetError, WaitTimeout, WirePeerTimeout)
 
@@ -154,20 +154,23 @@ def migrate_with_traffic_svq(pair: MigrationPair, plan: Plan) -> dict[str, Any]:
     hold.wait_first_pass(timeout=120.0)
     for f in rx[:m]:
         src.peer.send(f)
+
+    def rx_filled() -> bool:
+        hold.touch()  # keeps the migration in precopy while we wait
+        return net.rxq[0].device_used_idx() == (rx_base + m) & 0xFFFF
+
     with invariant(f"A filling {m} RX buffers during precopy"):
-        poll_until(
-            lambda: net.rxq[0].device_used_idx() == (rx_base + m) & 0xFFFF,
-            TIMEOUT,
-            f"A filling {m} RX buffers during precopy",
-        )
+        poll_until(rx_filled, TIMEOUT, f"A filling {m} RX buffers during precopy")
+    hold.still_active()
     a.cmd("hold-tx", enable=True)
+
+    def tx_held() -> bool:
+        hold.touch()
+        return bool(a.cmd("query-wire")["tx_held"] == n - k)
+
     with invariant("TX in flight"):
         net.send_burst(tx[k:], wait=False)
-        poll_until(
-            lambda: a.cmd("query-wire")["tx_held"] == n - k,
-            TIMEOUT,
-            f"A holding {n - k} popped TX chains",
-        )
+        poll_until(tx_held, TIMEOUT, f"A holding {n - k} popped TX chains")
     hold.still_active()
     hold.release()
     stats = pair.finish(timeout=120.0)
