@@ -1,5 +1,6 @@
 # vdpa-qtest: QEMU-integrated functional tests for vDPA / vhost-user virtio-net.
-#   make check    set up (QEMU >= 10.0, .venv) then lint + unit tests + qtests
+#   make check    set up (QEMU >= 10.0, .venv) then lint + unit tests + qtests (junit: test-logs/junit.xml)
+#   QEMU: QTEST_QEMU_BINARY=~/qemu/build/qemu-system-x86_64 make check (every target follows it)
 #   make avocado  build the guest image (cached) and boot real guests
 #   make shell    interactive QMP debugging session (QEMU + backend + both monitors)
 #   make check-vdpa  only the vhost-vdpa lane (in the lab VM L1 where the host lacks vduse)
@@ -32,8 +33,10 @@ qtests: setup
 	$(PY) -m pytest qtests $(PYTEST_ARGS)
 
 # One pytest session for unit tests and qtests; exit 5 ("no tests collected") is a failure.
+# The junit report records each test's log directory (conftest.py).
+JUNIT_XML ?= test-logs/junit.xml
 check: setup lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --junitxml=$(JUNIT_XML) $(PYTEST_ARGS)
 
 images: setup
 	$(PY) -m guest_images build

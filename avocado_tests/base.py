@@ -7,7 +7,7 @@ Network topology of every scenario::
 With ``NETDEV = "dgram"`` (or ``-p netdev=dgram``) QEMU's built-in dgram netdev replaces the
 backend: the same scenarios then check the harness itself. Test parameters (``-p NAME=VALUE``):
 ``netdev`` (vhost-user | dgram), ``accel`` (tcg | kvm; kvm only if /dev/kvm is usable),
-``qemu`` (binary), ``guest_cache`` (directory), ``boot_timeout`` (seconds), ``backend_faults``
+``qemu`` (binary; default ``$QTEST_QEMU_BINARY``, else qemu-system-x86_64 on PATH), ``guest_cache`` (directory), ``boot_timeout`` (seconds), ``backend_faults``
 (comma-separated fault names given to every backend: does the scenario catch them?).
 
 Every process, socket and thread a test starts is registered here and stopped in tearDown in
@@ -28,7 +28,11 @@ from typing import Any
 from avocado import Test
 
 import guest_images
-from avocado_tests.guest_vm import (
+from guest_images import udpseq
+from qtests.guest.peer import UdpPeer
+from qtests.guest.ports import free_udp_port
+from qtests.guest.slot import GuestSlot
+from qtests.guest.vm import (
     DEFAULT_MAC,
     DgramNic,
     GuestVM,
@@ -37,12 +41,12 @@ from avocado_tests.guest_vm import (
     VmConfig,
     kvm_usable,
 )
-from avocado_tests.peer import UdpPeer
-from avocado_tests.ports import free_udp_port
-from guest_images import udpseq
 from qtests.qos.backend_process import BackendProcess
+from qtests.qos.machine import QemuError, find_qemu, require_qemu
 
 DRIVER_OK = 0x4
+#: longest wait for the guest test before this one (at most one runs per checkout)
+GUEST_SLOT_TIMEOUT = 180.0
 
 
 def tx_queue(pair: int) -> int:
@@ -66,6 +70,11 @@ class VdpaGuestTest(Test):
     # -- set-up / tear-down ------------------------------------------------------------------
     def setUp(self) -> None:
         self._cleanups_lifo: list[tuple[str, Callable[[], Any]]] = []
+        # one guest at a time per checkout (plain avocado runs tests in parallel); first
+        # registered, so released last
+        slot = GuestSlot(Path(__file__).parent)
+        waited = slot.acquire(timeout=GUEST_SLOT_TIMEOUT)
+        self.register_cleanup("release the guest slot", slot.release)
         # unix socket paths must stay under 108 bytes: not in avocado's deep workdir
         self.rundir = Path(tempfile.mkdtemp(prefix="vdpa-", dir="/tmp"))
         self.register_cleanup("remove run dir", lambda: shutil.rmtree(self.rundir, True))
@@ -74,7 +83,12 @@ class VdpaGuestTest(Test):
         if self.netdev not in ("vhost-user", "dgram"):
             self.error(f"netdev parameter must be vhost-user or dgram, not {self.netdev!r}")
         self.accel = self._pick_accel()
-        self.qemu_binary = str(self.params.get("qemu", default="qemu-system-x86_64"))
+        try:  # the project's one choice of QEMU: -p qemu=PATH, else $QTEST_QEMU_BINARY
+            self.qemu_binary = find_qemu(self.params.get("qemu", default=None))
+            require_qemu(binary=self.qemu_binary)
+        except QemuError as exc:
+            self.error(str(exc))
+        self.log.info("QEMU: %s", self.qemu_binary)
         self.boot_timeout = float(self.params.get("boot_timeout", default=120))
         cache = self.params.get("guest_cache", default=None)
         self.image = guest_images.build(Path(cache) if cache else None, log=self.log.info)
@@ -85,6 +99,7 @@ class VdpaGuestTest(Test):
         self.peer: UdpPeer | None = None
         self.vm: GuestVM | None = None
         self.facts: dict[str, Any] = {"netdev": self.netdev, "accel": self.accel}
+        self.facts["waited_for_guest_slot_s"] = round(waited, 1)
 
     def _pick_accel(self) -> str:
         want = str(self.params.get("accel", default="tcg"))

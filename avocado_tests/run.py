@@ -1,27 +1,30 @@
 """Run the real-guest avocado suite: ``.venv/bin/python -m avocado_tests.run [--ci] ...``.
 
 Builds (or finds cached) the guest image first, so the build never counts against a test's
-timeout, then runs ``avocado run`` with the repository on PYTHONPATH (avocado's resolver needs
-it to follow ``from avocado_tests.base import ...``), and prints where results.json /
-results.xml / results.tap are. Finding no tests is an error (exit 2), as is a job without
-results. Otherwise the exit status is avocado's (non-zero if any test failed).
+timeout, then runs plain ``avocado run`` (one test at a time: TCG is CPU bound) and prints where
+results.json / results.xml / results.tap are. Finding no tests is an error (exit 2), as is a
+job without results. Otherwise the exit status is avocado's (non-zero if any test failed).
+
+Tags as avocado means them: ``-t a,b`` both, ``-t a -t b`` either; ``--ci`` is one more tag
+every test must have (``--ci -t A`` runs the tests tagged both ci and A). ``--qemu PATH`` (else
+``$QTEST_QEMU_BINARY``, else qemu-system-x86_64 on PATH) is the QEMU every test boots.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from guest_images import BuildError, build
+from qtests.qos.machine import QemuError, use_qemu
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SUITE_DIR = REPO_ROOT / "avocado_tests"
-DEFAULT_RESULTS = REPO_ROOT / "build" / "avocado-results"
+SUITE_DIR = Path(__file__).resolve().parent
+#: relative to the current directory (the checkout under ``make avocado``), never the install
+DEFAULT_RESULTS = Path("build") / "avocado-results"
 JOB_LOG = re.compile(r"^JOB LOG\s*:\s*(\S+)", re.MULTILINE)
 
 
@@ -30,11 +33,23 @@ def avocado_command() -> list[str]:
     return [str(beside)] if beside.exists() else [sys.executable, "-m", "avocado"]
 
 
+def tag_filters(tags: list[str], ci: bool) -> list[str]:
+    """avocado ``--filter-by-tags`` values: each ``-t`` value is one filter (its comma-separated
+    tags all required; several filters: any one suffices); ``ci`` is added to every filter."""
+    if not ci:
+        return list(tags)
+    return [",".join(["ci", *filter(None, t.split(","))]) for t in tags] or ["ci"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m avocado_tests.run", description=__doc__)
     p.add_argument("refs", nargs="*", help="test references (default: the avocado_tests dir)")
-    p.add_argument("--ci", action="store_true", help="only tests tagged ci (--filter-by-tags=ci)")
-    p.add_argument("-t", "--tags", action="append", default=[], help="avocado tag filter")
+    p.add_argument("--ci", action="store_true",
+                   help="only tests tagged ci (and every -t filter given)")  # fmt: skip
+    p.add_argument("-t", "--tags", action="append", default=[], metavar="TAGS",
+                   help="avocado tag filter: a,b = both; repeated = either")  # fmt: skip
+    p.add_argument("--qemu", metavar="PATH",
+                   help="QEMU binary (default: $QTEST_QEMU_BINARY, else qemu-system-x86_64)")  # fmt: skip
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="--job-results-dir")
     p.add_argument(
         "--parallel", type=int, default=1, help="--max-parallel-tasks (TCG is CPU bound)"
@@ -46,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:
+        print(f"QEMU: {use_qemu(args.qemu)}", flush=True)
+    except QemuError as exc:
+        print(f"run: {exc}", file=sys.stderr)
+        return 2
+    try:
         image = build(args.guest_cache, log=lambda m: print(f"guest_images: {m}", flush=True))
     except BuildError as exc:
         print(f"run: cannot build the guest image: {exc}", file=sys.stderr)
@@ -56,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     params = list(args.param)
     if args.guest_cache is not None:
         params.append(f"guest_cache={args.guest_cache}")
-    tags = (["ci"] if args.ci else []) + args.tags
+    tags = tag_filters(args.tags, args.ci)
+    args.results = args.results.absolute()
     args.results.mkdir(parents=True, exist_ok=True)
     cmd = [*avocado_command(), "run", "--disable-sysinfo",
            "--job-results-dir", str(args.results),
@@ -66,11 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     for param in params:
         cmd += ["-p", param]
     cmd += args.refs or [str(SUITE_DIR)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
     print("run:", " ".join(cmd), flush=True)
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     assert proc.stdout is not None
     output = []

@@ -18,8 +18,8 @@ import re
 import threading
 
 from avocado_tests.base import VdpaGuestTest, rx_queue, tx_queue
-from avocado_tests.guest_vm import GuestVM
 from guest_images import udpseq
+from qtests.guest.vm import GuestVM
 from qtests.qos.memory_devices import DimmHotplug
 from qtests.qos.waiting import poll_until
 

@@ -35,14 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avocado_tests import frames
 from avocado_tests.base import VdpaGuestTest, rx_queue, vring_packet_counts
-from avocado_tests.guest_vm import GuestVM, VhostUserNic, VmConfig
-from avocado_tests.pcap import GLOBAL_HEADER, RECORD_HEADER
-from avocado_tests.peer import UdpPeer
-from avocado_tests.ports import free_udp_port
 from backends.net.config import VIRTIO_NET_F_GUEST_ANNOUNCE
 from guest_images import udpseq
+from qtests.guest import frames
+from qtests.guest.pcap import GLOBAL_HEADER, RECORD_HEADER
+from qtests.guest.peer import UdpPeer
+from qtests.guest.ports import free_udp_port
+from qtests.guest.vm import GuestVM, VhostUserNic, VmConfig
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.migration import MigrationStats, enable_migration_events
 from qtests.qos.waiting import poll_until

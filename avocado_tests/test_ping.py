@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from avocado_tests import frames
 from avocado_tests.base import VdpaGuestTest, tx_queue
+from qtests.guest import frames
 
 PINGS = 5
 

@@ -22,8 +22,8 @@ import dataclasses
 from typing import Any
 
 from avocado_tests.base import VdpaGuestTest, rx_queue, tx_queue
-from avocado_tests.guest_vm import GuestVM, VhostUserNic
 from guest_images import udpseq
+from qtests.guest.vm import GuestVM, VhostUserNic
 
 COUNT = 500
 SIZE = 1000  # one Ethernet frame, no IP fragments

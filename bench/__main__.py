@@ -61,6 +61,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also py-spy our backend under testpmd TX/RX 64 B (needs py-spy in the venv)",
     )
+    p.add_argument(
+        "--plots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draw the PNG plots (installs matplotlib when missing; default: yes)",
+    )
+    p.add_argument(
+        "--qemu",
+        metavar="PATH",
+        help="QEMU binary for the QEMU figures and the suite timings (default: "
+        "$QTEST_QEMU_BINARY, else qemu-system-x86_64 on PATH)",
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results dir")
     p.add_argument("--migration-runs", type=int, default=3, help="live migrations to time")
     return p.parse_args(argv)
@@ -248,7 +260,7 @@ class Runner:
             )
         else:
             self.report.notes.pop("machine", None)
-        why = ensure_matplotlib()
+        why = "not drawn (--no-plots)" if not self.args.plots else ensure_matplotlib()
         if why:
             self.report.note("plots", why)
             log(f"no plots: {why}")
@@ -263,6 +275,14 @@ class Runner:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from qtests.qos.machine import QemuError, use_qemu
+
+    try:  # exported as $QTEST_QEMU_BINARY: testbeds and the timed suites all use it
+        log(f"QEMU: {use_qemu(args.qemu)}")
+    except QemuError as exc:
+        log(f"{'error' if args.qemu else 'no QEMU: its figures will be null'}: {exc}")
+        if args.qemu:
+            return 2
     runner = Runner(args)
     try:
         return runner.run(sys.argv[1:] if argv is None else argv)

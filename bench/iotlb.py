@@ -205,8 +205,8 @@ def _wait_used(ring: SplitRing, count: int, timeout: float = 5.0) -> None:
 # -- MISS round trip with QEMU --------------------------------------------------------------------
 def miss_rtt_qemu(report: Report, log_dir: Path, log: Callable[[str], None]) -> None:
     try:
+        from qtests.qos.viommu_scenarios import scenario_dynamic  # the suite's traffic
         from qtests.qos.viommu_testbed import ViommuTestbed
-        from qtests.test_viommu import scenario_dynamic  # the suite's own traffic pattern
     except ImportError as e:
         report.fail("iotlb_miss_rtt_us", f"the vIOMMU qtest driver is not available: {e}")
         return

@@ -69,6 +69,10 @@ mkdir -p "$R/tmp/home"
 mkdir -p "$R/run/lab/bin"
 [ -x /usr/bin/udpseq ] && cp /usr/bin/udpseq "$R/run/lab/bin/"
 ip link set lo up || fail "ip link set lo up failed"
+# Socket wires (udp:, unix:) between a device and its peer, both Python under TCG: let sockets
+# ask for big buffers, so a burst waits in a queue instead of being dropped.
+echo 8388608 >/proc/sys/net/core/rmem_max
+echo 8388608 >/proc/sys/net/core/wmem_max
 
 echo "VDPA-LAB-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
 chroot "$R" /usr/bin/env -i \

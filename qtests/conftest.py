@@ -1,8 +1,9 @@
 """Shared pytest fixtures for the qtest suites.
 
 ``log_dir``: a per-test directory for QEMU stderr, qtest logs, backend logs and journals:
-``test-logs/<test id>/`` in the checkout (``QOS_LOG_DIR=/some/dir`` puts them elsewhere). It is
-emptied when the test starts and kept afterwards, pass or fail.
+``test-logs/<test id>/`` under pytest's root directory (the checkout; ``QOS_LOG_DIR=/some/dir``
+puts them elsewhere). It is emptied when the test starts and kept afterwards, pass or fail;
+the junit report names it (the checkout's conftest.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,9 @@ def _safe_name(nodeid: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[:150]
 
 
-LOG_ROOT = Path(__file__).resolve().parent.parent / "test-logs"
-
-
 @pytest.fixture
 def log_dir(request: pytest.FixtureRequest) -> Path:
-    root = Path(os.environ.get("QOS_LOG_DIR") or LOG_ROOT)
+    root = Path(os.environ.get("QOS_LOG_DIR") or request.config.rootpath / "test-logs")
     path = root / _safe_name(request.node.nodeid)
     if path.exists():
         shutil.rmtree(path)

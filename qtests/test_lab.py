@@ -92,6 +92,7 @@ def test_lane_results_merge_phases(tmp_path: Path) -> None:
         _rec("d", "setup", "passed"), _rec("d", "call", "passed"),
         _rec("d", "teardown", "failed", "E   leak"),
         json.dumps({"kind": "collect", "nodeid": "qtests/x.py", "longrepr": "ImportError"}),
+        json.dumps({"kind": "log_dir", "nodeid": "b", "path": "/s/test-logs/qtests_t.py_b"}),
         '{"kind": "test", "nodeid": "cut sh',  # a line cut short by a killed L1
     ]  # fmt: skip
     path = tmp_path / "results.jsonl"
@@ -103,6 +104,7 @@ def test_lane_results_merge_phases(tmp_path: Path) -> None:
     assert results["b"].text == "E   boom"
     assert results["d"].text == "error in teardown: E   leak"
     assert results["c"].text == "no device"
+    assert results["b"].log_dir_name == "qtests_t.py_b" and results["a"].log_dir_name == ""
     assert collect_errors == ["qtests/x.py: ImportError"]
     assert read_results(tmp_path / "absent", ["a"])[0]["a"] == InnerResult("a")
 

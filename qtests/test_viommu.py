@@ -39,9 +39,13 @@ from qtests.qos.iova import PAGE_SIZE
 from qtests.qos.testbed import Testbed
 from qtests.qos.transports import BOTH, VHOST_VDPA
 from qtests.qos.viommu_scenarios import (
+    WINDOW_HI,
+    WINDOW_LO,
+    consumed_mappings,
     covers,
     journal,
     missed_in,
+    scenario_dynamic,
     scenario_iotlb_follows_guest_maps,
     scenario_permissions_vdpa,
     scenario_stale_mapping,
@@ -50,7 +54,6 @@ from qtests.qos.viommu_scenarios import (
 )
 from qtests.qos.viommu_testbed import IntelIommuTestbed, ViommuTestbed
 from qtests.qos.virtio_iommu import (
-    DEFAULT_IOVA_WINDOW,
     FAULT_R_MAPPING,
     MAP_F_READ,
     MAP_F_WRITE,
@@ -63,8 +66,6 @@ from qtests.qos.waiting import WaitTimeout, poll_until
 from qtests.qos.wire_peer import WirePeerTimeout
 
 pytestmark = pytest.mark.qemu
-
-WINDOW_LO, WINDOW_HI = DEFAULT_IOVA_WINDOW
 
 
 @pytest.fixture
@@ -103,29 +104,6 @@ class HostMap:
             if u <= uaddr < u + size:
                 return g + (uaddr - u)
         return None
-
-
-def is_data(iova: int, flags: int) -> bool:
-    """A streaming buffer mapping (rings are mapped read+write, MSI words below the window)."""
-    return WINDOW_LO <= iova < WINDOW_HI and flags != MAP_F_READ | MAP_F_WRITE
-
-
-def consumed_mappings(tb: ViommuTestbed, hist_mark: int) -> list[tuple[int, int, int, int]]:
-    """Data-buffer mappings the device used since ``hist_mark``: (iova, size, gpa, flags).
-
-    Strict: the ones the driver unmapped (it unmaps a buffer when its chain is used).  Static
-    (nothing is unmapped): the live ones - the caller keeps those the backend UPDATEd."""
-    if tb.strict:
-        return [
-            (iova, size, gpa, flags)
-            for op, iova, size, gpa, flags in tb.dma.history_since(hist_mark)
-            if op == "unmap" and is_data(iova, flags)
-        ]
-    return [
-        (iova, size, gpa, flags)
-        for iova, (size, gpa, flags) in tb.dma.mappings().items()
-        if is_data(iova, flags)
-    ]
 
 
 def assert_miss_then_update(
@@ -254,57 +232,6 @@ def scenario_byte_exact(tb: ViommuTestbed, sizes: list[int], timeout: float = 10
     assert not cached, f"buffer IOVAs the backend could reach before the traffic: {cached[:3]}"
     faults = tb.iommu.poll_faults()
     assert not faults, f"the vIOMMU reported faults for mapped DMA: {[str(f) for f in faults]}"
-
-
-def scenario_dynamic(tb: ViommuTestbed, packets: int) -> None:
-    """Map per packet, send, unmap (strict), ``packets`` times, one packet in flight: every
-    packet reuses the IOVA the previous one just unmapped (LIFO), each time for another
-    guest page.  Byte-exact on the wire; for every IOVA the backend got the INVALIDATE of
-    use k before the MISS of use k+1 (no use without a fresh UPDATE)."""
-    assert tb.backend is not None
-    mark, hmark = tb.backend.mark(), tb.dma.history_mark()
-    for seq in range(packets):
-        frame = make_frame(seq, 60 + seq % 1400, stream=3)
-        try:
-            tb.net.send(frame, hdr_separate=False, timeout=5)
-            got = tb.peer.recv(timeout=5)
-        except (WaitTimeout, WirePeerTimeout) as e:
-            raise stalled(tb, f"packet {seq} of {packets}", e) from e
-        assert got == frame, f"packet {seq}: the wire carried other bytes (a stale translation)"
-    uses = consumed_mappings(tb, hmark)
-    assert len(uses) == packets, f"{len(uses)} buffer mappings used for {packets} packets"
-    entries = journal(tb, mark, ["iotlb.miss", "iotlb.invalidate", "dma.map", "dma.unmap"])
-    # per IOVA page: the journal must alternate MISS -> map ... INVALIDATE, one round per use
-    by_page: dict[int, list[dict[str, Any]]] = {}
-    for e in entries:
-        by_page.setdefault(int(e["iova"]) & ~0xFFF, []).append(e)
-    pages: dict[int, int] = {}
-    for iova, _size, _gpa, _flags in uses:
-        pages[iova & ~0xFFF] = pages.get(iova & ~0xFFF, 0) + 1
-    assert len(pages) < packets, "IOVAs were never reused: the scenario proves nothing"
-    for page, n_uses in pages.items():
-        seen = [e["kind"] for e in by_page.get(page, [])]
-        rounds = 0
-        state = "unmapped"
-        for kind in seen:
-            if kind == "iotlb.miss":
-                assert state == "unmapped", (
-                    f"IOVA {page:#x}: MISS while mapped (round {rounds}): {seen[:12]}"
-                )
-                state = "missed"
-            elif kind == "dma.map":
-                assert state == "missed", (
-                    f"IOVA {page:#x}: mapped without a MISS (round {rounds}): {seen[:12]}"
-                )
-                state = "mapped"
-            elif kind == "iotlb.invalidate":
-                assert state == "mapped", f"IOVA {page:#x}: INVALIDATE of nothing: {seen[:12]}"
-                state = "unmapped"
-                rounds += 1
-        assert rounds == n_uses, (
-            f"IOVA {page:#x}: {n_uses} uses but {rounds} MISS/UPDATE/INVALIDATE rounds "
-            f"(a use without a fresh translation); journal: {seen[:12]}"
-        )
 
 
 def scenario_refused(tb: ViommuTestbed) -> None:

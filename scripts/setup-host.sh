@@ -5,6 +5,11 @@
 # On Debian 12 as root it installs what is missing (QEMU from bookworm-backports). Anywhere
 # else it stops with a message that says exactly what to install. A second run with nothing
 # missing does no network access at all.
+#
+# QEMU: $QTEST_QEMU_BINARY (or $QEMU_TEST_QEMU_BINARY), when set, is the QEMU the suites use
+# (qtests/qos/machine.py find_qemu): then that binary is checked (>= 10.0) and no QEMU is
+# installed; otherwise qemu-system-x86_64 from PATH, installed from bookworm-backports on
+# Debian 12 as root when missing or too old.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,9 +30,14 @@ die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
 is_debian12() { [ -r /etc/os-release ] && . /etc/os-release && [ "${ID:-}" = debian ] && [ "${VERSION_ID:-}" = 12 ]; }
 is_root() { [ "$(id -u)" = 0 ]; }
 
+# The QEMU the suites will use (the same rule as find_qemu in qtests/qos/machine.py).
+QEMU_CHOSEN=${QTEST_QEMU_BINARY:-${QEMU_TEST_QEMU_BINARY:-${QOS_QEMU_BINARY:-}}}
+QEMU_CHOSEN=${QEMU_CHOSEN/#\~/$HOME}
+QEMU_BIN=${QEMU_CHOSEN:-qemu-system-x86_64}
+
 qemu_version() {
-    command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
-    qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p' | head -1
+    command -v "$QEMU_BIN" >/dev/null 2>&1 || return 1
+    "$QEMU_BIN" --version | sed -n 's/^QEMU emulator version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p' | head -1
 }
 
 qemu_ok() {
@@ -70,13 +80,18 @@ ensure_qemu() {
     fi
     local have="not installed"
     if v=$(qemu_version) && [ -n "$v" ]; then have="version ${v/ /.}"; fi
+    if [ -n "$QEMU_CHOSEN" ]; then
+        die "QEMU >= $QEMU_MIN_MAJOR.$QEMU_MIN_MINOR is required: \$QTEST_QEMU_BINARY names $QEMU_CHOSEN ($have).
+  Point it at a qemu-system-x86_64 10.0 or newer (e.g. ~/qemu/build/qemu-system-x86_64), or unset it
+  to use the one on PATH."
+    fi
     if is_debian12 && is_root; then
         say "QEMU >= $QEMU_MIN_MAJOR.$QEMU_MIN_MINOR needed ($have): installing from bookworm-backports"
         ensure_backports_source
         apt_update_once
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q -t bookworm-backports qemu-system-x86 >/dev/null \
             || die "apt-get install -t bookworm-backports qemu-system-x86 failed"
-        qemu_ok || die "QEMU still too old after install: $(qemu-system-x86_64 --version | head -1)"
+        qemu_ok || die "QEMU still too old after install: $("$QEMU_BIN" --version | head -1)"
         return
     fi
     die "QEMU >= $QEMU_MIN_MAJOR.$QEMU_MIN_MINOR is required (qemu-system-x86_64 is $have).
@@ -112,10 +127,14 @@ ensure_python() {
         || die "Python >= 3.11 needed, $PYTHON is $("$PYTHON" --version 2>&1)"
 }
 
+# What make check, make avocado, make shell and make bench need: the base install (the backend,
+# standard library only) plus the extras of the test suites, the shell and the linters.
+EXTRAS=${EXTRAS:-test,shell,dev}
+
 ensure_venv() {
     # The stamp records what was installed; a matching stamp means nothing to do.
     local want stamp="$VENV/.installed"
-    want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+    want=$( (cat pyproject.toml; echo "$EXTRAS $here") | sha256sum | cut -d' ' -f1)
     if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return
     fi
@@ -125,7 +144,15 @@ ensure_venv() {
     fi
     say "installing the project and its dependencies into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$VENV/bin/python" -m pip install -q -e '.[dev]' || die "pip install -e .[dev] failed"
+    "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]" || die "pip install -e .[$EXTRAS] failed"
+    # The checkout itself on the venv's sys.path: avocado finds tests by reading them, not
+    # importing them, and follows `from avocado_tests.base import ...` with importlib's
+    # PathFinder, which does not see the editable install's import hook. With this, plain
+    # `.venv/bin/avocado run avocado_tests/` works with nothing set.
+    local site
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    printf '%s\n' "# scripts/setup-host.sh: the checkout, for avocado's test resolver" "$here" \
+        >"$site/vdpa_qtest_checkout.pth"
     echo "$want" >"$stamp"
 }
 
@@ -133,4 +160,4 @@ ensure_system_pkgs   # first: on a minimal Debian 12 it also brings python3 and 
 ensure_python
 ensure_qemu
 ensure_venv
-say "ok: $(qemu-system-x86_64 --version | head -1), $("$VENV/bin/python" --version)"
+say "ok: $(command -v "$QEMU_BIN"): $("$QEMU_BIN" --version | head -1), $("$VENV/bin/python" --version)"

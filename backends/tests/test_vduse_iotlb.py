@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from backends.tests.vduse_rig import Rig, make_rig, tx_chain
+from backends.vdpa.access import Access
 from backends.vduse import uapi
 from backends.vduse.fake_kernel import FakeMemory
 from backends.vduse.uapi import IotlbEntry
@@ -30,7 +31,7 @@ def rig() -> Iterator[Rig]:
 
 def snapshot(rig: Rig) -> dict[int, tuple[int, int, object]]:
     """iova -> (mapping id, region id, the region's buffer object)."""
-    out = {}
+    out: dict[int, tuple[int, int, object]] = {}
     for m in rig.device.iotlb.entries():
         (piece,) = rig.device.host.lookup(m.uaddr, 1)
         out[m.iova] = (m.id, piece.region.id, piece.region.buf)
@@ -52,9 +53,9 @@ def test_walk_maps_every_entry(rig: Rig) -> None:
     dma = rig.device.dma
     dma.iommu = True
     a.buf[MB : MB + 4] = b"aaaa"  # iova 0 is offset 1 MiB of a
-    assert b"".join(p.read() for p in dma.translate(0, 4, 1)) == b"aaaa"
-    assert b"".join(p.read() for p in dma.translate(MB + 0x1000, 4, 1)) == b"AAAA"
-    assert b"".join(p.read() for p in dma.translate(4 * MB + 0x10, 4, 1)) == b"BBBB"
+    assert b"".join(p.read() for p in dma.translate(0, 4, Access.READ)) == b"aaaa"
+    assert b"".join(p.read() for p in dma.translate(MB + 0x1000, 4, Access.READ)) == b"AAAA"
+    assert b"".join(p.read() for p in dma.translate(4 * MB + 0x10, 4, Access.READ)) == b"BBBB"
     entry = rig.journal("vduse.iotlb")[-1]
     assert (entry["added"], entry["removed"], entry["kept"]) == (3, 0, 0)
 

@@ -4,6 +4,7 @@ vq state, reset, tear-down, and the monitor on this transport."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -204,15 +205,19 @@ def test_monitor_reads_this_transport(rig: Rig) -> None:
     rig.kernel.kick(1)
     rig.wait(lambda: rig.wire.sent, "TX")
     mon = MonitorCommands(rig.device, rig.net, rig.transport)
-    status = mon.execute("query-status", {})
+    status: Any = mon.execute("query-status", {})
     assert status["connection"]["connected"] is True
     assert status["connection"]["path"] == "/dev/vhost-vdpa-0"
-    vrings = mon.execute("query-vrings", {})["vrings"]
+    vrings: Any = mon.execute("query-vrings", {})
+    vrings = vrings["vrings"]
     assert vrings[1]["kicks"] == 1 and vrings[1]["calls"] >= 1
-    iotlb = mon.execute("query-iotlb", {})["mappings"]
+    iotlb: Any = mon.execute("query-iotlb", {})
+    iotlb = iotlb["mappings"]
     assert [(m["iova"], m["size"]) for m in iotlb] == [(0, 4 << 20)]
-    assert mon.execute("query-mem-table", {})["regions"][0]["gpa"] == 0
-    kinds = {e["kind"] for e in mon.execute("query-journal", {"kinds": ["vduse."]})["entries"]}
+    table: Any = mon.execute("query-mem-table", {})
+    assert table["regions"][0]["gpa"] == 0
+    journal: Any = mon.execute("query-journal", {"kinds": ["vduse."]})
+    kinds = {e["kind"] for e in journal["entries"]}
     assert {"vduse.msg", "vduse.iotlb", "vduse.create"} <= kinds
 
 
@@ -228,3 +233,12 @@ def test_two_queue_pairs_offer_mq_and_set_up_four_queues() -> None:
         assert r.wire.sent == [(b"\x03" * 80, 1)]
     finally:
         r.close()
+
+
+def test_get_vq_state_of_a_stopped_ring_is_what_the_front_end_set(rig: Rig) -> None:
+    """Before DRIVER_OK (or after a stop) the state is the front-end's SET_VRING_BASE, which
+    the kernel keeps; the model's copy is refreshed from VQ_GET_INFO before answering."""
+    rig.kernel.setup_vq(1, 64, 0x1000, 0x2000, 0x3000, avail=1234)
+    index, avail, _ = uapi.unpack_vq_state(rig.ok(rig.kernel.get_vq_state(1)))
+    assert (index, avail) == (1, 1234)
+    assert rig.journal("vduse.msg")[-1]["from_kernel"] is True

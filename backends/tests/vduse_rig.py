@@ -140,7 +140,7 @@ def make_rig(queue_pairs: int = 1, start: bool = True, **kernel_kw: Any) -> Rig:
     kernel = FakeVduse(**kernel_kw)
     loop = EventLoop()
     wire = CaptureWire()
-    net = NetDevice(wire, queue_pairs=queue_pairs, loop=loop)  # type: ignore[arg-type]
+    net = NetDevice(wire, queue_pairs=queue_pairs, loop=loop)
     device = VdpaDevice(net)
     transport = VduseTransport(
         device, loop, kernel, NAME, queue_pairs=queue_pairs, max_queue_size=256

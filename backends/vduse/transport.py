@@ -30,6 +30,7 @@ Journal kinds: ``vduse.create``, ``vduse.attach``, ``vduse.detach``, ``vduse.des
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
@@ -298,8 +299,7 @@ class VduseTransport:
             for q in self.rings:
                 self.kernel.vq_setup(q.index, self.max_queue_size)
                 q.kickfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                fd = q.kickfd
-                self.loop.add_reader(fd, lambda q=q: self._on_kick(q))
+                self.loop.add_reader(q.kickfd, functools.partial(self._on_kick, q))
         except OSError as e:
             detail = f"setting up /dev/vduse/{self.name} failed: {e}"
             self._error("setup", detail, level=logging.ERROR, errno=e.errno)
@@ -452,8 +452,19 @@ class VduseTransport:
                 vq=i,
             )
         packed = has(self.device.get_driver_features(), VIRTIO_F_RING_PACKED)
+        fields: dict[str, Any] = {"vq": i, "packed": packed}
+        if not self.device.vqs[i].started:
+            # a ring that is not running: its state is what the front-end last set
+            # (SET_VRING_BASE, kept by the kernel), not the model's stale copy
+            info = self._read_info(i)
+            if info is not None:
+                try:
+                    self.device.set_vq_state(i, state_from_info(info, packed))
+                    fields["from_kernel"] = True
+                except ValueError as e:
+                    self._error("get_vq_state", f"vq {i}: {e}", vq=i)
         st = self.device.get_vq_state(i)
-        fields = {"vq": i, "packed": packed, "last_avail_idx": st.last_avail_idx}
+        fields["last_avail_idx"] = st.last_avail_idx
         if packed:
             fields.update(used_idx=st.used_idx, avail_wrap=st.avail_wrap, used_wrap=st.used_wrap)
         return state_to_wire(i, st, packed), fields

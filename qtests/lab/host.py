@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from qtests.qos.machine import QemuError, find_qemu, require_qemu
+from qtests.qos.machine import QemuError, find_qemu, qemu_accelerators, require_qemu
 
 VDUSE_CONTROL = Path("/dev/vduse/control")
 #: Modules the lane needs on the kernel it runs on (virtio_vdpa only for the virtio_vdpa test).
@@ -70,15 +70,10 @@ def lab_problem() -> str | None:
         qemu = find_qemu()
     except QemuError as exc:
         return str(exc)
-    if os.environ.get("VDPA_LAB_ACCEL", "tcg") == "tcg":
-        try:
-            accels = subprocess.run(
-                [qemu, "-accel", "help"], capture_output=True, text=True, timeout=30
-            ).stdout
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"{qemu} -accel help: {exc}"
-        if "tcg" not in accels.split():
-            return f"{qemu} has no TCG accelerator (it lists: {' '.join(accels.split()[1:])})"
+    accel = os.environ.get("VDPA_LAB_ACCEL", "tcg")
+    have = qemu_accelerators(qemu)
+    if accel not in have:
+        return f"{qemu} has no {accel} accelerator (it lists: {' '.join(sorted(have))})"
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         from guest_images.builder import default_cache_dir
         from guest_images.lab import LAB

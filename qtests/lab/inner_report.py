@@ -50,6 +50,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     )
 
 
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """The test's log directory (the qtests' ``log_dir`` fixture), so the host can name it."""
+    log_dir = (getattr(item, "funcargs", None) or {}).get("log_dir")
+    if log_dir is not None:
+        _write({"kind": "log_dir", "nodeid": item.nodeid, "path": str(log_dir)})
+
+
 def pytest_collectreport(report: pytest.CollectReport) -> None:
     if report.failed:
         _write({"kind": "collect", "nodeid": report.nodeid, "longrepr": report.longreprtext})

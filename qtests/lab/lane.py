@@ -10,15 +10,21 @@ phase of every test, by node id), ``junit.xml``, and per-test logs under ``test-
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qtests.lab.vm import LabError, LabResult, run_in_lab
+from qtests.qos.machine import QemuError, find_qemu
 
 #: Wall seconds the inner pytest may take in L1 (all lane tests, TCG, a loaded machine).
 INNER_TIMEOUT = 900.0
@@ -38,12 +44,12 @@ class InnerResult:
     text: str = ""  # failure / skip text of the phase that decided the outcome
     sections: list[tuple[str, str]] = field(default_factory=list)
     duration: float = 0.0
+    log_dir_name: str = ""  # its log directory's name under test-logs/ (copied to the host)
 
-    def add(self, rec: dict[str, object]) -> None:
+    def add(self, rec: dict[str, Any]) -> None:
         when, outcome = str(rec["when"]), str(rec["outcome"])
-        self.duration += float(rec.get("duration") or 0.0)  # type: ignore[arg-type]
-        sections = rec.get("sections") or []
-        self.sections = [(str(n), str(t)) for n, t in sections]  # type: ignore[union-attr]
+        self.duration += float(rec.get("duration") or 0.0)
+        self.sections = [(str(n), str(t)) for n, t in rec.get("sections") or []]
         text = str(rec.get("longrepr") or "")
         if outcome == "failed":
             if self.outcome != "failed":
@@ -71,8 +77,9 @@ class LaneRun:
         return self.results.get(nodeid) or InnerResult(nodeid)
 
 
-def inner_command(nodeids: list[str], rootdir: Path, python: str) -> str:
-    """The /bin/sh script L1 runs: the inner pytest over exactly ``nodeids``."""
+def inner_command(nodeids: list[str], rootdir: Path, python: str, qemu: str | None = None) -> str:
+    """The /bin/sh script L1 runs: the inner pytest over exactly ``nodeids``, with
+    ``QTEST_QEMU_BINARY=qemu`` (the host session's QEMU, same path through the shared root)."""
     args = [
         python, "-m", "pytest", "-p", "no:cacheprovider", "-p", "qtests.lab.inner_report",
         "-o", "console_output_style=classic", "-rA", "-v",
@@ -86,7 +93,8 @@ def inner_command(nodeids: list[str], rootdir: Path, python: str) -> str:
         "export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1\n"
         f'export QOS_LOG_DIR="$VDPA_LAB_SHARE/{INNER_LOGS}"\n'
         f'export {RESULTS_ENV}="$VDPA_LAB_SHARE/{RESULTS_FILE}"\n'
-        f"exec {quoted}\n"
+        + (f"export QTEST_QEMU_BINARY={shlex.quote(qemu)}\n" if qemu else "")
+        + f"exec {quoted}\n"
     )
 
 
@@ -107,6 +115,9 @@ def read_results(path: Path, nodeids: list[str]) -> tuple[dict[str, InnerResult]
             collect_errors.append(f"{rec.get('nodeid')}: {rec.get('longrepr')}")
         elif rec.get("kind") == "test":
             results.setdefault(str(rec["nodeid"]), InnerResult(str(rec["nodeid"]))).add(rec)
+        elif rec.get("kind") == "log_dir":
+            inner = results.setdefault(str(rec["nodeid"]), InnerResult(str(rec["nodeid"])))
+            inner.log_dir_name = Path(str(rec["path"])).name
     return results, collect_errors
 
 
@@ -126,12 +137,36 @@ def copy_logs(share: Path, log_root: Path) -> None:
 def run_lane(nodeids: list[str], rootdir: Path, log_root: Path, timeout: float) -> LaneRun:
     """Boot L1 once and run the lane tests ``nodeids`` in it; never raises for a lab failure
     (every test then carries the reason)."""
-    workdir = log_root / "vdpa-lab"
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    with _claim_workdir(log_root) as workdir:
+        return _run_lane(nodeids, rootdir, log_root, timeout, workdir)
+
+
+@contextlib.contextmanager
+def _claim_workdir(log_root: Path) -> Iterator[Path]:
+    """``log_root/vdpa-lab``, emptied, held with a lock for this session; if another session
+    (sharing the checkout) holds it, ``log_root/vdpa-lab-<pid>`` instead."""
+    log_root.mkdir(parents=True, exist_ok=True)
+    with (log_root / "vdpa-lab.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            workdir = log_root / "vdpa-lab"
+        except BlockingIOError:
+            workdir = log_root / f"vdpa-lab-{os.getpid()}"
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        yield workdir
+
+
+def _run_lane(
+    nodeids: list[str], rootdir: Path, log_root: Path, timeout: float, workdir: Path
+) -> LaneRun:
     t0 = time.monotonic()
-    command = inner_command(nodeids, rootdir, sys.executable)
+    try:
+        qemu: str | None = find_qemu()
+    except QemuError:
+        qemu = None  # the lab cannot boot either: run_in_lab says so
+    command = inner_command(nodeids, rootdir, sys.executable, qemu)
     lab: LabResult | None = None
     error = ""
     try:

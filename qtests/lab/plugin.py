@@ -41,14 +41,18 @@ class _Lane:
         self.why = why
         self.nodeids: list[str] = []
         self.run: LaneRun | None = None
+        self.broken = ""  # the lab run was interrupted (e.g. a timeout): never run it twice
 
     @property
     def log_root(self) -> Path:
         return Path(os.environ.get("QOS_LOG_DIR") or self.config.rootpath / "test-logs")
 
     def results(self) -> LaneRun:
+        if self.broken:
+            raise LaneTestFailed(f"the lab run was interrupted in an earlier test: {self.broken}")
         if self.run is None:
-            capture = self.config.pluginmanager.get_plugin("capturemanager")
+            capture = self.config.pluginmanager.getplugin("capturemanager")
+            assert capture is not None
             with capture.global_and_fixture_disabled():
                 tw = self.config.get_terminal_writer()
                 tw.line()
@@ -56,7 +60,13 @@ class _Lane:
                     f"vdpa lane: {self.why}; booting the lab (L1) once for "
                     f"{len(self.nodeids)} lane test(s), logs in {self.log_root / 'vdpa-lab'}"
                 )
-            self.run = run_lane(self.nodeids, self.config.rootpath, self.log_root, INNER_TIMEOUT)
+            try:
+                self.run = run_lane(
+                    self.nodeids, self.config.rootpath, self.log_root, INNER_TIMEOUT
+                )
+            except BaseException as exc:
+                self.broken = f"{type(exc).__name__}: {exc}"
+                raise
         return self.run
 
 
@@ -75,6 +85,13 @@ class LaneProxy(pytest.Item):
             pytest.skip(self.lane.why)
         run = self.lane.results()
         inner = run.result(self.nodeid)
+        console = run.workdir / "console.log"
+        self.user_properties.append(("lab_console_log", str(console)))
+        where = ""
+        if inner.log_dir_name:
+            log_dir = self.lane.log_root / inner.log_dir_name
+            self.user_properties.append(("log_dir", str(log_dir)))
+            where = f"logs: {log_dir}; "
         for name, text in inner.sections:  # "Captured <key> <when>" in the inner report
             key, _, when = name.removeprefix("Captured ").rpartition(" ")
             self.add_report_section(when or "call", f"{key or name} in L1", text)
@@ -82,11 +99,10 @@ class LaneProxy(pytest.Item):
             return
         if inner.outcome == "skipped":
             pytest.skip(f"skipped in L1: {inner.text}")
-        console = run.workdir / "console.log"
         if inner.outcome == "failed":
             raise LaneTestFailed(
-                f"{_headline(inner.text)}\n{inner.text}\n\n(ran in the lab L1; console log: "
-                f"{console})"
+                f"{_headline(inner.text)}\n{inner.text}\n\n(ran in the lab L1; {where}"
+                f"L1 console log: {console})"
             )
         raise LaneTestFailed(f"no result from L1: {run.error}\n(console log: {console})")
 

@@ -164,7 +164,7 @@ def qemu_command(
 ) -> list[str]:
     append = " ".join([*KERNEL_ARGS, f"lab.share={share}", *kernel_args])
     return [
-        qemu, *accelerator(), "-smp", "1", "-m", str(memory_mb),
+        qemu, *accelerator(), "-smp", os.environ.get("VDPA_LAB_SMP", "1"), "-m", str(memory_mb),
         "-nodefaults", "-display", "none", "-no-reboot", "-monitor", "none",
         "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", append,
         "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on",

@@ -1,12 +1,18 @@
 """Launch and tear down QEMU for qtest-driven tests.
 
-`QemuMachine` builds the command line (q35, TCG, halting BIOS, shared memfd RAM, qtest and
-QMP sockets), launches QEMU, accepts its qtest connection, connects QMP, and always kills it in
-`shutdown()`.  QEMU's stderr, the command line and the qtest log go to a per-test log directory.
+`find_qemu` is the one place that chooses the QEMU binary for the whole project:
+``$QTEST_QEMU_BINARY`` (QEMU's qtest convention; ``$QEMU_TEST_QEMU_BINARY`` too), a ``--qemu``
+option where a command has one, else ``qemu-system-x86_64`` on PATH; `require_qemu` checks
+its version (>= 10.0).
+
+`QemuMachine` builds the command line (q35, the qtest accelerator when the binary has one, else
+TCG with a halting BIOS; shared memfd RAM, qtest and QMP sockets), launches QEMU, accepts its
+qtest connection, connects QMP, and always kills it in `shutdown()`.  QEMU's stderr, the
+command line and the qtest log go to a per-test log directory.
 
 The VM is never started with ``-S``: vhost-user backends only start their rings on DRIVER_OK
-while the VM runs.  The vCPU stays halted in the BIOS (``cli; hlt``), so the driver (qtest)
-owns the machine.
+while the VM runs.  Under TCG the vCPU stays halted in the BIOS (``cli; hlt``), so the driver
+(qtest) owns the machine; Debian's QEMU has no qtest accelerator.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +39,11 @@ from .qtest import QTest
 from .waiting import poll_until
 
 QEMU_DEFAULT_BINARY = "qemu-system-x86_64"
-#: Environment variables naming the QEMU binary (first one set wins).
-QEMU_BINARY_ENV = ("QOS_QEMU_BINARY", "QTEST_QEMU_BINARY")
+#: Environment variables naming the QEMU binary, first one set wins: QEMU's own qtest
+#: convention, then the spelling of QEMU's functional tests.
+QEMU_BINARY_ENV = ("QTEST_QEMU_BINARY", "QEMU_TEST_QEMU_BINARY")
+#: Deprecated spelling, still honoured (after the two above) with a warning on stderr.
+QEMU_BINARY_ENV_DEPRECATED = "QOS_QEMU_BINARY"
 MIN_QEMU_VERSION = (10, 0)
 
 HALT_BIOS_SIZE = 64 * 1024
@@ -59,29 +69,79 @@ class QemuLaunchError(QemuError):
 
 
 # ---------------------------------------------------------------------- QEMU binary / version
+def qemu_binary_setting(binary: str | None = None) -> tuple[str, str]:
+    """(the QEMU binary asked for, who asked): ``binary`` (e.g. a ``--qemu`` option), else
+    ``$QTEST_QEMU_BINARY``, ``$QEMU_TEST_QEMU_BINARY``, the deprecated ``$QOS_QEMU_BINARY``,
+    else ``qemu-system-x86_64`` from PATH. Nothing is checked here (see `find_qemu`)."""
+    if binary:
+        return os.path.expanduser(binary), "the caller"
+    for var in QEMU_BINARY_ENV:
+        if os.environ.get(var):
+            return os.path.expanduser(os.environ[var]), f"${var}"
+    if os.environ.get(QEMU_BINARY_ENV_DEPRECATED):
+        _warn_deprecated_env()
+        return os.path.expanduser(os.environ[QEMU_BINARY_ENV_DEPRECATED]), (
+            f"${QEMU_BINARY_ENV_DEPRECATED}"
+        )
+    return QEMU_DEFAULT_BINARY, "PATH"
+
+
+@functools.cache
+def _warn_deprecated_env() -> None:
+    print(
+        f"warning: ${QEMU_BINARY_ENV_DEPRECATED} is deprecated: set ${QEMU_BINARY_ENV[0]}",
+        file=sys.stderr,
+    )
+
+
 def find_qemu(binary: str | None = None) -> str:
-    """Path of the QEMU binary: ``binary``, $QOS_QEMU_BINARY, $QTEST_QEMU_BINARY, or PATH."""
-    candidate = binary
-    if candidate is None:
-        for var in QEMU_BINARY_ENV:
-            if os.environ.get(var):
-                candidate = os.environ[var]
-                break
-    candidate = candidate or QEMU_DEFAULT_BINARY
+    """The one place that chooses QEMU for every part of the project (qtests, avocado tests,
+    the shell, bench, the lab): the absolute path of ``binary``, else of
+    ``$QTEST_QEMU_BINARY`` (or ``$QEMU_TEST_QEMU_BINARY``; ``$QOS_QEMU_BINARY`` is a
+    deprecated alias), else of ``qemu-system-x86_64`` on PATH. Raises `QemuNotFound`."""
+    candidate, source = qemu_binary_setting(binary)
     path = shutil.which(candidate)
     if path is None:
         raise QemuNotFound(
-            f"QEMU binary {candidate!r} not found (install qemu-system-x86 >= "
-            f"{MIN_QEMU_VERSION[0]}.{MIN_QEMU_VERSION[1]}, e.g. from bookworm-backports, "
-            f"or set ${QEMU_BINARY_ENV[0]})"
+            f"QEMU binary {candidate!r} (from {source}) not found or not executable: install "
+            f"qemu-system-x86 >= {MIN_QEMU_VERSION[0]}.{MIN_QEMU_VERSION[1]} (Debian 12: from "
+            f"bookworm-backports) or set ${QEMU_BINARY_ENV[0]} to a QEMU binary, e.g. "
+            f"~/qemu/build/qemu-system-x86_64"
         )
-    return path
+    return os.path.abspath(path)
 
 
-@functools.lru_cache(maxsize=8)
+def qemu_accelerators(binary: str | None = None) -> frozenset[str]:
+    """The accelerators ``qemu -accel help`` lists (e.g. tcg, kvm, and qtest in a QEMU built
+    from source; Debian's packages have no qtest accelerator)."""
+    return _qemu_accelerators(find_qemu(binary))
+
+
+@functools.lru_cache(maxsize=16)
+def _qemu_accelerators(path: str) -> frozenset[str]:
+    try:
+        out = subprocess.run(
+            [path, "-accel", "help"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise QemuNotFound(f"cannot run {path} -accel help: {e}") from e
+    lines = out.stdout.splitlines()
+    return frozenset(w.strip() for w in lines[1:] if w.strip() and " " not in w.strip())
+
+
+def qtest_accel(binary: str | None = None) -> str:
+    """The accelerator for a qtest-driven machine: ``qtest`` when the binary has it (no vCPU
+    runs at all), else ``tcg`` with the halting BIOS keeping the vCPU parked."""
+    return "qtest" if "qtest" in qemu_accelerators(binary) else "tcg"
+
+
 def qemu_version(binary: str | None = None) -> tuple[int, int, int]:
-    """(major, minor, micro) reported by ``qemu --version``."""
-    path = find_qemu(binary)
+    """(major, minor, micro) reported by ``qemu --version`` (of the binary `find_qemu` picks)."""
+    return _qemu_version(find_qemu(binary))
+
+
+@functools.lru_cache(maxsize=16)  # keyed on the resolved path: the environment may change
+def _qemu_version(path: str) -> tuple[int, int, int]:
     try:
         out = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=30, check=False
@@ -108,6 +168,17 @@ def require_qemu(
             f"(Debian 12: apt-get install -t bookworm-backports qemu-system-x86)"
         )
     return version
+
+
+def use_qemu(binary: str | None = None) -> str:
+    """For a command with a ``--qemu`` option: resolve and version-check the binary
+    (``binary``, else the environment, as `find_qemu`), then export it as
+    ``$QTEST_QEMU_BINARY`` so that everything this process and its children start (testbeds,
+    migration destinations, pytest or avocado runs) uses that same QEMU. Its path."""
+    path = find_qemu(binary)
+    require_qemu(binary=path)
+    os.environ[QEMU_BINARY_ENV[0]] = path
+    return path
 
 
 def write_halt_bios(path: str | os.PathLike[str]) -> Path:
@@ -191,7 +262,7 @@ class QemuMachine:
         machine_opts: dict[str, Any] | None = None,
         shared_memory: bool = True,
         binary: str | None = None,
-        accel: str = "tcg",
+        accel: str | None = None,
         launch_timeout: float = 30.0,
         qtest_timeout: float = 10.0,
         qmp_timeout: float = 10.0,
@@ -217,7 +288,8 @@ class QemuMachine:
         self.machine = machine
         self.machine_opts: dict[str, Any] = dict(machine_opts or {})
         self.shared_memory = shared_memory
-        self.accel = accel
+        #: None: `qtest_accel` (qtest when the binary has it, else TCG + the halting BIOS)
+        self.accel = accel or qtest_accel(self.binary)
         self.launch_timeout = launch_timeout
         self.qtest_timeout = qtest_timeout
         self.qmp_timeout = qmp_timeout

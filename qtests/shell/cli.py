@@ -20,11 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from qtests.qos.machine import QemuError, use_qemu
 from qtests.shell.prompt import SessionShell
 from qtests.shell.session import Session
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-LOG_ROOT = REPO_ROOT / "test-logs" / "shell"
+#: relative to the current directory (the checkout under ``make shell``), never the install tree
+LOG_ROOT = Path("test-logs") / "shell"
 
 
 class Terminated(SystemExit):
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="start the backend with this fault active (repeatable)")  # fmt: skip
     p.add_argument("--batch", type=Path, metavar="FILE", help="run the commands in FILE, then quit")
     p.add_argument("--log-dir", type=Path, help=f"where logs go (default {LOG_ROOT}/<time>)")
+    p.add_argument("--qemu", metavar="PATH",
+                   help="the QEMU binary (default: $QTEST_QEMU_BINARY, else "
+                   "qemu-system-x86_64 on PATH)")  # fmt: skip
     p.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="real guest: accel")
     p.add_argument("--boot-timeout", type=float, default=120.0, help="real guest: seconds")
     p.add_argument("--guest-cache", type=Path, help="real guest: guest image cache directory")
@@ -89,8 +93,15 @@ def set_up_logging(log_dir: Path, verbose: bool) -> logging.Logger:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        qemu = use_qemu(args.qemu)
+    except QemuError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     log_dir = args.log_dir or LOG_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    log_dir = log_dir.absolute()
     log = set_up_logging(log_dir, args.verbose)
+    print(f"QEMU: {qemu}\nlogs: {log_dir}", flush=True)
     batch = args.batch.open() if args.batch else None
     shell: SessionShell | None = None
     session = make_session(args, log_dir, log)

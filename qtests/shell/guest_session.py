@@ -2,7 +2,7 @@
 
 guest eth0 (10.0.0.2) -- virtio-net-pci -- vhost-user -- backend --UDP-- `UdpPeer` (10.0.0.1,
 answers ARP and ping). The guest image comes from `guest_images` (cached); QEMU is started by
-`avocado_tests.guest_vm.GuestVM`, with hotplug slots, a second QMP monitor for the user, and
+`qtests.guest.vm.GuestVM`, with hotplug slots, a second QMP monitor for the user, and
 its serial console handed to a `ConsoleRelay` (a socket users can attach to). The guest kernel
 is its own ACPI OSPM: it onlines a plugged DIMM (``memhp_default_state=online_movable``) and
 offlines + ejects one on ``device_del``.
@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import guest_images
-from avocado_tests.console import ConsoleError, GuestConsole
-from avocado_tests.guest_vm import GuestVM, VhostUserNic, VmConfig, kvm_usable
-from avocado_tests.peer import UdpPeer
-from avocado_tests.ports import free_udp_port
+from qtests.guest.console import ConsoleError, GuestConsole
+from qtests.guest.peer import UdpPeer
+from qtests.guest.ports import free_udp_port
+from qtests.guest.vm import GuestVM, VhostUserNic, VmConfig, kvm_usable
 from qtests.qos.acpi_memhp import STATUS_ENABLED, MemSlot
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.memory_devices import DimmHotplug, MemoryDevice, query_memory_devices

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from avocado_tests import frames
-from avocado_tests.peer import UdpPeer
 from guest_images import udpseq
+from qtests.guest import frames
+from qtests.guest.peer import UdpPeer
 
 GUEST_MAC = frames.mac_bytes("52:54:00:12:34:56")
 GUEST_IP = frames.ip_bytes("10.0.0.2")

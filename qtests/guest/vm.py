@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import shutil
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avocado_tests.console import BootInfo, GuestConsole
 from guest_images import GuestImage
+from qtests.guest.console import BootInfo, GuestConsole
+from qtests.qos.machine import QemuError, find_qemu, require_qemu
 from qtests.qos.processes import die_with_parent, stop_process
 from qtests.qos.qmp import QmpClient, QmpError
 
@@ -64,7 +64,8 @@ class VmConfig:
     machine_opts: list[str] = field(default_factory=list)
     #: arguments placed before the NICs: devices they depend on (intel-iommu, root ports)
     pre_nic_args: list[str] = field(default_factory=list)
-    qemu: str = "qemu-system-x86_64"
+    #: the QEMU binary; None: `find_qemu` ($QTEST_QEMU_BINARY, else qemu-system-x86_64)
+    qemu: str | None = None
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -87,7 +88,7 @@ def memory_option(cfg: VmConfig) -> str:
 def qemu_command(image: GuestImage, cfg: VmConfig, console: Path, qmp: Path) -> list[str]:
     append = ["console=ttyS0", "panic=-1", f"vdpa.nics={len(cfg.nics)}", *cfg.kernel_args]
     args = [
-        cfg.qemu,
+        find_qemu(cfg.qemu),
         "-name", "vdpa-guest",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-machine", ",".join(["q35,memory-backend=mem", *cfg.machine_opts]),
@@ -166,8 +167,10 @@ class GuestVM:
 
     def launch(self, timeout: float = 30.0) -> None:
         """Start QEMU and take its console and QMP connections (not yet the guest boot)."""
-        if shutil.which(self.config.qemu) is None:
-            raise AssertionError(f"QEMU binary {self.config.qemu!r} not found")
+        try:
+            require_qemu(binary=self.config.qemu)
+        except QemuError as exc:
+            raise AssertionError(str(exc)) from exc
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.console_path))
         self._listener.listen(1)

@@ -18,9 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from avocado_tests import frames
-from avocado_tests.pcap import PcapWriter
 from guest_images import udpseq
+from qtests.guest import frames
+from qtests.guest.pcap import PcapWriter
 from qtests.qos.waiting import WaitTimeout
 
 _log = logging.getLogger(__name__)
