@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import struct
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,7 +55,7 @@ from qtests.qos.frames import PEER_MAC, mac_bytes, make_frame, parse_frame
 from qtests.qos.machine import QemuLaunchError, QemuMachine
 from qtests.qos.migration import MigrationPair, MigrationStats, PrecopyHold, set_capabilities
 from qtests.qos.packed_virtqueue import PackedVirtqueue
-from qtests.qos.ring_restore import stop_cont_scenario
+from qtests.qos.ring_restore import get_vq_state_round_trip, stop_cont_scenario
 from qtests.qos.svq_migration import Plan as SvqPlan
 from qtests.qos.svq_migration import migrate_with_traffic_svq, start_svq_pair
 from qtests.qos.svq_migration import tx_frame as svq_tx_frame
@@ -756,3 +758,34 @@ def test_ignore_restored_base_is_caught(make_testbed: Callable[..., Testbed]) ->
     tb = make_testbed(transport="vhost-vdpa", faults=["ignore-restored-base"]).start()
     with pytest.raises(AssertionError, match="first frame on the wire after cont is not"):
         stop_cont_scenario(tb)
+
+
+@pytest.fixture
+def vduse_run() -> Iterator[Path]:
+    """A short private directory for a VDUSE backend's unix sockets (removed at the end)."""
+    run = Path(tempfile.mkdtemp(prefix="lane-"))
+    yield run
+    shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.mark.vdpa_lane
+def test_vdpa_get_vq_state_round_trip(log_dir: Path, vduse_run: Path) -> None:
+    backend = BackendProcess(log_dir, name="backend", run_dir=vduse_run, transport="vduse")
+    try:
+        rtt = get_vq_state_round_trip(backend.start(), {0: 1234, 1: 65535})
+        print("GET_VQ_STATE round trip through the kernel:", rtt)
+    finally:
+        assert backend.stop() == 0
+
+
+@pytest.mark.vdpa_lane
+def test_vring_base_off_by_one_is_caught_over_vhost_vdpa(log_dir: Path, vduse_run: Path) -> None:
+    backend = BackendProcess(
+        log_dir, name="backend", run_dir=vduse_run, transport="vduse",
+        faults=["vring-base-off-by-one"],
+    )  # fmt: skip
+    try:
+        with pytest.raises(AssertionError, match="GET_VQ_STATE answered 1235, the front-end set"):
+            get_vq_state_round_trip(backend.start(), {0: 1234})
+    finally:
+        backend.stop()

@@ -4,14 +4,19 @@ VDUSE cannot suspend, so QEMU 10 never asks the device for its ring state (no GE
 at ``stop`` it resets the device and takes last_avail_idx from the used index in guest
 memory; at ``cont`` it hands it back, which the device reads with ``VDUSE_VQ_GET_INFO`` at
 DRIVER_OK. The device must resume from that index: no chain transmitted twice, none lost.
+The kernel's own GET_VQ_STATE path is reached only by a front-end that asks for the ring
+base itself (:func:`get_vq_state_round_trip`).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from .backend_process import BackendProcess
 from .frames import make_frame
 from .testbed import Testbed
+from .vhost_vdpa import VhostVdpa
 from .waiting import poll_until
 
 TX_VQ = 1
@@ -64,3 +69,29 @@ def stop_cont_scenario(tb: Testbed, cycles: int = 2, per_cycle: int = 4) -> list
     asked = [m for m in b.journal(["vduse.msg"]) if m["type"] == "GET_VQ_STATE"]
     assert not asked, f"QEMU asked GET_VQ_STATE without SVQ or suspend: {asked}"
     return seen
+
+
+def get_vq_state_round_trip(
+    backend: BackendProcess, bases: dict[int, int], repeat: int = 20
+) -> dict[str, float]:
+    """The kernel's GET_VQ_STATE path, which QEMU 10 never takes with VDUSE: a vhost-vdpa
+    front-end of our own (qtests/qos/vhost_vdpa.py) sets each ring's base (SET_VRING_BASE,
+    kept by the kernel) and reads it back (VHOST_GET_VRING_BASE -> VDUSE GET_VQ_STATE -> the
+    device's get_vq_state). The answer must be the base that was set; returns the round trip
+    (ioctl to answer) in microseconds, median and max over ``repeat`` asks per ring."""
+    assert backend.vhost_vdpa
+    times: list[float] = []
+    with VhostVdpa(backend.vhost_vdpa) as dev:
+        dev.set_owner()
+        for index, base in bases.items():
+            dev.set_vring_num(index, 256)
+            dev.set_vring_base(index, base)
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                got = dev.get_vring_base(index)
+                times.append((time.perf_counter() - t0) * 1e6)
+                assert got == base, (
+                    f"vq {index}: GET_VQ_STATE answered {got}, the front-end set {base}"
+                )
+    times.sort()
+    return {"median_us": round(times[len(times) // 2], 1), "max_us": round(times[-1], 1)}
