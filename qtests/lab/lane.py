@@ -91,6 +91,7 @@ def inner_command(nodeids: list[str], rootdir: Path, python: str, qemu: str | No
         "set -u\n"
         f"cd {shlex.quote(str(rootdir))}\n"
         "export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1\n"
+        "export HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis\n"  # the checkout is read-only
         f'export QOS_LOG_DIR="$VDPA_LAB_SHARE/{INNER_LOGS}"\n'
         f'export {RESULTS_ENV}="$VDPA_LAB_SHARE/{RESULTS_FILE}"\n'
         + (f"export QTEST_QEMU_BINARY={shlex.quote(qemu)}\n" if qemu else "")
