@@ -138,7 +138,7 @@ def qemu_ram_sections(qmp: QmpClient) -> set[Key]:
     they are private anonymous memory and the kernel's vhost-vdpa maps only shared
     file-backed VMAs for a VA-based device such as VDUSE (vhost_vdpa_va_map skips the rest),
     so they never reach the device."""
-    text = str(qmp.command("human-monitor-command", **{"command-line": "info mtree -f"}))
+    text = str(qmp.command("human-monitor-command", {"command-line": "info mtree -f"}))
     out: set[Key] = set()
     in_memory = False
     for line in text.splitlines():
@@ -437,8 +437,10 @@ def wait_error(tb: Testbed, since: int, addr: int, what: str) -> dict[str, Any]:
         errs = [e for e in b.journal(["error."], since) if f"{addr:#x}" in str(e.get("detail"))]
         return errs[0] if errs else None
 
-    return poll_until(naming, 20.0, f"the backend's error.* journal entry naming {addr:#x} "
-                      f"for {what}")  # fmt: skip
+    what = f"the backend's error.* journal entry naming {addr:#x} for {what}"
+    err = poll_until(naming, 20.0, what)
+    assert err is not None
+    return err
 
 
 def check_rejected(tb: Testbed, since: int, addr: int, what: str) -> None:

@@ -28,6 +28,14 @@ def _statuses(tb: Testbed, since: int) -> list[int]:
     return [int(e["new"]) for e in tb.backend.journal(["status.set"], since)]
 
 
+def _stop(tb: Testbed) -> None:
+    """QMP stop; wait until QEMU reset the device (VDUSE cannot suspend)."""
+    assert tb.backend is not None
+    mark = tb.backend.mark()
+    tb.qmp.command("stop")
+    poll_until(lambda: 0 in _statuses(tb, mark), TIMEOUT, "the device reset at stop")
+
+
 def stop_cont_scenario(tb: Testbed, cycles: int = 2, per_cycle: int = 4) -> list[dict[str, Any]]:
     """Frames out, stop, cont, frames out again, ``cycles`` times: after each cont the device
     resumes TX at the index QEMU restored, and the next frame on the wire is the next one
@@ -43,9 +51,7 @@ def stop_cont_scenario(tb: Testbed, cycles: int = 2, per_cycle: int = 4) -> list
         assert tb.peer.recv_n(per_cycle, timeout=TIMEOUT) == frames, f"cycle {cycle}: TX"
         tb.net.wait_tx(0, TIMEOUT)
         guest = tb.net.txq[0].avail_idx
-        mark = b.mark()
-        tb.qmp.command("stop")
-        poll_until(lambda m=mark: 0 in _statuses(tb, m), TIMEOUT, "the device reset at stop")
+        _stop(tb)
         mark = b.mark()
         tb.qmp.command("cont")
         poll_until(lambda: b.vring(TX_VQ)["started"], TIMEOUT, "TX started after cont")

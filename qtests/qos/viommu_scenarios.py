@@ -319,9 +319,11 @@ def _wait_error_naming(tb: Testbed, since: int, iova: int, what: str) -> dict[st
         return errs[0] if errs else None
 
     try:
-        return poll_until(find, 20.0, f"an error.* journal entry naming {iova:#x} for {what}")
+        err = poll_until(find, 20.0, f"an error.* journal entry naming {iova:#x} for {what}")
     except WaitTimeout as e:
         raise AssertionError(f"{what} was not refused: {e}") from e
+    assert err is not None
+    return err
 
 
 # ----------------------------------------------------------------------------- both
