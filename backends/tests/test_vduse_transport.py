@@ -15,6 +15,7 @@ from backends.tests.vduse_rig import (
     DRIVER,
     DRIVER_FEATURES,
     FEATURES_OK,
+    MEM_SIZE,
     NAME,
     Rig,
     make_rig,
@@ -242,3 +243,46 @@ def test_get_vq_state_of_a_stopped_ring_is_what_the_front_end_set(rig: Rig) -> N
     index, avail, _ = uapi.unpack_vq_state(rig.ok(rig.kernel.get_vq_state(1)))
     assert (index, avail) == (1, 1234)
     assert rig.journal("vduse.msg")[-1]["from_kernel"] is True
+
+
+ALIAS_IOVA = 0x4000_0000
+
+
+def test_miss_fetches_an_entry_the_kernel_never_announced(rig: Rig) -> None:
+    """Bound to virtio_vdpa the kernel maps DMA in its own domain and sends no UPDATE_IOTLB:
+    a descriptor at an IOVA the device has not fetched yet makes it ask with IOTLB_GET_FD."""
+    rig.bring_up()
+    rig.wait(lambda: all(vq.ready for vq in rig.device.vqs), "queues ready")
+    assert rig.mem is not None
+    rig.kernel.iotlb.append(
+        (
+            uapi.IotlbEntry(0, ALIAS_IOVA, ALIAS_IOVA + MEM_SIZE - 1, uapi.VDUSE_ACCESS_RW),
+            rig.mem.fd,
+        )
+    )
+    ring = rig.rings[1]
+    frame = bytes((i * 5) & 0xFF for i in range(100))
+    buf = ring.alloc(HDR_LEN + len(frame))
+    assert rig.region is not None
+    rig.region.write_gpa(buf, bytes(HDR_LEN) + frame)
+    head = ring.free.pop(0)
+    ring.write_desc(head, ALIAS_IOVA + buf, HDR_LEN + len(frame), 0, 0)
+    ring.publish(head)
+    rig.kernel.kick(1)
+    rig.wait(lambda: rig.wire.sent, "the TX frame behind the unannounced IOVA on the wire")
+    assert rig.wire.sent == [(frame, 0)]
+    fetches = rig.journal("vduse.iotlb_fetch")
+    assert fetches and fetches[0]["added"] == 1
+
+
+def test_miss_on_an_iova_the_kernel_does_not_have_parks_the_queue(rig: Rig) -> None:
+    rig.bring_up()
+    rig.wait(lambda: all(vq.ready for vq in rig.device.vqs), "queues ready")
+    ring = rig.rings[1]
+    head = ring.free.pop(0)
+    ring.write_desc(head, ALIAS_IOVA, HDR_LEN + 60, 0, 0)
+    ring.publish(head)
+    rig.kernel.kick(1)
+    rig.wait(lambda: rig.journal("error.vduse"), "the miss reported")
+    assert rig.journal("error.vduse")[-1]["op"] == "iotlb_miss"
+    assert not rig.wire.sent

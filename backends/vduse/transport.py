@@ -665,14 +665,34 @@ class VduseTransport:
             self._error("config", f"config update / config interrupt failed: {e}")
 
     def _iotlb_miss(self, iova: int, perm: int) -> None:
-        # VDUSE cannot ask for a mapping: the queue stays parked until the next UPDATE_IOTLB
-        self._error(
-            "iotlb_miss",
-            f"IOVA {iova:#x} (perm {perm}) is not in the VDUSE IOTLB; the queue waits for "
-            "the next UPDATE_IOTLB",
-            iova=iova,
-            perm=perm,
-        )
+        # VDUSE sends UPDATE_IOTLB only for changes made through vhost-vdpa's set_map. Bound to
+        # virtio_vdpa the kernel maps DMA in its own bounce domain and never announces it: the
+        # device asks for the entry itself (VDUSE_IOTLB_GET_FD), outside the device callback.
+        self.loop.call_soon(lambda: self._fetch_missing(iova, perm))
+
+    def _fetch_missing(self, iova: int, perm: int) -> None:
+        fields: dict[str, Any] = {"iova": iova, "perm": perm}
+        try:
+            diff = self.mirror.update(iova, iova)
+        except IotlbFetchError as e:
+            self._error(
+                "iotlb_miss",
+                f"IOVA {iova:#x} (perm {perm}) is not in the VDUSE IOTLB and could not be "
+                f"fetched: {e}; the queue waits for the next UPDATE_IOTLB",
+                **fields,
+            )
+            return
+        fields.update(added=len(diff.added), entries=len(self.mirror.entries))
+        self._rec("vduse.iotlb_fetch", **fields)
+        if diff.added:
+            self.device.iotlb_updated()  # retry the parked queues with the new entry
+        else:
+            self._error(
+                "iotlb_miss",
+                f"IOVA {iova:#x} (perm {perm}) is not in the VDUSE IOTLB; the queue waits for "
+                "the next UPDATE_IOTLB",
+                **fields,
+            )
 
 
 class _Failed(Exception):

@@ -81,7 +81,10 @@ def inner_command(nodeids: list[str], rootdir: Path, python: str, qemu: str | No
     """The /bin/sh script L1 runs: the inner pytest over exactly ``nodeids``, with
     ``QTEST_QEMU_BINARY=qemu`` (the host session's QEMU, same path through the shared root)."""
     args = [
-        python, "-m", "pytest", "-p", "no:cacheprovider", "-p", "qtests.lab.inner_report",
+        # no hypothesis plugin: it costs ~2.5 s of start-up natively, tens of seconds under
+        # TCG, and @given works without it (no lane test uses hypothesis today)
+        python, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
+        "-p", "qtests.lab.inner_report",
         "-o", "console_output_style=classic", "-rA", "-v",
         '--junitxml="$VDPA_LAB_SHARE/' + JUNIT_FILE + '"',
         "--", *nodeids,
