@@ -10,9 +10,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# make check runs its tests on this many pytest-xdist workers (1: in-process, no xdist);
+# loadgroup: tests marked xdist_group(name) share one worker (module-scoped fixtures)
+PYTEST_JOBS ?= auto
 AVOCADO_ARGS ?=
 
-.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench clean format \
+.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench clean format compiled \
 	check-vdpa lab-image
 
 setup:
@@ -35,8 +38,12 @@ qtests: setup
 # One pytest session for unit tests and qtests; exit 5 ("no tests collected") is a failure.
 # The junit report records each test's log directory (conftest.py).
 JUNIT_XML ?= test-logs/junit.xml
-check: setup lint
-	$(PY) -m pytest --junitxml=$(JUNIT_XML) $(PYTEST_ARGS)
+check: setup lint compiled
+	$(PY) -m pytest $(if $(filter 1,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadgroup) --junitxml=$(JUNIT_XML) $(PYTEST_ARGS)
+
+# mypyc build of the hot-path modules (backends/compiled.py): cached; falls back to the source
+compiled: setup
+	$(PY) -m backends.compiled
 
 images: setup
 	$(PY) -m guest_images build

@@ -8,6 +8,8 @@ process's log, journal, stdout and stderr).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 #: fixtures whose value is a test's log directory, recorded under the fixture's name
@@ -23,3 +25,41 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
         value = funcargs.get(name)
         if value is not None and (name, str(value)) not in item.user_properties:
             item.user_properties.append((name, str(value)))
+
+
+#: Test modules run whole on one pytest-xdist worker: the malformed-input suite must (a
+#: module-scoped backend whose teardown checks what every case left in its journal, a last test
+#: comparing descriptors); the packaging tests share one pip-installed venv (built once).
+ONE_WORKER_MODULES = frozenset(
+    {"backends/tests/test_vhost_user_malformed.py", "qtests/test_packaging.py"}
+)
+
+#: The scope every vhost-vdpa lane test is sent to: one worker, so the lab L1 boots once.
+LANE_SCOPE = "vdpa-lane"
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work one xdist worker takes whole: a module of :data:`ONE_WORKER_MODULES`,
+    every lane test together (:func:`qtests.lab.plugin.is_lane_nodeid`), else the test."""
+    from qtests.lab.plugin import is_lane_nodeid
+
+    if is_lane_nodeid(nodeid):
+        return LANE_SCOPE
+    module = nodeid.split("::", 1)[0]
+    return module if module in ONE_WORKER_MODULES else nodeid
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``make check`` (``-n auto --dist loadgroup``): tests are spread one by one, except the
+    scopes of :func:`xdist_scope`. Scopes go out largest first (xdist's loadscope reorder), so
+    the lane, the longest unit, starts at once beside the rest. (xdist's own loadgroup no
+    longer groups ``xdist_group`` marks under pytest 9.2: pytest-xdist#1386.)"""
+    if config.getoption("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ScopedScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return ScopedScheduling(config, log)

@@ -9,7 +9,8 @@ report):
   iotlb      IOTLB lookups/s; MISS round trip with QEMU + virtio-iommu and with a Python peer
   migration  qtest live-migration downtime / total time; GET_VRING_BASE with 256 in flight
   lab        the vhost-vdpa lab: L1 boot time (TCG) and ``pytest -m vdpa_lane`` wall time
-  suite      wall time of ``pytest qtests`` and ``python -m avocado_tests.run --ci`` (minutes;
+  suite      wall time of make check's vhost-user tests (xdist), ``pytest qtests`` and
+             ``python -m avocado_tests.run --ci`` (minutes;
              ``--no-suite`` leaves it out, e.g. ``make bench BENCH_ARGS=--no-suite``)
 
 DPDK (``dpdk-testpmd``) is installed with apt-get by this command when missing (root on Debian
@@ -29,7 +30,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import dpdk, plots
+from bench import dpdk, plots, readme
 from bench.report import Report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="time the full qtest suite and the avocado CI subset (default: yes)",
     )
+    p.add_argument(
+        "--suites",
+        action="append",
+        choices=("check_vhost_user_s", "qtest_suite_s", "avocado_ci_s"),
+        help="with the suite group: time only these suites",
+    )
     p.add_argument("--quick", action="store_true", help="shorter windows, 64-byte frames only")
     p.add_argument("--no-dpdk", action="store_true", help="skip the DPDK reference runs")
     p.add_argument(
@@ -60,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="also py-spy our backend under testpmd TX/RX 64 B (needs py-spy in the venv)",
+    )
+    p.add_argument(
+        "--readme", action="store_true", help="rewrite README.md's benchmark table from the report"
     )
     p.add_argument(
         "--plots",
@@ -239,7 +249,7 @@ class Runner:
     def suite(self) -> None:
         from bench import suite
 
-        suite.run(self.report, self.logs, log)
+        suite.run(self.report, self.logs, log, only=self.args.suites)
 
     # -- all ----------------------------------------------------------------------------------
     def run(self, argv: list[str]) -> int:
@@ -266,10 +276,20 @@ class Runner:
             log(f"no plots: {why}")
         else:
             drawn = plots.draw_all(self.report.to_dict(), self.out)
-            self.report.meta["plots"] = [str(p.relative_to(REPO)) for p in drawn]
+            self.report.meta["plots"] = [
+                str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in drawn
+            ]
             log("plots: " + ", ".join(str(p) for p in drawn))
         self.report.save()
+        table = readme.render(self.report.to_dict())
+        (self.out / "table.md").write_text(table)
+        if self.args.readme:
+            readme.update(REPO / "README.md", table)
+            log("README.md: benchmark table regenerated")
         log(f"report: {self.report.path}")
+        log("figures against issue #17's targets:")
+        for line in self.report.summary():
+            log("  " + line)
         return 0
 
 

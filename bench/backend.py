@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wire", default="null", help="null | loopback | gen:SIZE | any wire spec")
     p.add_argument("--cpu", type=int, help="pin to this CPU")
     p.add_argument("--no-iommu", action="store_true")
+    p.add_argument("--queues", type=int, default=1, help="queue pairs")
     args = p.parse_args(argv)
     if args.cpu is not None and args.cpu in os.sched_getaffinity(0):
         os.sched_setaffinity(0, {args.cpu})
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     journal = Journal()
     faults = Faults((), journal=journal)
     wire = build_wire(args.wire)
-    net = NetDevice(wire, faults=faults, loop=loop)  # type: ignore[arg-type]
+    net = NetDevice(wire, queue_pairs=args.queues, faults=faults, loop=loop)  # type: ignore[arg-type]
     if isinstance(wire, GeneratorWire):
         wire.room = lambda: net.backlog_limit - net.backlog(0)
     device = VdpaDevice(net, journal, faults)

@@ -11,12 +11,16 @@ Directions (named from the guest's side, like the frontend's counters):
 
 Placement on a 2-CPU machine: the frontend's forwarding lcore on CPU B, the backend (our
 Python process, or the reference testpmd's forwarding lcore) on CPU A, both main lcores on the
-other CPU (they sleep). Keeping the Python process off the frontend's forwarding CPU matters:
-unpinned, it preempts the PMD's polling thread and DPDK 22.11's split-ring TX path was seen to
-corrupt its free list (a segfault in ``virtqueue_enqueue_xmit``), which DPDK-vs-DPDK runs on a
-shared CPU never showed; pinned, it never happened.
+other CPU (they sleep). The backend is pinned so the figures are steady. (The testpmd segfault in
+``virtqueue_enqueue_xmit`` once blamed on sharing a CPU was the backend's: a ``pack_into``
+store let used->idx read 0 for a moment; see README "The testpmd segfault".)
 
-Gbit/s counts Ethernet frame bytes (SIZE, no FCS / preamble / gap).
+Gbit/s counts Ethernet frame bytes (SIZE, no FCS / preamble / gap). ``cpu_us_per_pkt_DIR_SIZE``
+is our backend process's CPU time (user + system, all threads, from ``/proc/PID/stat``) during
+the measuring window divided by the packets the frontend counted in it: unlike packets/s it
+hardly moves when other processes share the machine. ``..._2q`` figures: two queue pairs
+(``queues=2`` on both sides, testpmd ``--rxq=2 --txq=2`` on its one forwarding lcore; our
+backend still one process).
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ from bench.report import Report
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (64, 512, 1500)
 DIRECTIONS = ("tx", "rx")
+#: sizes also measured with two queue pairs
+MQ_SIZES = (64,)
+
+
+@dataclass
+class Result:
+    pps: float
+    cpu_us_per_pkt: float | None
 
 
 @dataclass
@@ -49,6 +61,10 @@ def placement() -> Placement | None:
         return None
     # frontend forwarding on the last CPU, backend on the first, main lcores share the first
     return Placement(backend_cpu=cpus[0], frontend_fwd_cpu=cpus[-1], main_cpu=cpus[0])
+
+
+def _queue_args(queues: int) -> list[str]:
+    return [f"--rxq={queues}", f"--txq={queues}"] if queues > 1 else []
 
 
 def gbps(pps: float | None, size: int) -> float | None:
@@ -85,23 +101,24 @@ class DatapathBench:
         except FileNotFoundError:
             pass
 
-    def _frontend(self, tag: str, direction: str, size: int) -> TestPmd:
+    def _frontend(self, tag: str, direction: str, size: int, queues: int = 1) -> TestPmd:
         mode = "txonly" if direction == "tx" else "rxonly"
         return TestPmd(
             self.testpmd,
             f"bench-fe-{os.getpid()}",
-            f"net_virtio_user0,path={self.sock},queues=1",
+            f"net_virtio_user0,path={self.sock},queues={queues}",
             mode,
             self.logs / f"testpmd-frontend-{tag}.log",
             fwd_cpu=self.place.frontend_fwd_cpu,
             main_cpu=self.place.main_cpu,
             txpkts=size if direction == "tx" else None,
+            extra=_queue_args(queues),
         )
 
-    def _ours(self, tag: str, direction: str, size: int) -> Proc:
+    def _ours(self, tag: str, direction: str, size: int, queues: int = 1) -> Proc:
         wire = "null" if direction == "tx" else f"gen:{size}"
         argv = [sys.executable, "-m", "bench.backend", "--socket", self.sock, "--wire", wire]
-        argv += ["--cpu", str(self.place.backend_cpu)]
+        argv += ["--cpu", str(self.place.backend_cpu), "--queues", str(queues)]
         proc = Proc(
             "our backend",
             argv,
@@ -111,17 +128,18 @@ class DatapathBench:
         )
         return proc.wait_ready(30)
 
-    def _dpdk(self, tag: str, direction: str, size: int) -> TestPmd:
+    def _dpdk(self, tag: str, direction: str, size: int, queues: int = 1) -> TestPmd:
         mode = "rxonly" if direction == "tx" else "txonly"
         pmd = TestPmd(
             self.testpmd,
             f"bench-be-{os.getpid()}",
-            f"net_vhost0,iface={self.sock},queues=1",
+            f"net_vhost0,iface={self.sock},queues={queues}",
             mode,
             self.logs / f"testpmd-backend-{tag}.log",
             fwd_cpu=self.place.backend_cpu,
             main_cpu=self.place.frontend_fwd_cpu,
             txpkts=size if direction == "rx" else None,
+            extra=_queue_args(queues),
         )
         try:
             pmd.wait_listening()
@@ -131,24 +149,33 @@ class DatapathBench:
         return pmd
 
     # -- one measurement ----------------------------------------------------------------------
-    def run(self, backend: str, direction: str, size: int) -> float:
+    def run(self, backend: str, direction: str, size: int, queues: int = 1) -> float:
         """Packets/s seen by the frontend (median of its per-second samples)."""
-        tag = f"{backend}-{direction}-{size}"
+        return self.measure(backend, direction, size, queues).pps
+
+    def measure(self, backend: str, direction: str, size: int, queues: int = 1) -> Result:
+        """Packets/s seen by the frontend (median of its per-second samples) and, for our
+        backend, its CPU microseconds per packet over the same window."""
+        tag = f"{backend}-{direction}-{size}" + (f"-{queues}q" if queues > 1 else "")
         self._clean_socket()
         be: Proc | TestPmd = (
-            self._ours(tag, direction, size)
+            self._ours(tag, direction, size, queues)
             if backend == "ours"
-            else self._dpdk(tag, direction, size)
+            else self._dpdk(tag, direction, size, queues)
         )
         fe: TestPmd | None = None
         try:
-            fe = self._frontend(tag, direction, size)
+            fe = self._frontend(tag, direction, size, queues)
             fe.wait_forwarding()
-            t = fe.measure(self.warmup_s, self.window_s)
+            pid = be.proc.pid if isinstance(be, Proc) else None
+            t = fe.measure(self.warmup_s, self.window_s, cpu_pid=pid)
             value = t.tx if direction == "tx" else t.rx
             if value is None:
                 raise RuntimeError(f"no throughput samples from the frontend ({tag})")
-            return value
+            cpu_us = None
+            if t.cpu_s is not None and value > 0 and t.window_s > 0:
+                cpu_us = t.cpu_s * 1e6 / (value * t.window_s)
+            return Result(value, cpu_us)
         finally:
             if fe is not None:
                 fe.stop()
@@ -156,27 +183,44 @@ class DatapathBench:
             self._clean_socket()
 
     def run_all(
-        self, report: Report, sizes: tuple[int, ...] = SIZES, dpdk_reference: bool = True
+        self,
+        report: Report,
+        sizes: tuple[int, ...] = SIZES,
+        dpdk_reference: bool = True,
+        mq_sizes: tuple[int, ...] = MQ_SIZES,
     ) -> None:
+        cases = [(s, 1) for s in sizes] + [(s, 2) for s in mq_sizes]
         for direction in DIRECTIONS:
-            for size in sizes:
+            for size, queues in cases:
+                q = "_2q" if queues == 2 else ""
                 for backend in ("ours", "dpdk") if dpdk_reference else ("ours",):
                     suffix = "" if backend == "ours" else "_dpdk"
-                    pkey = f"pps_{size}_{direction}{suffix}"
-                    gkey = f"gbps_{size}_{direction}{suffix}"
+                    pkey = f"pps_{size}_{direction}{q}{suffix}"
+                    gkey = f"gbps_{size}_{direction}{q}{suffix}"
+                    ckey = f"cpu_us_per_pkt_{direction}_{size}{q}"
                     try:
-                        pps = self.run(backend, direction, size)
+                        r = self.measure(backend, direction, size, queues)
                     except (RuntimeError, TimeoutError, OSError, ValueError) as e:
                         report.fail(pkey, str(e))
                         report.fail(gkey, str(e))
+                        if backend == "ours":
+                            report.fail(ckey, str(e))
                         self.log(f"  {pkey}: FAILED {e}")
                         continue
+                    pps = r.pps
                     report.put(pkey, round(pps))
                     report.put(gkey, round(gbps(pps, size) or 0.0, 4))
-                    self.log(f"  {pkey} = {pps:,.0f} pps ({gbps(pps, size):.3f} Gbit/s)")
-                ours = report.get(f"pps_{size}_{direction}")
-                ref = report.get(f"pps_{size}_{direction}_dpdk")
-                rkey = f"ratio_{size}_{direction}"
+                    cpu = ""
+                    if backend == "ours":
+                        if r.cpu_us_per_pkt is None:
+                            report.fail(ckey, "backend CPU time not readable")
+                        else:
+                            report.put(ckey, round(r.cpu_us_per_pkt, 3))
+                            cpu = f", {r.cpu_us_per_pkt:.2f} CPU us/packet"
+                    self.log(f"  {pkey} = {pps:,.0f} pps ({gbps(pps, size):.3f} Gbit/s{cpu})")
+                ours = report.get(f"pps_{size}_{direction}{q}")
+                ref = report.get(f"pps_{size}_{direction}{q}_dpdk")
+                rkey = f"ratio_{size}_{direction}{q}"
                 if isinstance(ours, int | float) and isinstance(ref, int | float) and ref > 0:
                     report.put(rkey, round(ours / ref, 5))
                 else:

@@ -77,6 +77,9 @@ def ensure_testpmd(install: bool, log: Callable[[str], None]) -> tuple[str | Non
 class Throughput:
     rx_pps: list[int] = field(default_factory=list)
     tx_pps: list[int] = field(default_factory=list)
+    #: CPU seconds (user + system) the watched process used during the window, and the window
+    cpu_s: float | None = None
+    window_s: float = 0.0
 
     @property
     def rx(self) -> float | None:
@@ -85,6 +88,16 @@ class Throughput:
     @property
     def tx(self) -> float | None:
         return median([float(x) for x in self.tx_pps])
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all its threads), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parse_throughput(text: str) -> Throughput:
@@ -140,18 +153,27 @@ class TestPmd:
         if "forwarding" not in m.group(0):
             raise RuntimeError(f"{self.name} failed to start: {self.proc.tail()!r}")
 
-    def measure(self, warmup_s: float, window_s: float) -> Throughput:
+    def measure(self, warmup_s: float, window_s: float, cpu_pid: int | None = None) -> Throughput:
         """Drain output for ``warmup_s``, then collect the stats printed during
-        ``window_s``. Raises RuntimeError if testpmd died (e.g. a crash)."""
+        ``window_s`` (and the CPU time process ``cpu_pid`` used meanwhile). Raises
+        RuntimeError if testpmd died (e.g. a crash)."""
         self.proc.pump_until(time.monotonic() + warmup_s)
         start = len(self.proc.output)
-        self.proc.pump_until(time.monotonic() + window_s)
+        cpu0 = process_cpu_s(cpu_pid) if cpu_pid is not None else None
+        t0 = time.monotonic()
+        self.proc.pump_until(t0 + window_s)
+        cpu1 = process_cpu_s(cpu_pid) if cpu_pid is not None else None
+        took = time.monotonic() - t0
         if not self.proc.alive():
             raise RuntimeError(
                 f"{self.name} exited with {self.proc.proc.returncode} while measuring: "
                 f"{self.proc.tail(300)!r}"
             )
-        return parse_throughput(self.proc.output[start:])
+        t = parse_throughput(self.proc.output[start:])
+        t.window_s = took
+        if cpu0 is not None and cpu1 is not None:
+            t.cpu_s = cpu1 - cpu0
+        return t
 
     def stop(self) -> int:
         return self.proc.stop()

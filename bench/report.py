@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESERVED = ("notes", "units", "meta")
+RESERVED = ("notes", "units", "meta", "targets")
 
 UNITS_BY_PREFIX = {
     "pps_": "packets/s",
@@ -31,9 +31,36 @@ UNITS_BY_PREFIX = {
     "migration_": "ms",
     "get_vring_base_": "us",
     "qtest_suite_s": "s",
+    "check_vhost_user_s": "s",
+    "check_vhost_user_cpu_s": "CPU s",
     "avocado_ci_s": "s",
     "lab_": "s",
 }
+
+
+#: Issue #17's targets: key -> (">=" or "<=", value). ``make bench`` prints each figure beside
+#: its target and the report carries them (``targets``) so the README table can show them.
+TARGETS: dict[str, tuple[str, float]] = {
+    "pps_64_tx": (">=", 1_000_000),
+    "pps_64_rx": (">=", 1_000_000),
+    "iotlb_lookups_per_s_100k": (">=", 1_000_000),
+    "check_vhost_user_s": ("<=", 60),
+}
+
+
+def meets(key: str, value: float | None) -> bool | None:
+    """Whether ``value`` meets ``key``'s target (None: no target or no value)."""
+    if key not in TARGETS or value is None:
+        return None
+    op, want = TARGETS[key]
+    return value >= want if op == ">=" else value <= want
+
+
+def target_text(key: str) -> str:
+    if key not in TARGETS:
+        return ""
+    op, want = TARGETS[key]
+    return f"{op} {want:,.0f}"
 
 
 def unit_for(key: str) -> str | None:
@@ -127,9 +154,21 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(sorted(self.data.items()))
         out["units"] = {k: u for k in out if (u := unit_for(k))}
+        out["targets"] = {k: [op, v] for k, (op, v) in TARGETS.items()}
         out["notes"] = dict(sorted(self.notes.items()))
         out["meta"] = self.meta
         return out
+
+    def summary(self) -> list[str]:
+        """One line per targeted figure: value, target, and whether it is met."""
+        lines = []
+        for key in TARGETS:
+            v = self.data.get(key)
+            ok = meets(key, v)
+            shown = "null" if v is None else f"{v:,.1f}" if isinstance(v, float) else f"{v:,}"
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[ok]
+            lines.append(f"{key:28} {shown:>14}  target {target_text(key):>12}  {verdict}")
+        return lines
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,10 @@ from backends.tests.frontend import (
 from backends.vhost_user import messages as m
 from backends.vhost_user.messages import Request as R
 
+# One backend serves the whole module (module fixture, a count checked at its teardown, a last
+# test comparing descriptors): under pytest-xdist (make check) one worker runs all of it.
+pytestmark = pytest.mark.xdist_group("vhost_user_malformed")
+
 NEED = m.VERSION | m.FLAG_NEED_REPLY
 
 

@@ -1,5 +1,11 @@
 """The vDPA device model: address spaces, IOTLB, virtqueues, status, journal, faults."""
 
+# ruff: noqa: E402  (the compiled modules must be on __path__ before the imports below)
+from backends.compiled import activate
+
+activate(__path__, __name__)  # mypyc-built hot-path modules, when current (backends/compiled.py)
+
+
 from .access import Access, TranslationError
 from .device import DevicePersonality, VdpaDevice
 from .dirty_log import DirtyLog

@@ -1,6 +1,9 @@
 """The IOTLB: an interval map IOVA -> QEMU user address, with vhost permissions.
 
-Sorted starts + bisect over non-overlapping :class:`Mapping` objects. Every visible change
+Sorted starts + bisect over non-overlapping :class:`Mapping` objects, with a parallel list of
+plain-int ``(end, uaddr - iova, perm)`` spans so that the common lookup (one mapping, access
+allowed) touches no enum and no attribute: ``translate`` runs >= 1 M lookups/s with 100 000
+entries (``make bench``: ``iotlb_lookups_per_s_100k``). Every visible change
 bumps :attr:`IOTLB.generation` and is journalled (``dma.map``, ``dma.unmap``,
 ``dma.batch_begin``, ``dma.batch_commit``, ``dma.set_map``). Inside a batch edits go to a
 pending copy; ``translate`` keeps seeing the committed map until ``batch_commit``.
@@ -12,6 +15,7 @@ import bisect
 import enum
 import itertools
 import logging
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +46,7 @@ class Mapping:
 
     __slots__ = ("id", "iova", "perm", "size", "uaddr")
 
-    def __init__(self, iova: int, size: int, uaddr: int, perm: Perm) -> None:
+    def __init__(self, iova: int, size: int, uaddr: int, perm: Perm | int) -> None:
         self.id = next(_mapping_ids)
         self.iova = iova
         self.size = size
@@ -85,21 +89,35 @@ def _check_range(iova: int, size: int) -> None:
 
 
 class _Table:
-    """Sorted, non-overlapping mappings (one committed, one pending during a batch)."""
+    """Sorted, non-overlapping mappings (one committed, one pending during a batch).
 
-    __slots__ = ("maps", "starts")
+    ``starts[i]`` is ``maps[i].iova`` and ``spans[i]`` is ``(end, uaddr - iova, int(perm))``
+    of ``maps[i]``: the three lists change together, only through the methods here.
+    """
+
+    __slots__ = ("maps", "spans", "starts")
 
     def __init__(self, maps: list[Mapping] | None = None) -> None:
-        self.maps: list[Mapping] = maps or []
-        self.starts: list[int] = [m.iova for m in self.maps]
+        self.maps: list[Mapping] = []
+        self.starts: list[int] = []
+        self.spans: list[tuple[int, int, int]] = []
+        self.assign(maps or [])
+
+    def assign(self, maps: list[Mapping]) -> None:
+        """Replace the whole table by ``maps`` (sorted, non-overlapping)."""
+        self.maps = maps
+        self.starts = [m.iova for m in maps]
+        self.spans = [_span(m) for m in maps]
 
     def copy(self) -> _Table:
-        return _Table(list(self.maps))
+        t = _Table()
+        t.maps, t.starts, t.spans = list(self.maps), list(self.starts), list(self.spans)
+        return t
 
     def overlapping(self, lo: int, hi: int) -> tuple[int, int]:
         """Index range [i, j) of the mappings overlapping [lo, hi)."""
-        i = bisect.bisect_right(self.starts, lo) - 1
-        if i < 0 or self.maps[i].end <= lo:
+        i = bisect_right(self.starts, lo) - 1
+        if i < 0 or self.spans[i][0] <= lo:
             i += 1
         j = bisect.bisect_left(self.starts, hi, lo=max(i, 0))
         return i, j
@@ -118,12 +136,18 @@ class _Table:
             splits.append(Mapping(hi, last.end - hi, last.uaddr + (hi - last.iova), last.perm))
         self.maps[i:j] = splits
         self.starts[i:j] = [m.iova for m in splits]
+        self.spans[i:j] = [_span(m) for m in splits]
         return removed, splits
 
     def insert(self, m: Mapping) -> None:
         i = bisect.bisect_left(self.starts, m.iova)
         self.maps.insert(i, m)
         self.starts.insert(i, m.iova)
+        self.spans.insert(i, _span(m))
+
+
+def _span(m: Mapping) -> tuple[int, int, int]:
+    return (m.iova + m.size, m.uaddr - m.iova, int(m.perm))
 
 
 class IOTLB:
@@ -186,8 +210,7 @@ class IOTLB:
             self._rec_whole_unmap(m)
         for m in new:
             self._rec_whole_map(m)
-        t.maps = new
-        t.starts = [m.iova for m in new]
+        t.assign(new)
 
     # -- edits -----------------------------------------------------------------------------
     def dma_map(self, iova: int, size: int, uaddr: int, perm: Perm | int) -> Mapping:
@@ -290,7 +313,7 @@ class IOTLB:
                 diff.kept.append(m)
                 new_maps.append(m)
             else:
-                m = Mapping(*key)  # type: ignore[arg-type]
+                m = Mapping(*key)
                 diff.added.append(m)
                 new_maps.append(m)
         diff.removed = sorted(current.values(), key=lambda m: m.iova)
@@ -300,8 +323,7 @@ class IOTLB:
             self._rec_whole_map(m, via="set_map")
         changed = bool(diff.added or diff.removed)
         if changed:
-            t.maps = new_maps
-            t.starts = [m.iova for m in new_maps]
+            t.assign(new_maps)
         self._rec(
             "dma.set_map", added=len(diff.added), removed=len(diff.removed), kept=len(diff.kept)
         )
@@ -333,8 +355,8 @@ class IOTLB:
     def lookup(self, iova: int) -> Mapping | None:
         """The committed mapping containing ``iova``."""
         t = self._t
-        i = bisect.bisect_right(t.starts, iova) - 1
-        if i >= 0 and iova < t.maps[i].end:
+        i = bisect_right(t.starts, iova) - 1
+        if i >= 0 and iova < t.spans[i][0]:
             return t.maps[i]
         return None
 
@@ -344,23 +366,35 @@ class IOTLB:
         if length <= 0:
             return []
         t = self._t
-        starts, maps = t.starts, t.maps
-        i = bisect.bisect_right(starts, iova) - 1
-        if i < 0 or iova >= maps[i].end:
+        i = bisect_right(t.starts, iova) - 1
+        if i < 0:
             raise TranslationError("unmapped", iova, length, access)
+        end_m, delta, perm = t.spans[i]
+        if iova >= end_m:
+            raise TranslationError("unmapped", iova, length, access)
+        if iova + length <= end_m and not int(access) & ~perm:  # one mapping, allowed
+            return [(iova + delta, length)]
+        return self._translate_from(t, i, iova, length, access)
+
+    def _translate_from(
+        self, t: _Table, i: int, iova: int, length: int, access: Access
+    ) -> list[tuple[int, int]]:
+        """``translate``'s general case: mapping ``i`` holds ``iova``; the range may cross
+        into the next mappings or need a permission a mapping lacks."""
+        starts, spans, maps = t.starts, t.spans, t.maps
         end = iova + length
         pos = iova
         out: list[tuple[int, int]] = []
         need = int(access)
-        n = len(maps)
+        n = len(spans)
         while True:
-            m = maps[i]
-            if need & ~m.perm and not self._fault("ignore-iotlb-perm"):  # the fault: no check
+            end_m, delta, perm = spans[i]
+            if need & ~perm and not self._fault("ignore-iotlb-perm"):  # the fault: no check
                 raise TranslationError(
-                    "perm", pos, end - pos, access, f"mapping perm {m.perm.name}"
+                    "perm", pos, end - pos, access, f"mapping perm {maps[i].perm.name}"
                 )
-            take = min(end, m.iova + m.size) - pos
-            out.append((m.uaddr + (pos - m.iova), take))
+            take = min(end, end_m) - pos
+            out.append((pos + delta, take))
             pos += take
             if pos >= end:
                 return out

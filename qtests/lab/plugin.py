@@ -28,6 +28,20 @@ MARKER = "vdpa_lane"
 _LANE = pytest.StashKey["_Lane"]()
 
 
+def is_lane_nodeid(nodeid: str) -> bool:
+    """Whether a node id names a lane test, by the lane's naming rule (xdist's scheduler sees
+    only node ids, not markers): lane modules are ``test_*vdpa*.py`` and a suite parametrized
+    over the transport names the lane case ``vhost-vdpa`` (qtests/qos/transports.py). A lane
+    test that breaks the rule still runs correctly, at the cost of a second L1 boot."""
+    module, _, rest = nodeid.partition("::")
+    name = module.rsplit("/", 1)[-1]
+    return (
+        (name.startswith("test_") and "vdpa" in name)
+        or "[vhost-vdpa" in rest
+        or ("-vhost-vdpa" in rest)
+    )
+
+
 class LaneTestFailed(Exception):
     """The inner test failed in L1 (or could not run there): the text says how."""
 
@@ -138,6 +152,12 @@ def pytest_collection_modifyitems(
     lane_items = [i for i in items if i.get_closest_marker(MARKER) is not None]
     if not lane_items:
         return
+    misnamed = [i.nodeid for i in lane_items if not is_lane_nodeid(i.nodeid)]
+    if misnamed:
+        raise pytest.UsageError(
+            "vdpa_lane tests must be named by the lane's rule (a test_*vdpa*.py module, or a "
+            f"'vhost-vdpa' parameter id; see is_lane_nodeid): {', '.join(misnamed)}"
+        )
     mode, why = host.lane_mode()
     if mode == "direct":
         return

@@ -93,7 +93,7 @@ class QmpClient:
                 await client.connect(path)
             except Exception as e:  # socket not there yet, refused, greeting failed
                 last = e
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.005)  # QEMU creates its socket within milliseconds
                 continue
             self._client = client
             return
