@@ -4,6 +4,9 @@ Modules: `qtest` (protocol client), `qmp` (QMP facade), `machine` (QEMU launch/t
 `alloc` (guest memory), `pci` (config space, BARs, MSI-X), `virtio_pci` (modern transport),
 `virtqueue` (split ring, driver side), `virtio_net` (the net driver), `waiting` (polling),
 `processes` (stopping children), `backend_process` (the backend as a child process).
+Scenario libraries (plain functions raising AssertionError, run by the suites and their
+meta-tests on either transport): `hotplug_scenarios`, `viommu_scenarios`, `svq_migration`,
+`ring_restore`.
 """
 
 from .alloc import AllocError, GuestAllocator, MemRange
