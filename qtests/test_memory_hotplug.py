@@ -78,11 +78,11 @@ def test_remap_all_is_caught(make_testbed: Callable[..., Testbed], mode: str) ->
         plug_unplug_scenario(tb, mode)
 
 
-@pytest.mark.vdpa_lane
-def test_keep_stale_map_is_caught(make_testbed: Callable[..., Testbed]) -> None:
+@pytest.mark.parametrize("mode", [VDPA_IOTLB])
+def test_keep_stale_map_is_caught(make_testbed: Callable[..., Testbed], mode: str) -> None:
     """The device answers UPDATE_IOTLB without fetching the table: the DIMM never reaches its
     map, which no longer equals QEMU's."""
-    tb = start(make_testbed, IOTLB, faults=["keep-stale-map"])
+    tb = start(make_testbed, mode, faults=["keep-stale-map"])
     with pytest.raises(AssertionError, match="set_map diffs mapped \\[\\] and unmapped"):
         plug_unplug_scenario(tb, IOTLB)
 
@@ -118,12 +118,14 @@ def test_virtio_mem_remap_all_is_caught(make_testbed: Callable[..., Testbed]) ->
         virtio_mem_scenario(tb)
 
 
-@pytest.mark.vdpa_lane
-def test_virtio_mem_refused_with_vhost_vdpa(make_testbed: Callable[..., Testbed]) -> None:
+@pytest.mark.parametrize("mode", [VDPA_IOTLB])
+def test_virtio_mem_refused_with_vhost_vdpa(
+    make_testbed: Callable[..., Testbed], mode: str
+) -> None:
     """QEMU's refusal: vhost-vdpa pins guest memory and disables RAM discard
     (ram_block_discard_disable), which virtio-mem needs: QEMU exits at start."""
     with pytest.raises(QemuLaunchError, match="Discarding RAM is disabled"):
-        virtio_mem_testbed(make_testbed, IOTLB)
+        virtio_mem_testbed(make_testbed, mode)
 
 
 def test_virtio_mem_refuses_a_later_backend_with_few_memslots(

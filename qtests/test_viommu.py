@@ -424,7 +424,9 @@ def test_vdpa_permissions(make_vbed: Callable[..., ViommuTestbed]) -> None:
 
 
 @pytest.mark.vdpa_lane
-@pytest.mark.parametrize("caching_mode", [False, True], ids=["no-caching-mode", "caching-mode"])
+@pytest.mark.parametrize(
+    "caching_mode", [False, True], ids=["vhost-vdpa-no-caching-mode", "vhost-vdpa-caching-mode"]
+)
 def test_vdpa_intel_iommu_accepted(
     log_dir: Path, request: pytest.FixtureRequest, caching_mode: bool
 ) -> None:

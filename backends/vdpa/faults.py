@@ -42,7 +42,7 @@ FAULTS: dict[str, str] = {
         "DRIVER_OK: the split avail index, the packed indexes and wrap counters) and starts "
         "every queue from the initial state. Hook: vduse/transport.py "
         "VduseTransport._load_vqs. Caught by the vhost-vdpa migration suite "
-        "(qtests/test_migration.py test_ignore_restored_base_is_caught: after stop / cont "
+        "(qtests/test_vdpa_migration.py test_ignore_restored_base_is_caught: after stop / cont "
         "QEMU restores the index from the guest ring and the device sends old chains again). "
         "Under x-svq=on the restored shadow index is always 0, so only stop / cont shows it."
     ),
