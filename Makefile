@@ -5,6 +5,8 @@
 #   make shell    interactive QMP debugging session (QEMU + backend + both monitors)
 #   make check-vdpa  only the vhost-vdpa lane (in the lab VM L1 where the host lacks vduse)
 #   make bench    benchmarks (JSON + plots under bench/results/)
+#   make fuzz     hostile front-end + hostile descriptor tables against the real backend
+#                 (FUZZ_MESSAGES, FUZZ_TABLES, FUZZ_DURATION; figures printed at the end)
 #   make lint     ruff check + format check
 SHELL := /bin/bash
 VENV ?= .venv
@@ -15,8 +17,8 @@ PYTEST_ARGS ?=
 PYTEST_JOBS ?= auto
 AVOCADO_ARGS ?=
 
-.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench clean format compiled \
-	check-vdpa lab-image
+.PHONY: check setup lint unit qtests avocado avocado-ci images shell bench fuzz clean format \
+	compiled check-vdpa lab-image
 
 setup:
 	@bash scripts/setup-host.sh
@@ -67,6 +69,14 @@ shell: setup
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The full fuzz run (issue #12); a bounded slice of it runs in `make check` (qtests/test_fuzz.py).
+FUZZ_MESSAGES ?= 1000000
+FUZZ_TABLES ?= 100000
+FUZZ_DURATION ?= 3600
+fuzz: setup
+	$(PY) -m qtests.fuzz --messages $(FUZZ_MESSAGES) --tables $(FUZZ_TABLES) \
+		--duration $(FUZZ_DURATION) --log-dir test-logs/fuzz $(FUZZ_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache test-logs

@@ -245,6 +245,12 @@ class MonitorCommands:
                 help="hold TX completions (chains stay popped, frames unsent) or release them",
             ),
             Command(
+                "hold-rx",
+                self.hold_rx,
+                (Arg("count", ArgType.UINT),),
+                help="take 'count' RX buffers of receiveq 0 and keep them unfilled; 0 releases",
+            ),
+            Command(
                 "iotlb-request",
                 self.iotlb_request,
                 (
@@ -525,7 +531,13 @@ class MonitorCommands:
             "queues": counters.get("queues", []),
             "backlog": counters.get("backlog", []),
             "tx_held": int(getattr(net, "tx_held", 0)),
+            "rx_held": int(getattr(net, "rx_held", 0)),
         }
+
+    def hold_rx(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Returns how many RX chains are held after the command."""
+        net = self._need_net()
+        return {"held": int(net.hold_rx(int(args["count"])))}
 
     def hold_tx(self, args: dict[str, Any]) -> dict[str, Any]:
         """Returns how many TX chains were held when the command ran."""

@@ -12,7 +12,7 @@
   makes the backend send an IOTLB MISS; the figure is the backend's ``iotlb.miss_sent`` ->
   ``iotlb.miss_ack`` (QEMU has sent the UPDATE before it acks), from its journal timestamps
   (CLOCK_MONOTONIC). ``iotlb_miss_rtt_us_frontend``: the same against the Python front-end of
-  ``backends/tests/frontend.py`` over a real socket (kick -> MISS read -> UPDATE + ack ->
+  ``backends/testing/frontend.py`` over a real socket (kick -> MISS read -> UPDATE + ack ->
   used), ``iotlb_miss_notify_us_frontend`` its kick -> MISS part.
 """
 
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from backends.tests.frontend import (
+from backends.testing.frontend import (
     UADDR_BASE,
     VIRTIO_F_ACCESS_PLATFORM,
     BackendProcess,

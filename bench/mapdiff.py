@@ -11,7 +11,7 @@ Two layers, N = 1, 8, 64, 256 regions already present (2 MiB each):
   from scratch (unmap all, drop all regions, add N+1, map N+1), what a backend that does not
   diff does with every SET_MEM_TABLE.
 * the transport, over a real socket to a backend process (the un-suffixed
-  ``memreg_add_us_N`` / ``memreg_rem_us_N``): the front-end of ``backends/tests/frontend.py``
+  ``memreg_add_us_N`` / ``memreg_rem_us_N``): the front-end of ``backends/testing/frontend.py``
   sends ADD_MEM_REG / REM_MEM_REG with REPLY_ACK (as QEMU does) and times request -> ack.
   SET_MEM_TABLE carries at most 8 regions, so the transport comparison is
   ``set_mem_table_us_8_transport`` (a table of 8 with one region new) against
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from backends.net.datapath import NetDevice
 from backends.net.wire import NullWire
-from backends.tests.frontend import BackendProcess, Frontend, GuestMemory
+from backends.testing.frontend import BackendProcess, Frontend, GuestMemory
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.memory import HostRegion

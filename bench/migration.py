@@ -9,7 +9,7 @@
 * ``get_vring_base_us_256_inflight``: a backend process holding 256 popped TX chains (monitor
   ``hold-tx``: completions held, like a datapath with transmissions pending) answers
   GET_VRING_BASE, i.e. drops what it holds, rewinds 256 and replies; request -> reply over the
-  real socket, the front-end of ``backends/tests/frontend.py`` (as QEMU at the switchover).
+  real socket, the front-end of ``backends/testing/frontend.py`` (as QEMU at the switchover).
   ``get_vring_base_us_0_inflight``: the same ring with nothing in flight.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from backends.tests.frontend import (
+from backends.testing.frontend import (
     VIRTIO_F_ACCESS_PLATFORM,
     BackendProcess,
     GuestMemory,

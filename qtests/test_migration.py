@@ -26,8 +26,14 @@ hotplugged before the migration (cold-plugged on the destination), the device be
 virtio-iommu (QEMU passes the used ring's IOVA as log_guest_addr; the backend logs the GPA it
 translated to).
 
-Meta-tests run the same scenario against a backend A with a fault and expect it to fail on
-the invariant the fault breaks. A cancelled migration (in precopy, and after the device was
+Meta-tests run the same scenario against a backend A (or B) with a fault and expect it to fail
+on the invariant the fault breaks, for the split, packed, DIMM and vIOMMU variants
+(`test_variant_fault`; with a split ring and no vIOMMU QEMU marks the used ring dirty itself
+when vhost stops, so ``used-ring-not-logged`` is caught by the packed and vIOMMU variants).
+
+Work in progress at the switchover (`qtests.qos.inflight_migration`): RX buffers A has taken
+but not filled; a DIMM unplug pending when the migration starts (the remove event does not
+migrate); device_add during the migration (QEMU refuses it). A cancelled migration (in precopy, and after the device was
 stopped, via pause-before-switchover) and a failed one (destination killed) leave the source
 running with its rings intact and traffic exactly once.
 """
@@ -47,12 +53,20 @@ from typing import Any
 import pytest
 
 from backends.vhost_user.rarp import rarp_frame
+from qtests.qos.acpi_memhp import AcpiMemoryHotplug
 from qtests.qos.alloc import GuestAllocator
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.frames import PEER_MAC, mac_bytes, make_frame, parse_frame
+from qtests.qos.inflight_migration import (
+    device_add_during_migration,
+    migrate_with_unplug_pending,
+    rx_taken_at_switchover,
+)
 from qtests.qos.machine import QemuMachine
+from qtests.qos.memory_devices import DimmHotplug
 from qtests.qos.migration import MigrationPair, MigrationStats, PrecopyHold, set_capabilities
 from qtests.qos.packed_virtqueue import PackedVirtqueue
+from qtests.qos.sentinel import post_tx_sentinel
 from qtests.qos.testbed import GUEST_MAC, Testbed
 from qtests.qos.viommu_testbed import ViommuTestbed
 from qtests.qos.virtio_defs import NET_F_GUEST_ANNOUNCE, bit
@@ -74,6 +88,7 @@ pytestmark = pytest.mark.qemu
 TX_STREAM = 1
 RX_STREAM = 2
 FILL_STREAM = 3
+SENTINEL_STREAM = 4
 ETH_P_RARP = 0x8035
 GUEST = mac_bytes(GUEST_MAC)
 TX_VQ, RX_VQ = 1, 0
@@ -103,6 +118,11 @@ def tx_frame(seq: int) -> bytes:
 
 def rx_frame(seq: int) -> bytes:
     return make_frame(seq, 60 + (seq * 379) % 1900, stream=RX_STREAM, dst=GUEST, src=PEER_MAC)
+
+
+def sentinel_frame(n: int) -> bytes:
+    """A frame sent after a stream: everything the stream put on a wire arrives before it."""
+    return make_frame(n, 64, stream=SENTINEL_STREAM, dst=PEER_MAC, src=GUEST)
 
 
 def is_rarp(frame: bytes) -> bool:
@@ -139,13 +159,29 @@ class Wire:
             self.other.append(frame)
 
     def drain(self, peer: WirePeer, window: float = 0.15) -> None:
-        """Everything else that arrives within ``window`` seconds."""
+        """What arrives within ``window`` seconds: only to wait for something expected (a
+        RARP), never as proof that nothing else comes (`until_sentinel`, `take_sent`)."""
         deadline = time.monotonic() + window
         while (left := deadline - time.monotonic()) > 0:
             try:
                 self.sort(peer.recv(left))
             except WirePeerTimeout:
                 return
+
+    def until_sentinel(self, peer: WirePeer, sentinel: bytes, timeout: float = 5.0) -> None:
+        """Sort every frame that arrives before ``sentinel`` (sent after the stream through
+        the same TX queue, so nothing of the stream can come after it)."""
+        for frame in peer.recv_until(sentinel, timeout):
+            self.sort(frame)
+
+    def take_sent(self, peer: WirePeer, backend: BackendProcess, timeout: float = 3.0) -> None:
+        """A backend whose rings stopped sends nothing more: read until the peer has received
+        as many frames as that backend's wire handed to its socket (query-wire), a count to
+        wait for instead of a window of quiet."""
+        sent = int(backend.cmd("query-wire")["wire"]["tx_frames"])
+        deadline = time.monotonic() + timeout
+        while peer.received < sent:
+            self.sort(peer.recv(max(deadline - time.monotonic(), 0.0)))
 
 
 def seqs(frames: list[bytes]) -> list[int | None]:
@@ -267,8 +303,11 @@ def migrate_with_traffic(pair: MigrationPair, plan: Plan) -> Outcome:
             3.0,
             "B consuming every available TX chain",
         )
-        wire_b.take(dst.peer, n - k, 0.5)
-        wire_a.drain(src.peer, 0.1)
+        # B: a sentinel TX frame after the stream; A (its rings stopped): every frame its
+        # wire sent
+        post_tx_sentinel(net, sentinel_frame(0))
+        wire_b.until_sentinel(dst.peer, sentinel_frame(0))
+        wire_a.take_sent(src.peer, a)
     got = seqs(wire_a.frames) + seqs(wire_b.frames)
     assert got == list(range(n)), (
         f"TX frames on the wires are not 0..{n - 1} exactly once in order: A sent "
@@ -277,7 +316,7 @@ def migrate_with_traffic(pair: MigrationPair, plan: Plan) -> Outcome:
     assert wire_a.frames + wire_b.frames == tx, "TX frames on the wires are corrupted"
     with invariant("TX completions on the destination"):
         net.wait_tx(0, 3.0)
-    assert net.txq[0].device_used_idx() == (base + n) & 0xFFFF
+    assert net.txq[0].device_used_idx() == (base + n + 1) & 0xFFFF  # + the sentinel
 
     for f in rx[m:]:
         dst.peer.send(f)
@@ -417,13 +456,16 @@ def start_pair(
     make_testbed: Callable[..., Testbed],
     *,
     faults: tuple[str, ...] = (),
+    dst_faults: tuple[str, ...] = (),
     before_init: Callable[[Testbed], None] | None = None,
     customize: Callable[[QemuMachine], None] | None = None,
     net_props: dict[str, Any] | None = None,
     **init_kw: Any,
 ) -> MigrationPair:
     extra: dict[str, Any] = {"net_props": net_props} if net_props else {}
-    pair = MigrationPair(make_testbed, src_faults=faults, memory=MEMORY, **extra)
+    pair = MigrationPair(
+        make_testbed, src_faults=faults, dst_faults=dst_faults, memory=MEMORY, **extra
+    )
     pair.start_source(before_init=before_init, **init_kw)
     pair.start_destination(customize)
     return pair
@@ -502,18 +544,22 @@ def test_ring_wrap(make_testbed: Callable[..., Testbed], log_dir: Path) -> None:
     outcome = migrate_with_traffic(pair, plan)
     write_summary(log_dir, "migration-wrap", outcome)
     b_tx = pair.dst.backend.vring(TX_VQ)  # type: ignore[union-attr]
-    assert (b_tx["last_avail_idx"], b_tx["used_idx"]) == ((65533 + 6) & 0xFFFF,) * 2 == (3, 3), (
-        f"B's TX ring {b_tx}: not at 65533 + 6 wrapped"
-    )
-    assert pair.net.txq[0].device_used_idx() == 3, "B's published TX used idx is not 3"
+    # + 1: the sentinel frame sent after the stream
+    assert (
+        (b_tx["last_avail_idx"], b_tx["used_idx"]) == ((65533 + 6 + 1) & 0xFFFF,) * 2 == (4, 4)
+    ), f"B's TX ring {b_tx}: not at 65533 + 6 + 1 wrapped"
+    assert pair.net.txq[0].device_used_idx() == 4, "B's published TX used idx is not 4"
     a_tx = {q["vq"]: q for q in pair.src.backend.cmd("query-wire")["queues"]}[TX_VQ]  # type: ignore[union-attr]
     assert a_tx["packets"] == 65533, f"A transmitted {a_tx['packets']} frames, not 65533"
 
 
-def test_after_dimm_hotplug(make_testbed: Callable[..., Testbed]) -> None:
-    """A DIMM plugged at run time holds the rings and every buffer; the destination has it on
-    its command line. Same invariants; this driver negotiates GUEST_ANNOUNCE (and the control
-    queue QEMU emulates), so the guest announces instead of the backend."""
+def dimm_pair(
+    make_testbed: Callable[..., Testbed],
+    faults: tuple[str, ...] = (),
+    dst_faults: tuple[str, ...] = (),
+) -> tuple[MigrationPair, int]:
+    """A pair whose rings and buffers live in a DIMM plugged before the driver's init (cold
+    plugged on the destination); returns the pair and the DIMM's address."""
     dimm: dict[str, int] = {}
 
     def plug(tb: Testbed) -> None:
@@ -539,11 +585,22 @@ def test_after_dimm_hotplug(make_testbed: Callable[..., Testbed]) -> None:
 
     pair = start_pair(
         make_testbed,
+        faults=faults,
+        dst_faults=dst_faults,
         before_init=plug,
         customize=cold_plug,
         ctrl_vq=True,
         extra_features=bit(NET_F_GUEST_ANNOUNCE),
     )
+    return pair, dimm["addr"]
+
+
+def test_after_dimm_hotplug(make_testbed: Callable[..., Testbed]) -> None:
+    """A DIMM plugged at run time holds the rings and every buffer; the destination has it on
+    its command line. Same invariants; this driver negotiates GUEST_ANNOUNCE (and the control
+    queue QEMU emulates), so the guest announces instead of the backend."""
+    pair, addr = dimm_pair(make_testbed)
+    dimm = {"addr": addr}
     assert pair.net.has_feature(NET_F_GUEST_ANNOUNCE)
     net = pair.net
     regions = pair.src.backend.cmd("query-mem-table")["regions"]  # type: ignore[union-attr]
@@ -568,15 +625,27 @@ def make_viommu_bed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
         tb.close()
 
 
-def test_with_viommu(make_viommu_bed: Callable[..., ViommuTestbed]) -> None:
-    """The device behind a virtio-iommu on both sides: A and B translate IOVAs through their
-    IOTLBs (B learns them by MISS after the switchover); the dirty log still carries GPAs."""
-    pair = MigrationPair(make_viommu_bed, memory=MEMORY)
+def viommu_pair(
+    make_viommu_bed: Callable[..., ViommuTestbed],
+    faults: tuple[str, ...] = (),
+    dst_faults: tuple[str, ...] = (),
+) -> MigrationPair:
+    """A pair whose device sits behind a virtio-iommu on both sides."""
+    pair = MigrationPair(make_viommu_bed, src_faults=faults, dst_faults=dst_faults, memory=MEMORY)
     pair.start_source()
     src = pair.src
     assert isinstance(src, ViommuTestbed)
     pair.also_rebind.append(src.rebind_viommu)
     pair.start_destination()
+    return pair
+
+
+def test_with_viommu(make_viommu_bed: Callable[..., ViommuTestbed]) -> None:
+    """The device behind a virtio-iommu on both sides: A and B translate IOVAs through their
+    IOTLBs (B learns them by MISS after the switchover); the dirty log still carries GPAs."""
+    pair = viommu_pair(make_viommu_bed)
+    src = pair.src
+    assert isinstance(src, ViommuTestbed)
     a, b = src.backend, pair.dst.backend
     assert a is not None and b is not None
     mark_b = b.mark()
@@ -591,11 +660,14 @@ def test_with_viommu(make_viommu_bed: Callable[..., ViommuTestbed]) -> None:
 HELD_ON_A = "held TX frames on A's wire after the aborted migration"
 
 
-def exactly_once_on(peer: WirePeer, frames: list[bytes], what: str) -> None:
+def exactly_once_on(
+    net: VirtioNetDriver, peer: WirePeer, frames: list[bytes], what: str, sentinel: int
+) -> None:
+    """``frames`` and nothing else before a sentinel frame the guest sends after them."""
     wire = Wire()
     with invariant(what):
-        wire.take(peer, len(frames), 3.0)
-        wire.drain(peer, 0.1)
+        post_tx_sentinel(net, sentinel_frame(sentinel))
+        wire.until_sentinel(peer, sentinel_frame(sentinel), 3.0)
     assert wire.frames == frames, f"{what}: sent {seqs(wire.frames)}, expected {seqs(frames)}"
 
 
@@ -607,6 +679,7 @@ def aborted_migrations(pair: MigrationPair) -> None:
     a, b = src.backend, pair.dst.backend
     assert a is not None and b is not None
     seq = iter(range(1000))
+    sentinels = iter(range(1000, 2000))
     mark_b = b.mark()
 
     def held_burst(count: int) -> list[bytes]:
@@ -621,12 +694,14 @@ def aborted_migrations(pair: MigrationPair) -> None:
         poll_until(lambda: a.vring(TX_VQ)["started"], 5.0, "A's TX ring running")
         a.cmd("hold-tx", enable=False)
         # the wire first: what A resumed from decides which held frames go out
-        exactly_once_on(src.peer, held, HELD_ON_A)
+        exactly_once_on(net, src.peer, held, HELD_ON_A, next(sentinels))
         more = [tx_frame(next(seq)) for _ in range(3)]
         with invariant("TX after the aborted migration"):
             net.wait_tx(0, 3.0)
             net.send_burst(more, timeout=3.0)
-        exactly_once_on(src.peer, more, "A's wire after the aborted migration")
+        exactly_once_on(
+            net, src.peer, more, "A's wire after the aborted migration", next(sentinels)
+        )
         f = rx_frame(next(seq))
         src.peer.send(f)
         with invariant("RX after the aborted migration"):
@@ -711,3 +786,151 @@ def restart_destination(pair: MigrationPair) -> None:
     assert dst.machine is not None
     dst.machine.shutdown()
     pair.start_destination()
+
+
+# ---------------------------------------------------------------------------- variant meta-tests
+def variant_pair(
+    variant: str,
+    make_testbed: Callable[..., Testbed],
+    make_viommu_bed: Callable[..., ViommuTestbed],
+    faults: tuple[str, ...] = (),
+    dst_faults: tuple[str, ...] = (),
+) -> MigrationPair:
+    """The migration pair of one variant of the scenario: split / packed ring, rings and
+    buffers in a DIMM, the device behind a vIOMMU."""
+    if variant == "dimm":
+        return dimm_pair(make_testbed, faults, dst_faults)[0]
+    if variant == "viommu":
+        return viommu_pair(make_viommu_bed, faults, dst_faults)
+    net_props, init_kw = RING_LAYOUTS[variant]
+    return start_pair(make_testbed, faults=faults, dst_faults=dst_faults, net_props=net_props,
+                      **init_kw)  # fmt: skip
+
+
+TX_ORDER = r"TX frames on the wires are not 0\.\.10 exactly once in order: A sent \[0, 1, 2, 3, 4\]"
+PRECOPY_RX = r"RX (on the destination|frame 0 \(written by A during precopy\))"
+
+
+@pytest.mark.parametrize(
+    ("variant", "fault", "on", "symptom"),
+    [
+        # B ignores SET_VRING_BASE: it starts at 0 and re-sends what A sent (or, packed, finds
+        # slot 0 already used and sends nothing)
+        pytest.param("split", "ignore-set-vring-base", "dst", TX_ORDER, id="split-ignore-base"),
+        pytest.param(
+            "packed",
+            "ignore-set-vring-base",
+            "dst",
+            r"TX frames on the wires: .*the sentinel frame never arrived",
+            id="packed-ignore-base",
+        ),
+        pytest.param("dimm", "ignore-set-vring-base", "dst", TX_ORDER, id="dimm-ignore-base"),
+        # packed: the used descriptors A wrote into the descriptor ring never reach B's side.
+        # (split without a vIOMMU: QEMU marks the used ring dirty itself when vhost stops)
+        pytest.param("packed", "used-ring-not-logged", "src", PRECOPY_RX, id="packed-used-log"),
+        pytest.param("viommu", "used-ring-not-logged", "src", PRECOPY_RX, id="viommu-used-log"),
+        # the log names IOVAs (far above RAM): neither used entries nor data pages travel
+        pytest.param("viommu", "log-at-iova", "src", PRECOPY_RX, id="viommu-log-at-iova"),
+        pytest.param("packed", "skip-dirty-log", "src", PRECOPY_RX, id="packed-skip-log"),
+        pytest.param("dimm", "skip-dirty-log", "src", PRECOPY_RX, id="dimm-skip-log"),
+        pytest.param("viommu", "skip-dirty-log", "src", PRECOPY_RX, id="viommu-skip-log"),
+        pytest.param(
+            "packed",
+            "vring-base-off-by-one",
+            "src",
+            rf"{TX_ORDER}, B sent \[6, 7, 8, 9, 10\]",
+            id="packed-off-by-one",
+        ),
+        pytest.param(
+            "dimm",
+            "vring-base-off-by-one",
+            "src",
+            rf"{TX_ORDER}, B sent \[6, 7, 8, 9, 10\]",
+            id="dimm-off-by-one",
+        ),
+        pytest.param(
+            "viommu",
+            "vring-base-off-by-one",
+            "src",
+            rf"{TX_ORDER}, B sent \[6, 7, 8, 9, 10\]",
+            id="viommu-off-by-one",
+        ),
+        pytest.param(
+            "packed",
+            "no-drain-before-base",
+            "src",
+            rf"{TX_ORDER}, B sent \[\]",
+            id="packed-no-drain",
+        ),
+    ],
+)
+def test_variant_fault(
+    make_testbed: Callable[..., Testbed],
+    make_viommu_bed: Callable[..., ViommuTestbed],
+    variant: str,
+    fault: str,
+    on: str,
+    symptom: str,
+) -> None:
+    """The packed, DIMM and vIOMMU variants of the scenario catch the faults their claims
+    rest on; ``on`` says whether backend A (source) or B (destination) has the fault."""
+    pair = variant_pair(
+        variant,
+        make_testbed,
+        make_viommu_bed,
+        faults=(fault,) if on == "src" else (),
+        dst_faults=(fault,) if on == "dst" else (),
+    )
+    with pytest.raises(AssertionError, match=symptom) as caught:
+        migrate_with_traffic(pair, Plan())
+    print(f"{variant} {fault}: {caught.value}")
+
+
+# ---------------------------------------------------------------------------- work in progress
+def test_rx_buffers_taken_at_switchover(make_testbed: Callable[..., Testbed]) -> None:
+    """A has taken RX buffers it has not filled when QEMU stops it: B fills exactly those."""
+    rx_taken_at_switchover(start_pair(make_testbed))
+
+
+def test_rx_taken_at_switchover_catches_no_drain(make_testbed: Callable[..., Testbed]) -> None:
+    pair = start_pair(make_testbed, faults=("no-drain-before-base",))
+    with pytest.raises(
+        AssertionError, match=r"B filled buffers \[[0-9, ]+\], not the ones A had taken"
+    ):
+        rx_taken_at_switchover(pair)
+
+
+def idle_dimm_pair(make_testbed: Callable[..., Testbed], **kw: Any) -> MigrationPair:
+    """A pair with an idle DIMM (nothing of the driver in it), cold-plugged on the
+    destination."""
+    dimm: dict[str, int] = {}
+
+    def plug(tb: Testbed) -> None:
+        assert tb.machine is not None
+        hp = DimmHotplug(tb.qmp, AcpiMemoryHotplug(tb.machine.qtest, tb.machine.slots))
+        dimm["addr"] = hp.plug(DIMM_SIZE, ident="dimm1").addr
+
+    def cold_plug(m: QemuMachine) -> None:
+        m.add_object("memory-backend-memfd", id="dimm1-mem", size=DIMM_SIZE, share=True)
+        m.add_device("pc-dimm", id="dimm1", memdev="dimm1-mem", addr=dimm["addr"])
+
+    return start_pair(make_testbed, before_init=plug, customize=cold_plug, **kw)
+
+
+def test_migration_with_a_dimm_unplug_pending(
+    make_testbed: Callable[..., Testbed], log_dir: Path
+) -> None:
+    facts = migrate_with_unplug_pending(idle_dimm_pair(make_testbed), "dimm1")
+    (log_dir / "unplug-pending.json").write_text(json.dumps(facts, default=str, indent=1))
+
+
+def test_device_add_during_migration(make_testbed: Callable[..., Testbed], log_dir: Path) -> None:
+    refused = device_add_during_migration(start_pair(make_testbed), DIMM_SIZE)
+    (log_dir / "device-add-during-migration.txt").write_text(refused + "\n")
+    print(refused)
+
+
+def test_meta_unplug_pending_catches_ignored_rem(make_testbed: Callable[..., Testbed]) -> None:
+    pair = idle_dimm_pair(make_testbed, dst_faults=("ignore-rem-mem-reg",))
+    with pytest.raises(AssertionError, match="B after the eject on the destination: the removed"):
+        migrate_with_unplug_pending(pair, "dimm1")

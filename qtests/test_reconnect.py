@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
-from qtests.qos.backend_process import BackendProcess
 from qtests.qos.frames import make_frame, parse_frame
-from qtests.qos.testbed import GUEST_MAC, Testbed
+from qtests.qos.reconnect import start_replacement, take_backend_down, wait_device_back
+from qtests.qos.testbed import Testbed
 from qtests.qos.virtio_defs import (
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
@@ -34,13 +33,12 @@ from qtests.qos.virtio_defs import (
     STATUS_FEATURES_OK,
 )
 from qtests.qos.virtio_net import NET_HDR_SIZE, VirtioNetHdr
-from qtests.qos.waiting import poll_until
 from qtests.qos.wire_peer import WirePeerTimeout
 
 pytestmark = pytest.mark.qemu
 
 RX_Q, TX_Q = 0, 1
-TX_STREAM, RX_STREAM = 1, 2
+TX_STREAM, RX_STREAM, SENTINEL_STREAM = 1, 2, 3
 FRAME_SIZE = 150
 RECONNECT_MS = 50
 GUEST_READY = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
@@ -101,62 +99,6 @@ def _receive(tb: Testbed, tr: Traffic, n: int) -> None:
         tr.rx_buffers += rx.num_buffers
 
 
-def take_backend_down(tb: Testbed, *, crash: bool) -> BackendProcess:
-    """SIGKILL (crash) or SIGTERM the backend; wait until the guest sees the link go down."""
-    old = tb.backend
-    assert old is not None
-    cfg_irq = tb.net.dev.config_interrupt
-    cfg_irq.clear()
-    if crash:
-        old.kill()
-    else:
-        assert old.stop() == 0, f"{old.name} did not exit cleanly on SIGTERM"
-        disconnects = [e for e in old.read_journal_file() if e["kind"] == "vhost.disconnect"]
-        assert disconnects and disconnects[-1]["reason"] == "backend shutting down"
-    poll_until(lambda: not tb.net.config().link_up, 10, "the guest to see LINK_UP cleared")
-    poll_until(cfg_irq.fired, 5, "the config interrupt for the link change")
-    return old
-
-
-def start_replacement(tb: Testbed, old: BackendProcess, faults: list[str]) -> BackendProcess:
-    """A new backend on the old one's socket path, talking to the same wire peer."""
-    n = 2
-    while (tb.log_dir / f"backend-{n}.log").exists():
-        n += 1
-    new = BackendProcess(
-        tb.log_dir,
-        name=f"backend-{n}",
-        run_dir=tb.run_dir,
-        queues=tb.queues,
-        wire=tb.peer.backend_wire_spec(),
-        faults=faults,
-        mac=GUEST_MAC,
-        extra_args=tb.backend_args,
-        socket_path=old.socket,
-    )
-    tb.backend = new  # from now on the testbed stops this one (the old one is gone)
-    new.start()
-    spec = new.wire_spec()
-    assert spec.endswith(f":{tb.peer.port}"), f"{spec}: not the same peer port"
-    tb.peer.connect(spec)
-    return new
-
-
-def wait_device_back(tb: Testbed, backend: BackendProcess) -> dict[int, dict[str, Any]]:
-    """QEMU reconnected: both rings started, DRIVER_OK, the guest's link up. Returns the
-    SET_VRING_BASE (vq.set_state) entries by ring."""
-
-    def started() -> bool:
-        rings = {e["vq"] for e in backend.journal(kinds=["vq.start"])}
-        return {RX_Q, TX_Q} <= rings and backend.cmd("query-status")["running"]
-
-    poll_until(started, 15, f"QEMU to reconnect to {backend.name} and start both rings")
-    st = backend.cmd("query-status")
-    assert st["connection"]["connected"] and "DRIVER_OK" in st["status_names"]
-    poll_until(lambda: tb.net.config().link_up, 10, "the guest to see LINK_UP again")
-    return {e["vq"]: e for e in backend.journal(kinds=["vq.set_state"])}
-
-
 def reconnect_scenario(
     tb: Testbed,
     *,
@@ -179,16 +121,26 @@ def reconnect_scenario(
         new = start_replacement(tb, old, faults_after or [])
         bases = wait_device_back(tb, new)
         assert tb.net.dev.status == GUEST_READY, "the guest's device status changed"
+        _expect_on_wire(tb, unkicked, wire_timeout)  # exactly once; the dropped ones never
         # QEMU restored last_avail_idx from the used idx: everything before the un-kicked
         # chains was completed (sent, or dropped by QEMU)
         assert bases[TX_Q]["last_avail_idx"] == tr.tx_used & 0xFFFF, bases[TX_Q]
         assert bases[RX_Q]["last_avail_idx"] == tr.rx_buffers & 0xFFFF, bases[RX_Q]
-        _expect_on_wire(tb, unkicked, wire_timeout)  # exactly once; the dropped ones never
         tb.net.wait_tx()
         tr.tx_used += len(unkicked)
         _expect_on_wire(tb, _send(tb, tr, 4))
         _receive(tb, tr, 3)
-    tb.peer.expect_silence(0.1)  # no dropped frame or duplicate showed up late
+    expect_nothing_more(tb)  # no dropped frame or duplicate shows up late
+
+
+def expect_nothing_more(tb: Testbed) -> None:
+    """A sentinel frame transmitted after the stream is the next frame on the wire."""
+    sentinel = make_frame(0, FRAME_SIZE, stream=SENTINEL_STREAM)
+    tb.net.send(sentinel)
+    late = tb.peer.recv_until(sentinel)
+    assert not late, (
+        f"frames after the stream, before the sentinel: {[parse_frame(f) for f in late]}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -206,3 +158,13 @@ def test_lost_frames_after_reconnect_are_caught(make_testbed: Callable[..., Test
     tb = make_testbed(reconnect_ms=RECONNECT_MS).start()
     with pytest.raises(WirePeerTimeout, match="got 0 of 3 frames"):
         reconnect_scenario(tb, crash=True, faults_after=["drop-tx"], wire_timeout=1.0)
+
+
+def test_ignored_set_vring_base_after_reconnect_is_caught(
+    make_testbed: Callable[..., Testbed],
+) -> None:
+    """A replacement backend that ignores SET_VRING_BASE starts its TX ring at 0 and
+    transmits again what the first backend sent."""
+    tb = make_testbed(reconnect_ms=RECONNECT_MS).start()
+    with pytest.raises(AssertionError, match=r"wire frames \[\(1, 0\), .* \(lost, repeated"):
+        reconnect_scenario(tb, crash=True, faults_after=["ignore-set-vring-base"])

@@ -20,6 +20,11 @@ order and completes their chains. When the ring stops (GET_VRING_BASE: ``queue_s
 held frames are dropped here and the device rewinds their chains, so whoever starts the ring
 next (the migration destination) transmits them: exactly once either way.
 
+RX hold (:meth:`NetDevice.hold_rx`, monitor ``hold-rx``): buffers of receiveq 0 are popped and
+kept unfilled (a device that prefetched buffers for frames still on their way); frames wait in
+the backlog meanwhile. Releasing gives the buffers back (rewind) and RX resumes; when the ring
+stops the device rewinds them, so the migration destination fills exactly those buffers.
+
 RX (queue 2k): frames from the wire or :meth:`NetDevice.inject` go to a bounded per-pair
 backlog (overflow counted as drops on the RX queue); the backlog is drained on an RX kick, on a
 new frame, and when the ring (re)starts. Wire frames for a pair that is not enabled (its RX
@@ -93,6 +98,11 @@ TX_BUDGET = 256
 RX_BUDGET = 256
 #: Frames held per queue pair while the guest has no RX buffers posted.
 RX_BACKLOG = 256
+#: The largest frame a TX chain may carry after its virtio_net_hdr: well above any real one (a
+#: 64 KiB GSO frame, a 65535-byte MTU, the 70000-byte frames the wire tests send). A longer
+#: chain is refused before a byte is copied (found by `make fuzz`: a descriptor of length
+#: 0x7fffffff inside guest RAM made the backend copy gigabytes, stalling it for seconds).
+MAX_TX_FRAME = 0x40000
 
 NET_FEATURES = mask(
     VIRTIO_F_VERSION_1,
@@ -164,6 +174,8 @@ class NetDevice:
         # too few for the head frame; nothing to retry until the driver adds more
         self._stalled: list[tuple[int, int] | None] = [None] * queue_pairs
         self._tx_hold = False
+        #: RX hold (hold_rx): chains of receiveq 0 popped and kept unfilled; None = no hold
+        self._rx_held: list[Chain] | None = None
         # per TX vq: chains popped while the hold was on, oldest first, with their frames
         self._held: dict[int, list[tuple[Chain, bytes]]] = {}
         wire.set_receiver(self._on_wire_frame)
@@ -208,6 +220,7 @@ class NetDevice:
         self._scheduled.clear()
         self._stalled = [None] * self.queue_pairs
         self._held.clear()
+        self._rx_held = None
         self.config.status = VIRTIO_NET_S_LINK_UP
 
     def queue_stopped(self, vq_index: int) -> None:
@@ -216,6 +229,34 @@ class NetDevice:
         held = self._held.pop(vq_index, None)
         if held:
             log.info("vq %d stopped with %d held TX chain(s): given back", vq_index, len(held))
+        if vq_index == 0 and self._rx_held:
+            log.info("vq 0 stopped with %d held RX chain(s): given back", len(self._rx_held))
+            self._rx_held = []
+
+    # -- RX hold -----------------------------------------------------------------------------
+    @property
+    def rx_held(self) -> int:
+        """RX chains of receiveq 0 popped and held unfilled (hold_rx)."""
+        return len(self._rx_held or ())
+
+    def hold_rx(self, count: int) -> int:
+        """Take ``count`` RX buffers of receiveq 0 and keep them unfilled (a device that
+        prefetched buffers for frames still on their way); frames wait in the backlog while
+        the hold lasts. ``count`` 0 releases: the chains are given back (rewound) and RX
+        resumes. When the ring stops the device rewinds them (VdpaDevice.stop_vq).
+        Returns how many chains are held after the call."""
+        dev = self._dev
+        assert dev is not None
+        vq = dev.vqs[0]
+        if count <= 0:
+            if self._rx_held:
+                vq.rewind()
+            self._rx_held = None
+            self._continue(0)
+            return 0
+        self._rx_held = list(self._rx_held or ())
+        self._rx_held += vq.pop_batch(count - len(self._rx_held))
+        return len(self._rx_held)
 
     # -- TX hold -----------------------------------------------------------------------------
     @property
@@ -366,6 +407,12 @@ class NetDevice:
                             f"vq {i}: TX chain {chain.head} has {chain.out_len} readable "
                             f"bytes, less than the {hdr_len}-byte virtio_net_hdr",
                         )
+                    if chain.out_len - hdr_len > MAX_TX_FRAME:
+                        raise VqError(
+                            "net-tx-length",
+                            f"vq {i}: TX chain {chain.head} carries {chain.out_len - hdr_len} "
+                            f"bytes after the header, more than a frame ({MAX_TX_FRAME})",
+                        )
                     frame = _join_out(chain, hdr_len)
                     if hold:  # popped, not completed: stays in flight
                         self._held.setdefault(i, []).append((chain, frame))
@@ -398,7 +445,7 @@ class NetDevice:
     # -- RX ----------------------------------------------------------------------------------
     def _rx(self, qp: int) -> None:
         bl = self._backlog[qp]
-        if not bl:
+        if not bl or (qp == 0 and self._rx_held is not None):  # hold_rx: frames wait
             return
         dev = self._dev
         assert dev is not None

@@ -540,3 +540,22 @@ def test_iommu_map_unmap_kick_interleavings(ops: list[tuple[str, int]]) -> None:
     rig.dev.kick_vq(0)
     assert rig.p.seen == payloads
     assert r.used_idx() == 3 and not rig.dev.parked
+
+
+def test_kick_during_an_outstanding_miss_asks_again_when_it_is_refused() -> None:
+    """The guest maps the IOVA and kicks while the first MISS is still outstanding; the front-end
+    then refuses that MISS (it was unmapped when it was asked): the kick must not be lost."""
+    rig = Rig(features=FEATS, iommu=True)
+    rig.start()
+    off = rig.iova_offset
+    r0 = rig.rings[0]
+    key = (off + r0.desc, Perm.RO)
+    assert rig.misses.count(key) == 1
+    rig.dev.kick_vq(0)  # outstanding: no second MISS yet
+    assert rig.misses.count(key) == 1
+    rig.dev.iotlb_miss_refused(*key)
+    assert rig.misses.count(key) == 2, "the kick that came meanwhile asked again"
+    assert rig.dev.parked[0] == key
+    rig.dev.iotlb_miss_refused(*key)  # refused again, no kick since: no third MISS (no loop)
+    assert rig.misses.count(key) == 2
+    rig.dev.iotlb_miss_refused(0x1234, 9)  # not a permission: ignored

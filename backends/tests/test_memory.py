@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from collections.abc import Iterator
@@ -177,3 +178,64 @@ def test_access_values_match_vhost_perm_bits() -> None:
     from backends.vdpa.iotlb import Perm
 
     assert int(Access.READ) == int(Perm.RO) and int(Access.WRITE) == int(Perm.WO)
+
+
+def test_region_from_sealed_memfd_needs_no_size_check() -> None:
+    """F_SEAL_SHRINK (QEMU's memory-backend-memfd default): the file can never shrink, so the
+    region keeps no fd to re-check; an unsealed file keeps one and notices a shrink."""
+    from backends.vdpa.memory import F_SEAL_GROW, F_SEAL_SHRINK
+
+    sealed = os.memfd_create("sealed", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    plain = os.memfd_create("plain", os.MFD_CLOEXEC)
+    try:
+        for fd in (sealed, plain):
+            os.ftruncate(fd, 0x10000)
+        fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)
+        a = HostRegion.from_fd(sealed, 0, 0x10000, 0x7F00_0000_0000, 0)
+        b = HostRegion.from_fd(plain, 0x10000, 0x8000, 0x7F00_0001_0000, 0x8000)
+        assert a.sealed and a.backing_fd == -1 and a.to_dict()["seals"] & F_SEAL_SHRINK
+        assert not b.sealed and b.backing_ok()
+        os.ftruncate(plain, 0x8000)  # now ends where region b starts
+        assert not b.backing_ok()
+        with pytest.raises(OSError):
+            os.ftruncate(sealed, 0)
+        assert a.backing_ok()
+        a.close()
+        b.close()
+        assert b.backing_fd == -1
+    finally:
+        os.close(sealed)
+        os.close(plain)
+
+
+def test_region_larger_than_its_file_is_refused() -> None:
+    fd = os.memfd_create("small", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 0x1000)
+        with pytest.raises(ValueError, match="needs mmap_offset"):
+            HostRegion.from_fd(fd, 0, 0x2000, 0x7F00_0000_0000, 0)
+        os.ftruncate(fd, 0)
+        with pytest.raises(ValueError, match="needs mmap_offset"):
+            HostRegion.from_fd(fd, 0, 0x1000, 0x7F00_0000_0000, 0)
+    finally:
+        os.close(fd)
+
+
+def test_a_sealable_memfd_gets_sealed_against_shrinking() -> None:
+    """Found by `make fuzz` (1 crash in ~2,000 cases): a shrink racing with ring work inside
+    one callback, after the guard's fstat, still raised SIGBUS. A memfd that allows sealing is
+    now sealed with F_SEAL_SHRINK when mapped, closing that window for it entirely."""
+    from backends.vdpa.memory import F_SEAL_SHRINK
+
+    fd = os.memfd_create("sealable", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 0x10000)
+        r = HostRegion.from_fd(fd, 0, 0x10000, 0x7F00_0000_0000, 0)
+        assert r.sealed and r.backing_fd == -1
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & F_SEAL_SHRINK
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)  # the peer's copy cannot shrink it any more
+        os.ftruncate(fd, 0x20000)  # growing stays allowed
+        r.close()
+    finally:
+        os.close(fd)

@@ -66,6 +66,7 @@ EXPECTED_COMMANDS = {
     "inject-packet",
     "query-wire",
     "hold-tx",
+    "hold-rx",
     "iotlb-request",
     "suspend",
     "resume",

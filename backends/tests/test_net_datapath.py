@@ -378,6 +378,18 @@ def test_tx_chain_shorter_than_header_needs_reset() -> None:
     assert rig.wire.sent == []
 
 
+def test_tx_chain_longer_than_a_frame_needs_reset_without_copying() -> None:
+    """Found by the descriptor fuzzer: a readable descriptor of 0x7fffffff bytes inside guest
+    RAM made the backend copy it all (seconds, gigabytes). Refused before any copy now."""
+    rig = make_rig()
+    gpa = rig.alloc(16)
+    rig.vqs[1].add([(gpa, HDR, False), (GPA, SIZE, False)])
+    rig.vqs[1].kick()
+    assert rig.dev.get_status() & Status.NEEDS_RESET
+    assert journal_error(rig, "net-tx-length")
+    assert rig.wire.sent == []
+
+
 # -- RX ----------------------------------------------------------------------------------------
 
 
@@ -703,3 +715,31 @@ def test_tx_hold_dropped_on_reset() -> None:
     assert rig.net.tx_held == 0
     rig.net.hold_tx(False)
     assert len(rig.wire.sent) == 2
+
+
+# -- RX hold (buffers taken, not filled: what GET_VRING_BASE must give back) -------------------
+
+
+def test_rx_hold_takes_buffers_and_stop_gives_them_back() -> None:
+    rig = make_rig()
+    posted = rig.post_rx(0, [HDR + 2000], count=4)
+    assert rig.net.hold_rx(3) == 3 and rig.dev.vqs[0].inflight == 3
+    f = frame(200, seed=9)
+    rig.wire.deliver(f)  # waits in the backlog while the hold lasts
+    assert rig.vqs[0].take_used() == [] and rig.net.backlog() == 1
+    st = rig.dev.stop_vq(0)
+    assert st.last_avail_idx == 0 and rig.net.rx_held == 0  # rewound: nothing was used
+    rig.dev.set_vq_state(0, st)
+    rig.net.hold_rx(0)
+    rig.dev.start_vq(0)
+    assert rig.vqs[0].take_used() == [(posted[0][0], HDR + 200)], "the first taken buffer"
+
+
+def test_rx_hold_release_fills_in_order() -> None:
+    rig = make_rig()
+    posted = rig.post_rx(0, [HDR + 2000], count=2)
+    rig.net.hold_rx(2)
+    f = frame(300, seed=4)
+    rig.wire.deliver(f)
+    assert rig.net.hold_rx(0) == 0
+    assert rig.vqs[0].take_used() == [(posted[0][0], HDR + 300)]

@@ -537,10 +537,11 @@ def test_refused_miss_is_asked_again_on_the_next_kick(
         send_tx(mem, r.tx, frame())
         first = fe.recv_backend()
         refused = m.IotlbMsg.unpack(first.payload)
+        after = backend.mark()
         fe.reply_backend(first, 1)  # e.g. the vIOMMU has no mapping yet
         backend.wait_journal("iotlb.miss_ack", mark)
         assert backend.call(lambda: backend.backend.device.parked)  # parked, alive
-        after = backend.mark()
+        # (a kick that came while the MISS was outstanding asks again at the refusal already)
         r.tx.kick()  # the guest mapped it and kicks again: a second MISS, then progress
         pump_misses(fe, lambda: bool(r.tx.pop_used()))
         again = [e["iova"] for e in backend.query(["iotlb.miss_sent"], after)]

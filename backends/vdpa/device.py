@@ -100,6 +100,9 @@ class VdpaDevice:
         self._suspended_kicks: dict[int, None] = {}  # ordered set of queues kicked meanwhile
         self._parked: dict[int, tuple[int, Perm]] = {}  # vq -> (iova, perm) it waits for
         self._misses: set[tuple[int, Perm]] = set()  # outstanding MISS requests
+        # queues kicked while parked on an outstanding MISS: if that MISS is refused, the kick
+        # (the guest may have mapped the IOVA since) must ask again, not be lost
+        self._kicked_on_miss: set[int] = set()
         self._vq_cbs: list[VqCallback | None] = [None] * nq
         self.on_vq_call: VqCallback | None = None
         self.on_iotlb_miss: Callable[[int, Perm], None] | None = None
@@ -208,6 +211,7 @@ class VdpaDevice:
         self._suspended_kicks.clear()
         self._parked.clear()
         self._misses.clear()
+        self._kicked_on_miss.clear()
         try:
             self.personality.reset()
         except Exception as e:  # the personality must not take the device down
@@ -296,6 +300,8 @@ class VdpaDevice:
         vq = self._vq(i)
         if isinstance(state, int):
             state = VqState(last_avail_idx=state)
+        if self.faults.active("ignore-set-vring-base"):  # the fault: keep the queue's own state
+            state, used_idx = vq.get_state(), None
         if isinstance(vq, PackedVirtqueue):  # positions + wrap counters, taken as given
             vq.set_state(state)
             self._parked.pop(i, None)
@@ -396,6 +402,8 @@ class VdpaDevice:
         if not self.vq_active(i):
             self.kicks_ignored += 1
             return
+        if self._parked.get(i) in self._misses:
+            self._kicked_on_miss.add(i)
         self._run(i)
 
     def _run(self, i: int) -> None:
@@ -449,11 +457,18 @@ class VdpaDevice:
     def iotlb_miss_refused(self, iova: int, perm: int) -> None:
         """The front-end answered the MISS for (iova, perm) without an UPDATE (vIOMMU fault,
         device stopped). Queues parked on it stay parked, but the next kick asks again:
-        the guest may map the IOVA meanwhile, and nothing else would ever retry."""
+        the guest may map the IOVA meanwhile, and nothing else would ever retry. A queue
+        kicked while this MISS was outstanding asks again now: that kick is not lost."""
         try:
-            self._misses.discard((iova, Perm(perm)))
+            key = (iova, Perm(perm))
         except ValueError:
-            pass
+            return
+        self._misses.discard(key)
+        for i in sorted(self._kicked_on_miss):
+            if self._parked.get(i) == key:
+                self._kicked_on_miss.discard(i)
+                if self.vq_active(i):
+                    self._run(i)  # the kick that came meanwhile asks again
 
     @property
     def parked(self) -> dict[int, tuple[int, Perm]]:
@@ -463,6 +478,7 @@ class VdpaDevice:
     def iotlb_updated(self) -> None:
         """The transport applied IOTLB updates: retry every queue parked on a miss."""
         self._misses.clear()
+        self._kicked_on_miss.clear()
         if not self._parked:
             return
         parked = list(self._parked)

@@ -54,6 +54,8 @@ class DmaSpace:
         self._window_pieces: dict[tuple[int, int], Piece] = {}  # (iova, length) -> Piece
         self._window_skip = 0  # slow-path lookups left before remembering a window again
         self._window_backoff = 0
+        #: Windows the ``stale-translation-cache`` fault keeps forever (never filled without it).
+        self._stale: list[tuple[int, int, HostRegion, int, bool, bool]] = []
 
     @property
     def iommu(self) -> bool:
@@ -99,6 +101,9 @@ class DmaSpace:
             return [p]
         if self.iommu and self._fault("translate-by-gpa"):
             return (self.gpa_lookup or self.host.lookup_gpa)(iova, length, access)
+        stale = self._fault("stale-translation-cache")
+        if stale and (hit := self._stale_hit(iova, length, access)) is not None:
+            return [hit]  # the fault: a window from before an INVALIDATE / REM_MEM_REG
         try:
             spans = self.iotlb.translate(iova, length, access)
         except TranslationError as e:
@@ -110,6 +115,8 @@ class DmaSpace:
             uaddr, n = spans[0]
             pieces = lookup(uaddr, n, access)
             if len(pieces) == 1:
+                if stale:
+                    self._stale_keep(iova, pieces[0])
                 if self._window_skip:
                     self._window_skip -= 1
                 else:
@@ -156,15 +163,53 @@ class DmaSpace:
                 self.generation,
             )
 
+    # -- the stale-translation-cache fault --------------------------------------------------
+    def _stale_keep(self, iova: int, piece: Piece) -> None:
+        """Remember the window around ``iova`` for good (the fault: no generation check)."""
+        m = self.iotlb.lookup(iova)
+        if m is None:
+            return
+        r = piece.region
+        lo = max(m.iova, m.iova + r.uaddr - m.uaddr)
+        hi = min(m.iova + m.size, m.iova + r.uaddr + r.size - m.uaddr)
+        self._stale.append((lo, hi, r, m.uaddr - m.iova - r.uaddr, bool(m.perm & 1),
+                            bool(m.perm & 2)))  # fmt: skip
+        del self._stale[:-64]
+
+    def _stale_hit(self, iova: int, length: int, access: Access) -> Piece | None:
+        for lo, hi, r, delta, rd, wr in reversed(self._stale):
+            if lo <= iova and iova + length <= hi and (rd if access is _READ else wr):
+                return Piece(r, iova + delta, length)
+        return None
+
     # -- dirty logging ---------------------------------------------------------------------
     def mark_dirty(self, gpa: int, length: int) -> None:
         """Log a device write by guest-physical address (rings use this directly)."""
         if self.dirty_log is not None:
+            if self._fault("used-ring-not-logged"):  # the fault: ring writes go unlogged
+                return
+            if self.iommu and self._fault("log-at-iova"):
+                gpa = self._iova_of_gpa(gpa)  # the fault: log the address the driver used
             self.dirty_log.mark(gpa, length)
 
     def _log_data(self, piece: Piece, at: int, n: int) -> None:
         if self.dirty_log is not None and not self._fault("skip-dirty-log"):
-            self.dirty_log.mark(piece.gpa + at, n)
+            gpa = piece.gpa + at
+            if self.iommu and self._fault("log-at-iova"):
+                gpa = self._iova_of_gpa(gpa)  # the fault: log the address the driver used
+            self.dirty_log.mark(gpa, n)
+
+    def _iova_of_gpa(self, gpa: int) -> int:
+        """The ``log-at-iova`` fault: an IOVA that maps to ``gpa`` (what a backend that logs
+        the addresses it was given, instead of the GPAs they translate to, marks)."""
+        try:
+            uaddr = self.host.lookup_gpa(gpa, 1)[0].uaddr
+        except TranslationError:
+            return gpa
+        for m in self.iotlb.entries():
+            if m.uaddr <= uaddr < m.uaddr + m.size:
+                return m.iova + uaddr - m.uaddr
+        return gpa
 
     # -- data access -----------------------------------------------------------------------
     def read(self, iova: int, length: int) -> bytes:

@@ -129,6 +129,41 @@ FAULTS: dict[str, str] = {
         "(qtests/test_viommu.py test_meta_ignore_iotlb_perm_is_caught: 'QEMU accepted the "
         "MISS' / 'the device wrote a READ-only buffer')."
     ),
+    "used-ring-not-logged": (
+        "device writes into the rings (split: used ring; packed: the used descriptors written "
+        "back into the descriptor ring) are not marked in the dirty log; packet data still is. "
+        "Hook: vdpa/dma.py DmaSpace.mark_dirty. Caught by the migration suite "
+        "(qtests/test_migration.py test_variant_fault[packed-used-log] and [viommu-used-log]: the "
+        "used entries A wrote during precopy are missing on the destination). With a split ring QEMU "
+        "itself marks the whole used ring dirty when it stops vhost at the switchover "
+        "(vhost_virtqueue_stop unmaps it for writing), which hides this fault there."
+    ),
+    "log-at-iova": (
+        "behind a vIOMMU (ACCESS_PLATFORM) the dirty log is written at the IOVA the device was "
+        "given instead of the guest-physical address it translated to (ring and data writes). "
+        "Hooks: vdpa/dma.py DmaSpace.mark_dirty and DmaSpace._log_data. Caught by the migration "
+        "suite (qtests/test_migration.py test_variant_fault[viommu-log-at-iova]: the used "
+        "entries and RX frames A wrote during precopy are missing on the destination)."
+    ),
+    "ignore-set-vring-base": (
+        "set_vq_state / SET_VRING_BASE is acknowledged but ignored: the queue keeps the state it "
+        "had (0 on a fresh backend). Hook: vdpa/device.py VdpaDevice.set_vq_state. Caught by the "
+        "migration suite (qtests/test_migration.py test_variant_fault[split|packed|dimm-ignore-base]: "
+        "the destination transmits frames the source already sent, or none) and the reconnect "
+        "suites (qtests/test_reconnect.py test_ignored_set_vring_base_after_reconnect_is_caught, "
+        "qtests/test_reconnect_inflight.py test_meta_reconnect_in_flight_catches)."
+    ),
+    "stale-translation-cache": (
+        "every translation the device computed is remembered as a window that no IOTLB "
+        "INVALIDATE / unmap or REM_MEM_REG drops (a translation cache keyed on nothing): after "
+        "the change the device still reaches the old page or the removed region. Hooks: "
+        "vdpa/dma.py DmaSpace.translate (_stale_keep / _stale_hit). Caught by the vIOMMU suite "
+        "(qtests/test_viommu.py and qtests/test_viommu_inflight.py "
+        "test_meta_stale_translation_cache_is_caught, test_meta_race_in_traffic_catches_stale_"
+        "translations: the old page's bytes, no MISS after the INVALIDATE) and the memory "
+        "hotplug suite (qtests/test_memory_inflight.py test_meta_held_chains_scenario_catches"
+        "[stale-translation-cache]: TX from a DIMM re-plugged at the same address)."
+    ),
 }
 
 

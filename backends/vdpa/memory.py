@@ -8,6 +8,7 @@ each of which also knows its guest-physical address so dirty logging can mark th
 from __future__ import annotations
 
 import bisect
+import fcntl
 import itertools
 import logging
 import mmap
@@ -82,6 +83,33 @@ class Piece:
         return n
 
 
+F_SEAL_SEAL = 0x0001
+F_SEAL_SHRINK = 0x0002
+F_SEAL_GROW = 0x0004
+
+
+def file_seals(fd: int) -> int:
+    """The memfd seals on ``fd`` (0 for files that cannot carry seals)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return 0
+
+
+def seal_against_shrinking(fd: int) -> int:
+    """Add F_SEAL_SHRINK to a memfd that allows sealing but is not sealed yet (seals belong to
+    the file, so the peer can no longer shrink it either: no SIGBUS window at all for it).
+    Returns the seals now in place; files that cannot be sealed are left as they are."""
+    seals = file_seals(fd)
+    if seals & F_SEAL_SHRINK or seals & F_SEAL_SEAL:
+        return seals
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_SHRINK)
+    except OSError:
+        return seals
+    return file_seals(fd)
+
+
 class HostRegion:
     """One shared-memory region (a mem-table entry). Identity matters: ``id`` is unique and
     monotonically increasing process-wide, so a re-added region is a different region."""
@@ -90,10 +118,12 @@ class HostRegion:
         "__weakref__",
         "base",
         "buf",
+        "backing_fd",
         "closed",
         "gpa",
         "id",
         "mmap_offset",
+        "seals",
         "size",
         "uaddr",
         "written",
@@ -125,11 +155,21 @@ class HostRegion:
         #: Bytes the device wrote into this region through pieces (packet data, headers):
         #: evidence of where the driver's buffers are. One add per piece written.
         self.written = 0
+        #: F_GET_SEALS of the backing file when mapped (0: none or not a memfd).
+        self.seals = 0
+        #: Our duplicate of the backing fd while its size can still shrink (no F_SEAL_SHRINK):
+        #: :meth:`backing_ok` fstat()s it. -1 when the size cannot change under us.
+        self.backing_fd = -1
 
     @classmethod
     def from_fd(cls, fd: int, gpa: int, size: int, uaddr: int, mmap_offset: int) -> HostRegion:
         """mmap ``size`` bytes of ``fd`` from ``mmap_offset`` (shared, read/write). The caller
-        keeps owning ``fd`` (close it whenever; the mapping stays valid)."""
+        keeps owning ``fd`` (close it whenever; the mapping stays valid).
+
+        The file must hold ``mmap_offset + size`` bytes now (a mapping past the end of the file
+        kills the process with SIGBUS on first touch). A file that can still shrink (no
+        ``F_SEAL_SHRINK``: memory-backend-file, an unsealed memfd) keeps a duplicate fd so
+        :meth:`backing_ok` can re-check its size before the region is used."""
         if size <= 0 or mmap_offset < 0:
             raise ValueError(f"bad region size={size:#x} mmap_offset={mmap_offset:#x}")
         gran = mmap.ALLOCATIONGRANULARITY
@@ -139,7 +179,7 @@ class HostRegion:
             fsize = os.fstat(fd).st_size
         except OSError as e:
             raise ValueError(f"cannot stat region fd {fd}: {e}") from e
-        if fsize and mmap_offset + size > fsize:
+        if mmap_offset + size > fsize:
             raise ValueError(
                 f"region fd {fd} is {fsize:#x} bytes, needs mmap_offset+size "
                 f"{mmap_offset + size:#x}"
@@ -151,7 +191,27 @@ class HostRegion:
             prot=mmap.PROT_READ | mmap.PROT_WRITE,
             offset=aligned,
         )
-        return cls(gpa, size, uaddr, mmap_offset, mm, base=delta)
+        r = cls(gpa, size, uaddr, mmap_offset, mm, base=delta)
+        r.seals = seal_against_shrinking(fd)
+        if not r.seals & F_SEAL_SHRINK:
+            r.backing_fd = os.dup(fd)
+            os.set_inheritable(r.backing_fd, False)
+        return r
+
+    @property
+    def sealed(self) -> bool:
+        """The backing file cannot shrink (F_SEAL_SHRINK), or there is no file at all."""
+        return self.backing_fd < 0
+
+    def backing_ok(self) -> bool:
+        """False if the backing file no longer holds the whole region (the peer truncated it):
+        touching the missing pages would raise SIGBUS. One fstat, only for unsealed files."""
+        if self.backing_fd < 0 or self.closed:
+            return True
+        try:
+            return os.fstat(self.backing_fd).st_size >= self.mmap_offset + self.size
+        except OSError:
+            return False
 
     @classmethod
     def anonymous(cls, gpa: int, size: int, uaddr: int) -> HostRegion:
@@ -174,6 +234,9 @@ class HostRegion:
         deferred (retried on later memory operations) instead of raising."""
         if not self.closed:
             self.closed = True
+            if self.backing_fd >= 0:
+                os.close(self.backing_fd)
+                self.backing_fd = -1
             if not self._try_unmap():
                 _pending_close.add(self)
         reap_deferred_closes()
@@ -195,6 +258,8 @@ class HostRegion:
             "mmap_offset": self.mmap_offset,
             "written": self.written,
             "backing": "mmap" if isinstance(self.buf, mmap.mmap) else "anonymous",
+            "seals": self.seals,
+            "sealed": self.sealed,
             "closed": self.closed,
         }
 

@@ -23,7 +23,8 @@ from backends.loop import EventLoop
 from backends.vdpa.journal import Journal
 from backends.vhost_user import messages as m
 from backends.vhost_user.errors import PeerClosed, ProtocolError
-from backends.vhost_user.framing import Message, MessageReader, send_message
+from backends.vhost_user.framing import Message, MessageReader
+from backends.vhost_user.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class BackendChannel:
         self.on_refused = on_refused
         self.closed = False
         self._reader = MessageReader(self.sock)
+        self._outbox = Outbox(self.sock, loop, self._fail)
         # (iova, perm, IOTLB type) of each request awaiting its ack, oldest first
         self._outstanding: collections.deque[tuple[int, int, int]] = collections.deque()
         self.misses_sent = 0
@@ -91,10 +93,8 @@ class BackendChannel:
                 return False
         flags = m.VERSION | (m.FLAG_NEED_REPLY if self.reply_ack else 0)
         payload = m.IotlbMsg(iova, 0, 0, int(perm), kind).pack()
-        try:
-            send_message(self.sock, m.encode(m.BackendRequest.IOTLB_MSG, payload, flags))
-        except OSError as e:
-            self._fail(f"send of IOTLB {kind.name} failed: {e}")
+        self._outbox.send(m.encode(m.BackendRequest.IOTLB_MSG, payload, flags))
+        if self.closed:
             return False
         if self.reply_ack:
             self._outstanding.append(key)
@@ -113,10 +113,7 @@ class BackendChannel:
         """Tell the front-end the config space changed (no reply asked)."""
         if self.closed:
             return
-        try:
-            send_message(self.sock, m.encode(m.BackendRequest.CONFIG_CHANGE_MSG))
-        except OSError as e:
-            self._fail(f"send of CONFIG_CHANGE failed: {e}")
+        self._outbox.send(m.encode(m.BackendRequest.CONFIG_CHANGE_MSG))
 
     def _on_readable(self) -> None:
         if self.closed:  # closed earlier in this loop iteration
@@ -182,6 +179,7 @@ class BackendChannel:
             return
         self.closed = True
         self.loop.remove_reader(self.sock.fileno())
+        self._outbox.close()
         self._reader.discard()
         self.sock.close()
         self._outstanding.clear()

@@ -31,11 +31,12 @@ from backends.vdpa.virtqueue import VqError, VqState
 from backends.vhost_user import messages as m
 from backends.vhost_user.backend_channel import BackendChannel
 from backends.vhost_user.errors import ProtocolError
-from backends.vhost_user.framing import Message, MessageReader, send_message
+from backends.vhost_user.framing import Message, MessageReader
 from backends.vhost_user.log_area import LogArea
 from backends.vhost_user.memory_table import MemoryTable
 from backends.vhost_user.messages import ProtocolFeature as PF
 from backends.vhost_user.messages import Request as R
+from backends.vhost_user.outbox import Outbox
 from backends.vhost_user.vrings import Vrings, check_eventfd
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ class Connection:
         self.log_area: LogArea | None = None
         self.log_fd = -1
         self._reader = MessageReader(sock)
+        self._outbox = Outbox(sock, loop, self._send_failed)
         self._handlers: dict[R, Callable[[Message], bytes | None]] = {
             R.GET_FEATURES: self._get_features,
             R.SET_FEATURES: self._set_features,
@@ -168,6 +170,7 @@ class Connection:
         device.on_config_change = self._on_config_change
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self.on_readable)
+        loop.add_guard(self._check_peer_memory)
         self.journal.record("vhost.connect", name=name)
 
     # -- negotiated state ---------------------------------------------------------------------
@@ -305,10 +308,11 @@ class Connection:
     def _send(self, request: int, payload: bytes) -> None:
         if self.closed:
             return
-        try:
-            send_message(self.sock, m.encode_reply(request, payload))
-        except OSError as e:
-            self.close(f"reply to {m.request_name(request)} failed: {e}")
+        self._outbox.send(m.encode_reply(request, payload))
+
+    def _send_failed(self, why: str) -> None:
+        self._error("-", ProtocolError("reply", why))
+        self.close(f"reply failed: {why}")
 
     def _error(self, request: str, e: ProtocolError) -> None:
         self.errors += 1
@@ -321,6 +325,8 @@ class Connection:
             return
         self.closed = True
         self.loop.remove_reader(self.sock.fileno())
+        self.loop.remove_guard(self._check_peer_memory)
+        self._outbox.close()
         self._reader.discard()
         self.journal.record("vhost.disconnect", name=self.name, reason=reason)
         log.info("%s: connection closed: %s", self.name, reason)
@@ -341,6 +347,20 @@ class Connection:
         self.sock.close()
         if self.on_closed is not None:
             self.on_closed(self)
+
+    def _check_peer_memory(self) -> None:
+        """Loop guard: drop any shared memory the front-end shrank since the last callback
+        (mem-table regions, the dirty log) before anything can touch it."""
+        self.mem.check_backing()
+        area = self.log_area
+        if area is not None and not area.backing_ok():
+            self._stop_log()
+            self.device.fail(
+                None,
+                "log-shrunk",
+                f"dirty log fd shrank below {area.size:#x} bytes; dropped",
+                journal_kind="error.mem",
+            )
 
     # -- device callbacks ---------------------------------------------------------------------
     def _on_iotlb_miss(self, iova: int, perm: Perm) -> None:

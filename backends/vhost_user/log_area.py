@@ -6,6 +6,7 @@ import mmap
 import os
 import stat
 
+from backends.vdpa.memory import F_SEAL_SHRINK, seal_against_shrinking
 from backends.vhost_user.errors import ProtocolError
 
 # log areas whose munmap waits for a still-exported view (closed on the next close())
@@ -47,8 +48,25 @@ class LogArea:
         self.size = size
         self.offset = offset
         self.view = memoryview(self._mm)[delta : delta + size]
+        # a log file that can still shrink is re-checked (backing_ok) before every callback
+        self._fd = -1
+        if not seal_against_shrinking(fd) & F_SEAL_SHRINK:
+            self._fd = os.dup(fd)
+            os.set_inheritable(self._fd, False)
+
+    def backing_ok(self) -> bool:
+        """False if the front-end truncated the log file below what is mapped."""
+        if self._fd < 0:
+            return True
+        try:
+            return os.fstat(self._fd).st_size >= self.offset + self.size
+        except OSError:
+            return False
 
     def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         self.view.release()
         try:
             self._mm.close()

@@ -258,6 +258,34 @@ class MemoryTable:
                 self._remove_host(r, unmap=False)
                 r.close()
 
+    # -- a peer that shrinks what it handed over ---------------------------------------------
+    def check_backing(self) -> list[HostRegion]:
+        """Drop every region whose backing file the front-end truncated below the region
+        (only files without F_SEAL_SHRINK are checked: one fstat each). Each is journalled
+        (``error.mem`` naming the region) and the device gets NEEDS_RESET; later accesses to
+        its addresses fail translation instead of raising SIGBUS. Returns the dropped ones.
+
+        Called before every event-loop callback, so no ring work starts on a shrunk region.
+        The remaining window: a shrink *during* one callback (between this check and a ring
+        access a few microseconds later) still faults; see backends/README.md."""
+        shrunk = [r for r in self._regions if r.backing_fd >= 0 and not r.backing_ok()]
+        for r in shrunk:
+            try:
+                size = os.fstat(r.backing_fd).st_size
+            except OSError:
+                size = -1
+            self._regions.remove(r)
+            self._remove_host(r)
+            r.close()
+            self.device.fail(
+                None,
+                "region-shrunk",
+                f"region {r.id} gpa={r.gpa:#x} size={r.size:#x} uaddr={r.uaddr:#x}: its file "
+                f"now holds {size:#x} bytes, needs {r.mmap_offset + r.size:#x}; region dropped",
+                journal_kind="error.mem",
+            )
+        return shrunk
+
     # -- helpers ------------------------------------------------------------------------------
     def _map(self, m: MemRegion, fd: int) -> HostRegion:
         stale = self.device.faults.active("stale-region-offset")

@@ -4,6 +4,11 @@ A ring starts when its kick eventfd first becomes readable (or on SET_VRING_KICK
 no-fd bit, which means "poll"); each readable kick is drained and becomes ``kick_vq``.
 GET_VRING_BASE stops the ring and stops watching its kick fd. The call eventfd becomes the
 device's per-queue interrupt callback. Every replaced or dropped descriptor is closed.
+
+The eventfds belong to the peer as much as to us (it can clear O_NONBLOCK on the shared file
+description, or fill a counter to 2^64-2): every read and write goes through
+:mod:`backends.vhost_user.eventfd`, which never waits. An interrupt that cannot be written is
+journalled (``error.call``, once per episode), logged, and coalesced into the next one.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from backends.loop import EventLoop
 from backends.vdpa.virtqueue import VqState
+from backends.vhost_user import eventfd
 from backends.vhost_user.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -58,6 +64,8 @@ class VringFiles:
     log_guest_addr: int = 0
     kicks: int = 0
     calls: int = 0
+    calls_pending: int = 0  # interrupts not delivered yet (counter full): coalesced
+    calls_lost: int = 0  # writes refused (each coalesced into the next attempt)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +78,8 @@ class VringFiles:
             "log_guest_addr": self.log_guest_addr,
             "kicks": self.kicks,
             "calls": self.calls,
+            "calls_pending": self.calls_pending,
+            "calls_lost": self.calls_lost,
         }
 
 
@@ -110,7 +120,6 @@ class Vrings:
             self._poll(ring)
             return
         ring.kick = fd
-        os.set_blocking(fd, False)
         self.loop.add_reader(fd, lambda: self._on_kick(ring))
         ring.watching = True
 
@@ -118,9 +127,8 @@ class Vrings:
         if not ring.watching:  # unwatched earlier in this loop iteration
             return
         try:
-            os.eventfd_read(ring.kick)
-        except BlockingIOError:
-            return  # someone else drained it
+            if eventfd.drain(ring.kick) is None:
+                return  # someone else drained it (the same eventfd on two rings, the peer)
         except OSError as e:
             log.warning("vring %d: kick fd failed (%s); no longer watched", ring.index, e)
             self._unwatch(ring)
@@ -166,11 +174,35 @@ class Vrings:
         _close(old)
 
     def _signal(self, ring: VringFiles, fd: int) -> None:
+        """Interrupt the driver. Never blocks: a counter with no room (or a broken fd) makes
+        the interrupt pending, reported once, and retried with the next one."""
+        ring.calls_pending += 1
         try:
-            os.eventfd_write(fd, 1)
-            ring.calls += 1
-        except OSError as e:  # BlockingIOError only if the counter would overflow
-            log.debug("vring %d: call eventfd write failed: %s", ring.index, e)
+            ok = eventfd.signal(fd)
+        except OSError as e:
+            ok = False
+            why = str(e)
+        else:
+            why = "counter full (the front-end does not drain it)"
+        if ok:
+            ring.calls += ring.calls_pending
+            ring.calls_pending = 0
+            return
+        ring.calls_lost += 1
+        if ring.calls_lost & (ring.calls_lost - 1) == 0:  # 1st, 2nd, 4th, ...: no flood
+            self.device.journal.record(
+                "error.call",
+                vq=ring.index,
+                detail=f"call eventfd not written: {why}",
+                pending=ring.calls_pending,
+                lost=ring.calls_lost,
+            )
+            log.warning(
+                "vring %d: call eventfd not written (%s); %d interrupt(s) pending",
+                ring.index,
+                why,
+                ring.calls_pending,
+            )
 
     def set_err(self, index: int, fd: int | None) -> None:
         ring = self.rings[index]
@@ -181,9 +213,11 @@ class Vrings:
         ring = self.rings[index]
         if ring.err >= 0:
             try:
-                os.eventfd_write(ring.err, 1)
+                ok = eventfd.signal(ring.err)
             except OSError:
-                pass
+                ok = False
+            if not ok:
+                log.warning("vring %d: err eventfd not written (counter full or broken)", index)
 
     # -- stop / teardown ----------------------------------------------------------------------
     def stop(self, index: int) -> VqState:

@@ -156,6 +156,13 @@ class AcpiMemoryHotplug:
         )
         return self.read(slot)
 
+    def eject_now(self, slot: int) -> MemSlot:
+        """_EJ0 on ``slot`` without waiting for a remove event (a guest that saw the event
+        before a migration ejects on the destination); returns the slot as read after."""
+        self.ost(slot, OST_EVENT_EJECT_REQUEST, OST_EJECT_IN_PROGRESS)
+        self._control(slot, CTRL_EJECT)
+        return self.read(slot)
+
     def eject(self, slot: int, timeout: float = 5.0) -> MemSlot:
         """OSPM's answer to an eject request: clear the remove event, _OST 'in progress', _EJ0.
 

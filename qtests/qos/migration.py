@@ -238,6 +238,7 @@ class MigrationPair:
             rebind(qtest)
         self.dst.alloc = self.src.alloc
         self.dst.bus = self.src.bus
+        self.dst._net = self.net  # the destination's testbed runs the driver now
         self.switched = True
 
     def cancel(self, timeout: float = 30.0) -> dict[str, Any]:

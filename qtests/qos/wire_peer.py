@@ -74,12 +74,22 @@ class WirePeer:
                 raise WirePeerTimeout(f"got {i} of {n} frames: {e}") from None
         return frames
 
-    def expect_silence(self, window: float = 0.2) -> None:
-        """Assert nothing arrives within ``window`` seconds (a bounded negative check)."""
-        ready, _, _ = select.select([self.sock], [], [], window)
-        if ready:
-            frame = self.sock.recv(65536)
-            raise AssertionError(f"unexpected frame on the wire ({len(frame)} bytes)")
+    def recv_until(self, sentinel: bytes, timeout: float = 10.0) -> list[bytes]:
+        """The frames that arrive before ``sentinel``, a frame the test sent after the stream
+        it checks, through the same queue: "nothing more / no duplicate" is then decided by
+        an event (the sentinel's arrival), never by a window of quiet."""
+        deadline = time.monotonic() + timeout
+        before: list[bytes] = []
+        while True:
+            try:
+                frame = self.recv(max(deadline - time.monotonic(), 0.0))
+            except WirePeerTimeout as e:
+                raise WirePeerTimeout(
+                    f"the sentinel frame never arrived ({len(before)} other frames did): {e}"
+                ) from None
+            if frame == sentinel:
+                return before
+            before.append(frame)
 
     def drain(self) -> int:
         n = 0
@@ -89,6 +99,7 @@ class WirePeer:
             except BlockingIOError:
                 return n
             n += 1
+            self.received += 1
 
     def close(self) -> None:
         self.sock.close()

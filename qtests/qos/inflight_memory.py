@@ -1,0 +1,440 @@
+"""Memory changes that meet work in progress: the scenarios of issue 15, item 1.
+
+Each scenario is a plain function on a started `Testbed` (one queue pair, the vhost-user
+transport today; the transport is the testbed's business, so a vhost-vdpa testbed can run the
+same function) that raises AssertionError naming the first broken invariant.
+
+"Untouched" is shown from outside the backend's own report: `memfd_mappings` reads
+``/proc/PID/maps`` of the backend process, where the mmap of every memory-table region appears
+as a ``/memfd:...`` line with its inode and file offset. A region the backend kept must keep its
+host address (same inode, same offset, same start); a removed one must be gone; a backend that
+unmapped and mapped everything again (faults ``remap-all``, ``mem-table-full-replace``) moves
+them, one that ignores REM_MEM_REG (``ignore-rem-mem-reg``) keeps the removed one.
+
+What the device must do when REM_MEM_REG removes memory that chains it holds point into
+(`rem_with_held_chains`): the vhost-user spec describes REM_MEM_REG's region as one "which
+the back-end device must unmap" (docs/interop/vhost-user.rst), so nothing may reach it after
+the reply; the virtio spec gives a buffer to the device from the moment it is made available
+until the device marks it used (virtio 1.2, 2.7: the driver does not touch it meanwhile), so
+the device owns the chain's completion, not the memory behind it. QEMU does not check either: with CONFIGURE_MEM_SLOTS it
+sends REM_MEM_REG as soon as the OSPM ejects the DIMM, without stopping the rings (observed:
+no GET_VRING_BASE, no SET_VRING_ADDR). A real guest kernel would not offline pages that are
+pinned for DMA, so this is the driver's bug, and the device must survive it: complete the held
+chains (their used entries live in the ring, in kept memory) with what it had already read,
+never touch the removed pages again (the mmap is gone: /proc/PID/maps), keep every other
+mapping where it was, and serve a new DIMM plugged at the same guest-physical address through
+a fresh translation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .acpi_memhp import AcpiMemoryHotplug
+from .alloc import GuestAllocator
+from .frames import make_frame
+from .memory_devices import DimmHotplug, MemoryDevice, PlacementAllocator
+from .testbed import Testbed
+from .virtio_net import NET_HDR_SIZE, VirtioNetDriver, VirtioNetHdr
+from .waiting import WaitTimeout, poll_until
+
+MiB = 1 << 20
+DIMM_SIZE = 64 * MiB
+TX_VQ = 1
+STREAM = 0x15  # frames of these scenarios carry this stream id
+SENTINEL_STREAM = 0x5E
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One memfd mapping line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    offset: int
+    inode: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def memfd_mappings(pid: int) -> dict[tuple[int, int], Mapping]:
+    """The shared-memory (memfd) mappings of process ``pid``: (inode, file offset) -> mapping."""
+    out: dict[tuple[int, int], Mapping] = {}
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not parts[5].startswith("/memfd:"):
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        m = Mapping(lo, hi, int(parts[2], 16), int(parts[4]))
+        out[(m.inode, m.offset)] = m
+    return out
+
+
+def backend_mappings(tb: Testbed) -> dict[tuple[int, int], Mapping]:
+    assert tb.backend is not None and tb.backend.pid is not None
+    return memfd_mappings(tb.backend.pid)
+
+
+def check_kept(
+    before: dict[tuple[int, int], Mapping],
+    after: dict[tuple[int, int], Mapping],
+    what: str,
+    *,
+    gone: set[int] = frozenset(),  # type: ignore[assignment]
+) -> None:
+    """Every mapping of ``before`` whose inode is not in ``gone`` is in ``after`` at the same
+    host address; no mapping of an inode in ``gone`` is left."""
+    moved = [
+        f"inode {k[0]} offset {k[1]:#x}: {m.start:#x} -> {after[k].start:#x}"
+        if k in after
+        else f"inode {k[0]} offset {k[1]:#x}: unmapped"
+        for k, m in before.items()
+        if k[0] not in gone and (k not in after or after[k] != m)
+    ]
+    assert not moved, f"{what}: kept memory moved in the backend's address space: {moved}"
+    left = [m for k, m in after.items() if k[0] in gone]
+    assert not left, f"{what}: the removed region is still mapped in the backend: {left}"
+
+
+def hotplug_for(tb: Testbed) -> DimmHotplug:
+    assert tb.machine is not None
+    return DimmHotplug(tb.qmp, AcpiMemoryHotplug(tb.machine.qtest, tb.machine.slots))
+
+
+class Frames:
+    """Numbered frames of one stream, and the sentinel that closes a check."""
+
+    def __init__(self, stream: int = STREAM) -> None:
+        self.stream = stream
+        self.seq = 0
+        self.sentinels = 0
+
+    def next(self, size: int = 0) -> bytes:
+        self.seq += 1
+        return make_frame(self.seq, size or 80 + 53 * (self.seq % 23), stream=self.stream)
+
+    def sentinel(self) -> bytes:
+        self.sentinels += 1
+        return make_frame(self.sentinels, 64, stream=SENTINEL_STREAM)
+
+
+def is_rarp(frame: bytes) -> bool:
+    """A RARP announce (ethertype 0x8035), as a backend sends after a migration."""
+    return frame[12:14] == b"\x80\x35"
+
+
+def tx_until_sentinel(
+    tb: Testbed,
+    expected: list[bytes],
+    frames: Frames,
+    what: str,
+    timeout: float = 10.0,
+    *,
+    rarps: bool = False,
+) -> None:
+    """Send a sentinel frame after ``expected`` and read the wire up to it: what arrived
+    before it must be exactly ``expected`` (no loss, no duplicate, no reordering) - no
+    silence window decides it. ``rarps``: RARP announces may come in between."""
+    s = frames.sentinel()
+    tb.net.send(s)
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        f = tb.peer.recv(max(deadline - time.monotonic(), 0.01))
+        if f == s:
+            break
+        if not (rarps and is_rarp(f)):
+            got.append(f)
+    assert got == expected, (
+        f"{what}: the wire carried {len(got)} frames before the sentinel, expected "
+        f"{len(expected)}; first difference at {first_difference(got, expected)}"
+    )
+
+
+def first_difference(got: list[bytes], want: list[bytes]) -> int:
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
+        if a != b:
+            return i
+    return min(len(got), len(want))
+
+
+def stage_tx_at(net: VirtioNetDriver, addrs: list[int], frames: list[bytes]) -> None:
+    """One TX chain per frame, each frame at the given guest-physical address; kicked."""
+    vq = net.txq[0]
+    writes = []
+    for addr, f in zip(addrs, frames, strict=True):
+        data = VirtioNetHdr().pack() + f
+        writes.append((addr, data))
+        vq.add([(addr, NET_HDR_SIZE), (addr + NET_HDR_SIZE, len(f))], (), ("staged", addr))
+    net.qt.write_many(writes)
+    vq.kick()
+
+
+def wait_tx_used(tb: Testbed, count: int, what: str, since: int, timeout: float = 5.0) -> None:
+    """Wait until ``count`` staged TX chains are used (their buffers are the test's); an
+    error the backend journalled since journal mark ``since`` fails at once, naming it."""
+    assert tb.backend is not None
+    b, vq = tb.backend, tb.net.txq[0]
+    mark = since
+
+    def done() -> bool:
+        errors = b.journal(["error."], mark)
+        if errors:
+            raise AssertionError(f"{what}: the backend failed: {errors[0]}")
+        return vq.pending_used() >= count
+
+    try:
+        poll_until(done, timeout, f"{what}: {count} TX chains used")
+    except WaitTimeout as e:
+        raise AssertionError(f"{what}: {e}") from e
+    used = vq.get_used()
+    assert len(used) == count, f"{what}: {len(used)} TX chains used, expected {count}"
+
+
+# ---------------------------------------------------------------------------- scenarios
+def rem_with_held_chains(tb: Testbed, held_in_dimm: int = 3, held_in_kept: int = 3) -> None:
+    """REM_MEM_REG while the device holds TX chains popped from the removed DIMM (and others
+    from kept base RAM); then a new DIMM at the same guest-physical address.
+
+    1. plug a DIMM: one new memfd mapping, every other mapping keeps its host address;
+    2. hold TX (monitor ``hold-tx``: chains popped, frames read, not completed); stage chains
+       with buffers in the DIMM and in base RAM; the device holds them all;
+    3. unplug the DIMM (OSPM eject -> REM_MEM_REG): no ring stop, the DIMM's mapping is gone
+       from the backend, every kept mapping is where it was;
+    4. release the hold: every held chain completes and its frame reaches the wire byte-exact,
+       exactly once, in order (sentinel);
+    5. plug a new DIMM (QEMU puts it at the same address): TX from it and RX into it, byte-exact
+       (a translation remembered from the first DIMM would reach the closed region).
+    """
+    assert tb.backend is not None and tb.machine is not None and tb.alloc is not None
+    b, net = tb.backend, tb.net
+    frames = Frames()
+    dimms = hotplug_for(tb)
+    m0 = backend_mappings(tb)
+    assert m0, "no memfd mapping in the backend's /proc/PID/maps"
+
+    mark = b.mark()
+    dev = dimms.plug(DIMM_SIZE)
+    m1 = backend_mappings(tb)
+    check_kept(m0, m1, "after the plug")
+    new = {k[0] for k in m1} - {k[0] for k in m0}
+    assert len(new) == 1 and sum(m.size for k, m in m1.items() if k[0] in new) == DIMM_SIZE, (
+        f"the plug should add one {DIMM_SIZE:#x}-byte memfd mapping, added "
+        f"{[m for k, m in m1.items() if k[0] in new]}"
+    )
+    dimm_alloc = GuestAllocator()
+    dimm_alloc.add_range(dev.addr, dev.size, "dimm")
+
+    # -- chains held by the device: some in the DIMM, some in kept memory
+    b.cmd("hold-tx", enable=True)
+    held = [frames.next() for _ in range(held_in_dimm + held_in_kept)]
+    addrs = [dimm_alloc.alloc(2048, tag="held tx") for _ in range(held_in_dimm)]
+    addrs += [tb.alloc.alloc(2048, tag="held tx") for _ in range(held_in_kept)]
+    used_before = net.txq[0].device_used_idx()
+    stage_tx_at(net, addrs, held)
+    poll_until(
+        lambda: b.cmd("query-wire")["tx_held"] == len(held),
+        5.0,
+        f"the device holding {len(held)} popped TX chains",
+        detail=lambda: f"held {b.cmd('query-wire')['tx_held']}",
+    )
+
+    # -- the DIMM goes while the device holds chains popped from it
+    dimms.unplug(dev.id)
+    msgs = [e["request"] for e in b.journal(["vhost.msg"], mark)]
+    # REM_MEM_REG, or (without CONFIGURE_MEM_SLOTS) a whole table the backend diffs
+    assert {"REM_MEM_REG", "SET_MEM_TABLE"} & set(msgs), f"no memory message for the unplug: {msgs}"
+    stops = [r for r in msgs if r in ("GET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_BASE")]
+    assert not stops, f"QEMU stopped or re-programmed the rings for the unplug: {stops}"
+    assert b.running, "the backend died on REM_MEM_REG with chains held"
+    check_kept(m1, backend_mappings(tb), "after REM_MEM_REG with chains held", gone=new)
+    assert net.txq[0].device_used_idx() == used_before, (
+        "the device completed held chains before the hold was released"
+    )
+
+    # -- released: every held chain completes, byte-exact, once
+    b.cmd("hold-tx", enable=False)
+    wait_tx_used(tb, len(held), "held chains after the REM_MEM_REG", mark)
+    tx_until_sentinel(tb, held, frames, "held TX chains across REM_MEM_REG")
+    for a in addrs[held_in_dimm:]:
+        tb.alloc.free(a)
+
+    # -- a new DIMM at the same address: fresh translations only
+    dev2 = dimms.plug(DIMM_SIZE)
+    assert dev2.addr == dev.addr, f"QEMU placed the second DIMM at {dev2.addr:#x}"
+    m3 = backend_mappings(tb)
+    check_kept(m0, m3, "after the second plug")
+    again = [frames.next() for _ in range(held_in_dimm)]
+    since = b.mark()
+    stage_tx_at(net, addrs[:held_in_dimm], again)  # the very addresses of the first DIMM
+    wait_tx_used(tb, len(again), "TX from the re-plugged DIMM", since)
+    tx_until_sentinel(tb, again, frames, "TX from the re-plugged DIMM")
+    rx_in_dimm(tb, addrs[0], frames.next(1000), "RX into the re-plugged DIMM")
+    dimms.unplug(dev2.id)
+    assert b.running and not b.journal(["error."], mark), b.journal(["error."], mark)
+
+
+def rx_in_dimm(tb: Testbed, addr: int, frame: bytes, what: str) -> None:
+    """Post one RX buffer at ``addr`` (the only one the device may use next) and check the
+    frame lands there byte-exact."""
+    net = tb.net
+    vq = net.rxq[0]
+    assert tb.machine is not None
+    hdr = NET_HDR_SIZE
+    before = vq.pending_used()
+    assert before == 0, f"{what}: RX used entries pending before the test: {before}"
+    tb.machine.qtest.memset(addr, 2048, 0)
+    vq.add((), [(addr, 2048)], ("dimm rx", addr))
+    vq.kick()
+    tb.peer.send(frame)
+    (u,) = vq.wait_used(1, 5.0)
+    assert u.token == ("dimm rx", addr), f"{what}: the device used {u}"
+    got = tb.machine.qtest.read(addr + hdr, len(frame))
+    assert u.length == hdr + len(frame) and got == frame, (
+        f"{what}: {u.length} bytes used, frame {'intact' if got == frame else 'differs'}"
+    )
+
+
+def plug_mid_stream(tb: Testbed, rounds: int = 12, burst: int = 4) -> None:
+    """A DIMM plugged while a continuous TX and RX stream runs (the backend is never paused):
+    QMP object-add + device_add from a second thread while the driver keeps transmitting and
+    receiving. ADD_MEM_REG must land between frames of the stream, every frame arrives exactly
+    once byte-exact in order both ways, and every mapping the backend had stays at its host
+    address. With several queue pairs active, every pair transmits its own stream (checked
+    per stream: the order between queues is not defined)."""
+    assert tb.backend is not None and tb.machine is not None
+    b, net = tb.backend, tb.net
+    pairs = range(max(net.active_pairs, 1))
+    tx_frames = [Frames(stream=STREAM + 2 + k) for k in pairs]
+    frames = Frames()
+    rx_frames = Frames(stream=STREAM + 1)
+    m0 = backend_mappings(tb)
+    mark = b.mark()
+    qmp = tb.qmp
+    plugged: list[MemoryDevice] = []
+    errors: list[BaseException] = []
+
+    def plug() -> None:
+        try:
+            qmp.command(
+                "object-add",
+                {"qom-type": "memory-backend-memfd", "id": "mid-mem", "size": DIMM_SIZE,
+                 "share": True},
+            )  # fmt: skip
+            qmp.command("device_add", driver="pc-dimm", id="mid", memdev="mid-mem")
+            plugged.append(DimmHotplug(qmp).device("mid"))
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    sent_tx: dict[int, list[bytes]] = {k: [] for k in pairs}
+    got_tx: list[tuple[int, bytes]] = []  # (monotonic ns on arrival, frame)
+    sent_rx: list[bytes] = []
+    got_rx: list[bytes] = []
+    plugger = threading.Thread(target=plug, name="dimm plug")
+    for r in range(rounds):
+        if r == rounds // 3:
+            plugger.start()
+        rx = [rx_frames.next() for _ in range(burst)]
+        for k in pairs:
+            tx = [tx_frames[k].next() for _ in range(burst)]
+            net.send_burst(tx, k, wait=False)
+            sent_tx[k] += tx
+        for f in rx:
+            tb.peer.send(f)
+        sent_rx += rx
+        for _ in range(burst * len(pairs)):
+            got_tx.append((time.monotonic_ns(), tb.peer.recv(5.0)))
+        for _ in rx:
+            got_rx.append(net.recv_any(5.0).data)
+        for k in pairs:
+            net.wait_tx(k, 5.0)
+        if r == rounds - 3:
+            plugger.join(10.0)
+            assert not plugger.is_alive(), "the DIMM plug thread hangs"
+    assert not errors, f"the plug failed: {errors[0]!r}"
+    for k in pairs:
+        mine = [f for _, f in got_tx if f in set(sent_tx[k])]
+        assert mine == sent_tx[k], f"the TX stream of pair {k} across the plug is not exact"
+    assert len(got_tx) == sum(map(len, sent_tx.values())), "TX frames doubled or foreign"
+    assert got_rx == sent_rx, "the RX stream across the plug is not exact"
+    for k in pairs:
+        s = frames.sentinel()
+        net.send(s, k)
+        late = tb.peer.recv_until(s)
+        assert not late, f"pair {k}: {len(late)} frames after the TX stream (doubled?)"
+    check_kept(m0, backend_mappings(tb), "after the plug mid-stream")
+    adds = b.journal(["mem.add"], mark)
+    assert len(adds) == 1, f"expected one mem.add for the plug, got {adds}"
+    at = adds[0]["mono_ns"]
+    before = sum(1 for t, _ in got_tx if t < at)
+    assert 0 < before < len(got_tx), (
+        f"the plug did not land inside the stream: {before} of {len(got_tx)} TX frames "
+        "arrived before the backend's mem.add"
+    )
+    msgs = [e["request"] for e in b.journal(["vhost.msg"], mark)]
+    assert {"ADD_MEM_REG", "SET_MEM_TABLE"} & set(msgs), f"no memory message for the plug: {msgs}"
+    assert "GET_VRING_BASE" not in msgs, f"QEMU stopped the rings for the plug: {msgs}"
+    assert not b.journal(["vq.stop", "device.suspend"], mark), "the device was paused"
+    assert len(plugged) == 1, plugged
+
+
+def unplug_live_rings(tb: Testbed) -> None:
+    """The DIMM that holds live rings is ejected: who stops it?
+
+    Observed with QEMU 10 (qtest OSPM ejecting regardless): QEMU does not refuse and does not
+    stop the rings - device_del completes and the backend gets REM_MEM_REG while both rings
+    live in the DIMM (no GET_VRING_BASE). Protecting the rings is the guest's job: a Linux
+    guest cannot offline the pages of a live ring (unmovable kernel memory), so it never
+    ejects such a DIMM; a driver that wants the DIMM gone moves its rings first (a reset and
+    re-init elsewhere, `plug_unplug_scenario` of test_memory_hotplug). What the backend must
+    do when it happens anyway: unmap the region (/proc/PID/maps), never touch it again, fail
+    the ring cleanly on its next use (journal error, NEEDS_RESET) and stay alive; a driver
+    reset with rings in kept memory brings traffic back.
+    """
+    assert tb.backend is not None and tb.machine is not None
+    b = tb.backend
+    dimms = hotplug_for(tb)
+    dev = dimms.plug(DIMM_SIZE)
+    m0 = backend_mappings(tb)
+    gone = {k[0] for k, m in m0.items() if m.size == DIMM_SIZE}
+    ranges = tb.machine.make_allocator().ranges()
+    alloc = PlacementAllocator(ranges, [(lambda tag: True, "dimm")])
+    alloc.add_range(dev.addr, dev.size, "dimm")
+    assert tb.bus is not None
+    tb.net.close()
+    net = VirtioNetDriver.find(tb.bus, alloc)
+    net.init()
+    for vr in b.vrings()[:2]:
+        assert dev.addr <= vr["desc"] < dev.addr + dev.size, f"ring not in the DIMM: {vr}"
+    frames = Frames()
+    f = frames.next()
+    net.send(f)
+    assert tb.peer.recv() == f, "TX with rings in the DIMM"
+    mark = b.mark()
+    dimms.unplug(dev.id)  # the qtest OSPM ejects although the rings live there
+    msgs = [e["request"] for e in b.journal(["vhost.msg"], mark)]
+    assert "REM_MEM_REG" in msgs, f"QEMU refused or skipped the unplug: {msgs}"
+    assert "GET_VRING_BASE" not in msgs, f"QEMU stopped the rings for the unplug: {msgs}"
+    check_kept(m0, backend_mappings(tb), "after ejecting the DIMM with live rings", gone=gone)
+    # the next kick: the ring memory is gone
+    net.txq[0].kick(force=True)
+    errors: list[dict[str, Any]] = poll_until(
+        lambda: b.journal(["error."], mark) or [],
+        5.0,
+        "the backend's error for a ring in removed memory",
+    )
+    assert any("ring" in str(e.get("error", "")) for e in errors), errors
+    status = b.cmd("query-status")
+    assert "NEEDS_RESET" in status["status_names"] and b.running, status
+    # the driver resets and puts its rings in base RAM: traffic again
+    net.close()
+    tb.init_net()  # the testbed's allocator: base RAM
+    f = frames.next()
+    tb.net.send(f)
+    assert tb.peer.recv() == f, "TX after the driver moved its rings to base RAM"
