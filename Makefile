@@ -7,7 +7,7 @@
 #   make bench    benchmarks (JSON + plots under bench/results/)
 #   make fuzz     hostile front-end + hostile descriptor tables against the real backend
 #                 (FUZZ_MESSAGES, FUZZ_TABLES, FUZZ_DURATION; figures printed at the end)
-#   make lint     ruff check + format check
+#   make lint     ruff check + format check + mypy (strict on backends/ and qtests/qos/)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,6 +26,8 @@ setup:
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy --strict backends qtests/qos --exclude backends/tests
+	$(VENV)/bin/mypy backends/tests
 
 format: setup
 	$(VENV)/bin/ruff format .

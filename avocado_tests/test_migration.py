@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from avocado_tests.base import VdpaGuestTest, rx_queue, vring_packet_counts
-from backends.net.config import VIRTIO_NET_F_GUEST_ANNOUNCE
+from backends.virtio.net import VIRTIO_NET_F_GUEST_ANNOUNCE
 from guest_images import udpseq
 from qtests.guest import frames
 from qtests.guest.pcap import GLOBAL_HEADER, RECORD_HEADER

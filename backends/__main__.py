@@ -20,7 +20,7 @@ from backends.net.config import parse_mac
 from backends.net.wire import WIRE_SPECS
 from backends.process import Backend, BackendOptions
 from backends.vdpa.faults import FAULTS
-from backends.vdpa.features import TRANSPORT_FEATURE_NAMES
+from backends.virtio.features import TRANSPORT_FEATURE_NAMES
 
 log = logging.getLogger("backends")
 

@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass
 
 from backends.loop import EventLoop
-from backends.net.config import VIRTIO_NET_F_MRG_RXBUF
 from backends.net.datapath import NetDevice
 from backends.net.wire import NullWire
 from backends.vdpa.device import VdpaDevice
-from backends.vdpa.features import VIRTIO_F_VERSION_1, Status, bit
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.memory import HostRegion
+from backends.virtio.features import VIRTIO_F_VERSION_1, Status, bit
+from backends.virtio.net import VIRTIO_NET_F_MRG_RXBUF
 from bench.genwire import make_frame
 
 RING = 256

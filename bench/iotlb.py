@@ -12,7 +12,7 @@
   makes the backend send an IOTLB MISS; the figure is the backend's ``iotlb.miss_sent`` ->
   ``iotlb.miss_ack`` (QEMU has sent the UPDATE before it acks), from its journal timestamps
   (CLOCK_MONOTONIC). ``iotlb_miss_rtt_us_frontend``: the same against the Python front-end of
-  ``backends/testing/frontend.py`` over a real socket (kick -> MISS read -> UPDATE + ack ->
+  ``qtests/qos/vhost_user_frontend.py`` over a real socket (kick -> MISS read -> UPDATE + ack ->
   used), ``iotlb_miss_notify_us_frontend`` its kick -> MISS part.
 """
 
@@ -29,20 +29,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from backends.testing.frontend import (
-    UADDR_BASE,
-    VIRTIO_F_ACCESS_PLATFORM,
-    BackendProcess,
-    GuestMemory,
-    IommuEntry,
-    SplitRing,
-)
 from backends.vdpa.access import Access
 from backends.vdpa.dma import DmaSpace
 from backends.vdpa.iotlb import IOTLB, Perm
 from backends.vdpa.memory import HostMemory, HostRegion
 from backends.vhost_user import messages as m
+from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM
 from bench.report import Report
+from qtests.qos.backend_process import BackendProcess
+from qtests.qos.guest_memory import UADDR_BASE, SharedGuestMemory
+from qtests.qos.vhost_user_frontend import Frontend, IommuEntry, VhostUserRing
 
 PAGE = 0x1000
 IOVA_OFFSET = 0x10_0000_0000
@@ -119,15 +115,15 @@ def in_process(report: Report, log: Callable[[str], None]) -> None:
 def miss_rtt_frontend(
     report: Report, workdir: Path, log: Callable[[str], None], backend_cpu: int | None
 ) -> None:
-    proc = BackendProcess(workdir, "--wire", "null", monitor=False)
-    mem = GuestMemory(4 << 20)
-    tx = SplitRing(mem, 1, 64, IOVA_OFFSET)
-    rx = SplitRing(mem, 0, 64, IOVA_OFFSET)
+    proc = BackendProcess.launch(workdir, "--wire", "null", monitor=False)
+    mem = SharedGuestMemory(4 << 20)
+    tx = VhostUserRing(mem, 1, 64, IOVA_OFFSET)
+    rx = VhostUserRing(mem, 0, 64, IOVA_OFFSET)
     fe = None
     try:
         if backend_cpu is not None:
             os.sched_setaffinity(proc.pid, {backend_cpu})
-        fe = proc.frontend(timeout=10)
+        fe = Frontend(proc.socket, timeout=10)
         fe.init_like_qemu(2)
         features = fe.device_features & ~(1 << m.VHOST_F_LOG_ALL)
         if not features >> VIRTIO_F_ACCESS_PLATFORM & 1:
@@ -176,7 +172,7 @@ def miss_rtt_frontend(
         mem.close()
 
 
-def _warm_up(fe: Any, tx: SplitRing, buf: int, length: int, timeout: float = 10.0) -> None:
+def _warm_up(fe: Any, tx: VhostUserRing, buf: int, length: int, timeout: float = 10.0) -> None:
     """One packet through, serving every MISS (start-up ones included) until it is used."""
     tx.add(out=[(buf, length)])
     tx.kick()
@@ -202,7 +198,7 @@ def _serve(fe: Any, msg: Any) -> None:
         fe.reply_backend(msg, 0)
 
 
-def _wait_used(ring: SplitRing, count: int, timeout: float = 5.0) -> None:
+def _wait_used(ring: VhostUserRing, count: int, timeout: float = 5.0) -> None:
     got: list[tuple[int, int]] = []
     deadline = time.monotonic() + timeout
     while len(got) < count:

@@ -11,7 +11,7 @@ Two layers, N = 1, 8, 64, 256 regions already present (2 MiB each):
   from scratch (unmap all, drop all regions, add N+1, map N+1), what a backend that does not
   diff does with every SET_MEM_TABLE.
 * the transport, over a real socket to a backend process (the un-suffixed
-  ``memreg_add_us_N`` / ``memreg_rem_us_N``): the front-end of ``backends/testing/frontend.py``
+  ``memreg_add_us_N`` / ``memreg_rem_us_N``): the front-end of ``qtests/qos/vhost_user_frontend.py``
   sends ADD_MEM_REG / REM_MEM_REG with REPLY_ACK (as QEMU does) and times request -> ack.
   SET_MEM_TABLE carries at most 8 regions, so the transport comparison is
   ``set_mem_table_us_8_transport`` (a table of 8 with one region new) against
@@ -29,13 +29,15 @@ from pathlib import Path
 
 from backends.net.datapath import NetDevice
 from backends.net.wire import NullWire
-from backends.testing.frontend import BackendProcess, Frontend, GuestMemory
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.memory import HostRegion
 from backends.vhost_user import messages as m
 from bench.report import Report
 from bench.timing import repeat
+from qtests.qos.backend_process import BackendProcess
+from qtests.qos.guest_memory import SharedGuestMemory
+from qtests.qos.vhost_user_frontend import Frontend
 
 COUNTS = (1, 8, 64, 256)
 REGION = 2 << 20
@@ -144,13 +146,13 @@ def transport(
 ) -> None:
     """ADD/REM_MEM_REG round trips against a ``python -m backends`` process."""
     for n in counts:
-        proc = BackendProcess(workdir, "--wire", "null", monitor=False)
-        mem = GuestMemory(2 << 20, gpa=0)
+        proc = BackendProcess.launch(workdir, "--wire", "null", monitor=False)
+        mem = SharedGuestMemory(2 << 20, gpa=0)
         fe: Frontend | None = None
         try:
             if backend_cpu is not None:
                 os.sched_setaffinity(proc.pid, {backend_cpu})
-            fe = proc.frontend(timeout=30)
+            fe = Frontend(proc.socket, timeout=30)
             fe.init_like_qemu(2)
             if not fe.has(m.ProtocolFeature.CONFIGURE_MEM_SLOTS):
                 report.fail(f"memreg_add_us_{n}", "backend did not offer CONFIGURE_MEM_SLOTS")
@@ -184,13 +186,13 @@ def _set_mem_table_transport(
     report: Report, workdir: Path, log: Callable[[str], None], backend_cpu: int | None
 ) -> None:
     """A table of 8 (the protocol's maximum) with one region new, vs ADD_MEM_REG at N=7."""
-    proc = BackendProcess(workdir, "--wire", "null", "--no-mem-slots", monitor=False)
-    mem = GuestMemory(2 << 20, gpa=0)
+    proc = BackendProcess.launch(workdir, "--wire", "null", "--no-mem-slots", monitor=False)
+    mem = SharedGuestMemory(2 << 20, gpa=0)
     fe: Frontend | None = None
     try:
         if backend_cpu is not None:
             os.sched_setaffinity(proc.pid, {backend_cpu})
-        fe = proc.frontend(timeout=30)
+        fe = Frontend(proc.socket, timeout=30)
         fe.init_like_qemu(2)
         for k in range(1, 7):
             mem.add_slot(GPA_BASE + k * REGION, REGION, name=f"r{k}")

@@ -9,7 +9,7 @@
 * ``get_vring_base_us_256_inflight``: a backend process holding 256 popped TX chains (monitor
   ``hold-tx``: completions held, like a datapath with transmissions pending) answers
   GET_VRING_BASE, i.e. drops what it holds, rewinds 256 and replies; request -> reply over the
-  real socket, the front-end of ``backends/testing/frontend.py`` (as QEMU at the switchover).
+  real socket, the front-end of ``qtests/qos/vhost_user_frontend.py`` (as QEMU at the switchover).
   ``get_vring_base_us_0_inflight``: the same ring with nothing in flight.
 """
 
@@ -22,16 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from backends.testing.frontend import (
-    VIRTIO_F_ACCESS_PLATFORM,
-    BackendProcess,
-    GuestMemory,
-    MonitorClient,
-    SplitRing,
-    wait_for,
-)
 from backends.vhost_user import messages as m
+from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM
 from bench.report import Report
+from qtests.qos.backend_process import BackendProcess
+from qtests.qos.guest_memory import SharedGuestMemory
+from qtests.qos.vhost_user_frontend import Frontend, VhostUserRing
+from qtests.qos.waiting import poll_until
 
 RING = 256
 HDR = bytes(12)
@@ -111,17 +108,15 @@ def _ring_gap(src: Any, src_mark: int, dst: Any, dst_mark: int) -> float | None:
 def vring_base(
     report: Report, workdir: Path, log: Callable[[str], None], backend_cpu: int | None
 ) -> None:
-    proc = BackendProcess(workdir, "--wire", "null")
-    mem = GuestMemory(4 << 20)
-    rx = SplitRing(mem, 0, RING)
-    tx = SplitRing(mem, 1, RING)
+    proc = BackendProcess.launch(workdir, "--wire", "null")
+    mem = SharedGuestMemory(4 << 20)
+    rx = VhostUserRing(mem, 0, RING)
+    tx = VhostUserRing(mem, 1, RING)
     fe = None
-    mon: MonitorClient | None = None
     try:
         if backend_cpu is not None:
             os.sched_setaffinity(proc.pid, {backend_cpu})
-        mon = proc.monitor()
-        fe = proc.frontend(timeout=10)
+        fe = Frontend(proc.socket, timeout=10)
         fe.init_like_qemu(2)
         features = fe.device_features & ~(1 << m.VHOST_F_LOG_ALL)
         features &= ~(1 << VIRTIO_F_ACCESS_PLATFORM)
@@ -129,14 +124,14 @@ def vring_base(
         frame = HDR + bytes(60)
         buf = mem.alloc(len(frame))
         mem.write(buf, frame)
-        mon.command("hold-tx", enable=True)
+        proc.cmd("hold-tx", enable=True)
         for _ in range(RING):
             tx.add(out=[(buf, len(frame))])
         base = 0
         held, idle = [], []
         for _ in range(20):
             tx.kick()
-            wait_for(lambda: _inflight(mon, 1) == RING, 10, f"{RING} TX chains held in flight")
+            poll_until(lambda: _inflight(proc, 1) == RING, 10, f"{RING} TX chains held in flight")
             t0 = time.perf_counter()
             base = fe.get_vring_base(1)
             held.append(time.perf_counter() - t0)
@@ -144,11 +139,11 @@ def vring_base(
                 raise RuntimeError(f"GET_VRING_BASE {base}: the {RING} held chains not rewound")
             # nothing in flight now (the ring is stopped): the same request again
             _restart(fe, tx, base)
-            mon.command("hold-tx", enable=False)
+            proc.cmd("hold-tx", enable=False)
             t0 = time.perf_counter()
             fe.get_vring_base(1)
             idle.append(time.perf_counter() - t0)
-            mon.command("hold-tx", enable=True)
+            proc.cmd("hold-tx", enable=True)
             _restart(fe, tx, base)
         report.put("get_vring_base_us_256_inflight", round(statistics.median(held) * 1e6, 1))
         report.put("get_vring_base_us_0_inflight", round(statistics.median(idle) * 1e6, 1))
@@ -157,8 +152,6 @@ def vring_base(
             f"in flight, {report.get('get_vring_base_us_0_inflight')} us with none"
         )
     finally:
-        if mon is not None:
-            mon.close()
         if fe is not None:
             fe.close_init_fds()
             fe.close()
@@ -194,11 +187,11 @@ def vring_base_model(report: Report, log: Callable[[str], None]) -> None:
     log(f"  stop_vq with {RING} held, in-process: {statistics.median(times) * 1e6:.1f} us")
 
 
-def _inflight(mon: MonitorClient, vq: int) -> int:
-    return int(mon.command("query-vrings")["vrings"][vq]["inflight"])
+def _inflight(proc: BackendProcess, vq: int) -> int:
+    return int(proc.vring(vq)["inflight"])
 
 
-def _restart(fe: Any, ring: SplitRing, base: int) -> None:
+def _restart(fe: Any, ring: VhostUserRing, base: int) -> None:
     """QEMU's ring start after a stop: NUM, BASE, ADDR, KICK (the same eventfd again)."""
     fe.set_vring_num(ring.index, ring.num)
     fe.set_vring_base(ring.index, base)

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from qtests.qos.frames import make_frame, parse_frame
-from qtests.qos.testbed import Testbed
-from qtests.qos.virtio_defs import (
+from backends.virtio.features import (
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
 )
+from qtests.qos.frames import make_frame, parse_frame
+from qtests.qos.testbed import Testbed
 from qtests.qos.virtio_net import NET_HDR_SIZE
 from qtests.qos.virtqueue import (
     DESC,

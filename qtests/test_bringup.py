@@ -35,47 +35,49 @@ from typing import Any
 
 import pytest
 
+from backends.virtio.features import (
+    VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_IN_ORDER,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_NOTIFICATION_DATA,
+    VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_F_ORDER_PLATFORM,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_RING_RESET,
+    VIRTIO_F_SR_IOV,
+    VIRTIO_F_VERSION_1,
+    bit,
+)
+from backends.virtio.net import (
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+    VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_RX_EXTRA,
+    VIRTIO_NET_F_CTRL_VLAN,
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    net_feature_names,
+)
 from qtests.qos.frames import mac_bytes, make_frame
 from qtests.qos.qmp import QmpError
 from qtests.qos.testbed import GUEST_MAC, Testbed
-from qtests.qos.virtio_defs import (
-    F_ACCESS_PLATFORM,
-    F_ANY_LAYOUT,
-    F_IN_ORDER,
-    F_NOTIFICATION_DATA,
-    F_NOTIFY_ON_EMPTY,
-    F_ORDER_PLATFORM,
-    F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC,
-    F_RING_PACKED,
-    F_RING_RESET,
-    F_SR_IOV,
-    F_VERSION_1,
-    NET_F_CSUM,
-    NET_F_CTRL_GUEST_OFFLOADS,
-    NET_F_CTRL_MAC_ADDR,
-    NET_F_CTRL_RX,
-    NET_F_CTRL_RX_EXTRA,
-    NET_F_CTRL_VLAN,
-    NET_F_CTRL_VQ,
-    NET_F_GUEST_ANNOUNCE,
-    NET_F_GUEST_CSUM,
-    NET_F_GUEST_ECN,
-    NET_F_GUEST_TSO4,
-    NET_F_GUEST_TSO6,
-    NET_F_GUEST_UFO,
-    NET_F_HOST_ECN,
-    NET_F_HOST_TSO4,
-    NET_F_HOST_TSO6,
-    NET_F_HOST_UFO,
-    NET_F_MAC,
-    NET_F_MQ,
-    NET_F_MRG_RXBUF,
-    NET_F_MTU,
-    NET_F_STATUS,
-    bit,
-    feature_names,
-)
 from qtests.qos.virtio_net import VirtioNetDriver
 from qtests.qos.waiting import poll_until
 
@@ -88,41 +90,41 @@ HOST_MTU = 9000
 QEMU_FEATURE_BITS: dict[str, int] = {
     "VHOST_USER_F_PROTOCOL_FEATURES": F_PROTOCOL_FEATURES,
     "VHOST_F_LOG_ALL": F_LOG_ALL,
-    "VIRTIO_F_NOTIFY_ON_EMPTY": F_NOTIFY_ON_EMPTY,
-    "VIRTIO_F_ANY_LAYOUT": F_ANY_LAYOUT,
-    "VIRTIO_RING_F_INDIRECT_DESC": F_RING_INDIRECT_DESC,
-    "VIRTIO_RING_F_EVENT_IDX": F_RING_EVENT_IDX,
-    "VIRTIO_F_VERSION_1": F_VERSION_1,
-    "VIRTIO_F_IOMMU_PLATFORM": F_ACCESS_PLATFORM,
-    "VIRTIO_F_RING_PACKED": F_RING_PACKED,
-    "VIRTIO_F_IN_ORDER": F_IN_ORDER,
-    "VIRTIO_F_ORDER_PLATFORM": F_ORDER_PLATFORM,
-    "VIRTIO_F_SR_IOV": F_SR_IOV,
-    "VIRTIO_F_NOTIFICATION_DATA": F_NOTIFICATION_DATA,
-    "VIRTIO_F_RING_RESET": F_RING_RESET,
-    "VIRTIO_NET_F_CSUM": NET_F_CSUM,
-    "VIRTIO_NET_F_GUEST_CSUM": NET_F_GUEST_CSUM,
-    "VIRTIO_NET_F_CTRL_GUEST_OFFLOADS": NET_F_CTRL_GUEST_OFFLOADS,
-    "VIRTIO_NET_F_MTU": NET_F_MTU,
-    "VIRTIO_NET_F_MAC": NET_F_MAC,
+    "VIRTIO_F_NOTIFY_ON_EMPTY": VIRTIO_F_NOTIFY_ON_EMPTY,
+    "VIRTIO_F_ANY_LAYOUT": VIRTIO_F_ANY_LAYOUT,
+    "VIRTIO_RING_F_INDIRECT_DESC": VIRTIO_F_INDIRECT_DESC,
+    "VIRTIO_RING_F_EVENT_IDX": VIRTIO_F_EVENT_IDX,
+    "VIRTIO_F_VERSION_1": VIRTIO_F_VERSION_1,
+    "VIRTIO_F_IOMMU_PLATFORM": VIRTIO_F_ACCESS_PLATFORM,
+    "VIRTIO_F_RING_PACKED": VIRTIO_F_RING_PACKED,
+    "VIRTIO_F_IN_ORDER": VIRTIO_F_IN_ORDER,
+    "VIRTIO_F_ORDER_PLATFORM": VIRTIO_F_ORDER_PLATFORM,
+    "VIRTIO_F_SR_IOV": VIRTIO_F_SR_IOV,
+    "VIRTIO_F_NOTIFICATION_DATA": VIRTIO_F_NOTIFICATION_DATA,
+    "VIRTIO_F_RING_RESET": VIRTIO_F_RING_RESET,
+    "VIRTIO_NET_F_CSUM": VIRTIO_NET_F_CSUM,
+    "VIRTIO_NET_F_GUEST_CSUM": VIRTIO_NET_F_GUEST_CSUM,
+    "VIRTIO_NET_F_CTRL_GUEST_OFFLOADS": VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+    "VIRTIO_NET_F_MTU": VIRTIO_NET_F_MTU,
+    "VIRTIO_NET_F_MAC": VIRTIO_NET_F_MAC,
     "VIRTIO_NET_F_GSO": NET_F_GSO,
-    "VIRTIO_NET_F_GUEST_TSO4": NET_F_GUEST_TSO4,
-    "VIRTIO_NET_F_GUEST_TSO6": NET_F_GUEST_TSO6,
-    "VIRTIO_NET_F_GUEST_ECN": NET_F_GUEST_ECN,
-    "VIRTIO_NET_F_GUEST_UFO": NET_F_GUEST_UFO,
-    "VIRTIO_NET_F_HOST_TSO4": NET_F_HOST_TSO4,
-    "VIRTIO_NET_F_HOST_TSO6": NET_F_HOST_TSO6,
-    "VIRTIO_NET_F_HOST_ECN": NET_F_HOST_ECN,
-    "VIRTIO_NET_F_HOST_UFO": NET_F_HOST_UFO,
-    "VIRTIO_NET_F_MRG_RXBUF": NET_F_MRG_RXBUF,
-    "VIRTIO_NET_F_STATUS": NET_F_STATUS,
-    "VIRTIO_NET_F_CTRL_VQ": NET_F_CTRL_VQ,
-    "VIRTIO_NET_F_CTRL_RX": NET_F_CTRL_RX,
-    "VIRTIO_NET_F_CTRL_VLAN": NET_F_CTRL_VLAN,
-    "VIRTIO_NET_F_CTRL_RX_EXTRA": NET_F_CTRL_RX_EXTRA,
-    "VIRTIO_NET_F_GUEST_ANNOUNCE": NET_F_GUEST_ANNOUNCE,
-    "VIRTIO_NET_F_MQ": NET_F_MQ,
-    "VIRTIO_NET_F_CTRL_MAC_ADDR": NET_F_CTRL_MAC_ADDR,
+    "VIRTIO_NET_F_GUEST_TSO4": VIRTIO_NET_F_GUEST_TSO4,
+    "VIRTIO_NET_F_GUEST_TSO6": VIRTIO_NET_F_GUEST_TSO6,
+    "VIRTIO_NET_F_GUEST_ECN": VIRTIO_NET_F_GUEST_ECN,
+    "VIRTIO_NET_F_GUEST_UFO": VIRTIO_NET_F_GUEST_UFO,
+    "VIRTIO_NET_F_HOST_TSO4": VIRTIO_NET_F_HOST_TSO4,
+    "VIRTIO_NET_F_HOST_TSO6": VIRTIO_NET_F_HOST_TSO6,
+    "VIRTIO_NET_F_HOST_ECN": VIRTIO_NET_F_HOST_ECN,
+    "VIRTIO_NET_F_HOST_UFO": VIRTIO_NET_F_HOST_UFO,
+    "VIRTIO_NET_F_MRG_RXBUF": VIRTIO_NET_F_MRG_RXBUF,
+    "VIRTIO_NET_F_STATUS": VIRTIO_NET_F_STATUS,
+    "VIRTIO_NET_F_CTRL_VQ": VIRTIO_NET_F_CTRL_VQ,
+    "VIRTIO_NET_F_CTRL_RX": VIRTIO_NET_F_CTRL_RX,
+    "VIRTIO_NET_F_CTRL_VLAN": VIRTIO_NET_F_CTRL_VLAN,
+    "VIRTIO_NET_F_CTRL_RX_EXTRA": VIRTIO_NET_F_CTRL_RX_EXTRA,
+    "VIRTIO_NET_F_GUEST_ANNOUNCE": VIRTIO_NET_F_GUEST_ANNOUNCE,
+    "VIRTIO_NET_F_MQ": VIRTIO_NET_F_MQ,
+    "VIRTIO_NET_F_CTRL_MAC_ADDR": VIRTIO_NET_F_CTRL_MAC_ADDR,
 }
 
 #: QEMU's vhost-user protocol feature names (include/hw/virtio/vhost-user.h) -> bit numbers.
@@ -147,15 +149,15 @@ BASELINE_PROTOCOL = sum(
 
 #: Bits the backend's datapath depends on: negotiated by the driver <=> acked to the backend.
 DATAPATH_BITS = (
-    F_VERSION_1,
-    F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC,
-    NET_F_MRG_RXBUF,
-    NET_F_MTU,
-    NET_F_MQ,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_MQ,
 )
 #: Bits QEMU emulates itself for vhost-user-net: never forwarded to the backend.
-QEMU_ONLY_BITS = (NET_F_MAC, NET_F_STATUS, NET_F_CTRL_VQ)
+QEMU_ONLY_BITS = (VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_CTRL_VQ)
 
 RING_SETUP = [
     "SET_VRING_NUM",
@@ -197,7 +199,7 @@ def has(features: int, n: int) -> bool:
 
 
 def describe(features: int) -> str:
-    return f"0x{features:x} {feature_names(features)}"
+    return f"0x{features:x} {net_feature_names(features)}"
 
 
 @dataclass
@@ -310,9 +312,13 @@ def test_features_agree_across_driver_qemu_and_backend(
     )
     assert has(host, F_PROTOCOL_FEATURES) and not has(offered_to_driver, F_PROTOCOL_FEATURES)
     assert drv & ~offered_to_driver == 0
-    for n in (*DATAPATH_BITS[:-1], NET_F_MAC, NET_F_STATUS):  # MQ: not with one queue pair
-        assert has(drv, n), f"driver did not negotiate {feature_names(bit(n))}"
-    assert not has(drv, NET_F_MQ)
+    for n in (
+        *DATAPATH_BITS[:-1],
+        VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_STATUS,
+    ):  # MQ: not with one queue pair
+        assert has(drv, n), f"driver did not negotiate {net_feature_names(bit(n))}"
+    assert not has(drv, VIRTIO_NET_F_MQ)
     # QEMU <-> backend
     assert qemu_got == b_offered, (
         f"GET_FEATURES: QEMU saw {describe(qemu_got)}, backend offered {describe(b_offered)}"
@@ -322,17 +328,26 @@ def test_features_agree_across_driver_qemu_and_backend(
     )
     assert feats["negotiated"]["bits"] == b_driver
     assert tb.backend.cmd("query-status")["connection"]["acked_features"]["bits"] == b_driver
-    for n in (F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, NET_F_MRG_RXBUF, F_VERSION_1):
-        assert has(host, n) == has(b_offered, n), f"{feature_names(bit(n))}: offer not passed on"
+    for n in (
+        VIRTIO_F_EVENT_IDX,
+        VIRTIO_F_INDIRECT_DESC,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_F_VERSION_1,
+    ):
+        assert has(host, n) == has(b_offered, n), (
+            f"{net_feature_names(bit(n))}: offer not passed on"
+        )
     # driver <-> backend
     assert has(b_driver, F_PROTOCOL_FEATURES)
     assert b_driver & ~(drv | bit(F_PROTOCOL_FEATURES)) == 0, (
         f"backend acked {describe(b_driver)} beyond the driver's {describe(drv)}"
     )
     for n in DATAPATH_BITS:
-        assert has(b_driver, n) == has(drv, n), f"{feature_names(bit(n))} not forwarded as acked"
+        assert has(b_driver, n) == has(drv, n), (
+            f"{net_feature_names(bit(n))} not forwarded as acked"
+        )
     for n in QEMU_ONLY_BITS:
-        assert not has(b_driver, n), f"QEMU forwarded its own {feature_names(bit(n))}"
+        assert not has(b_driver, n), f"QEMU forwarded its own {net_feature_names(bit(n))}"
     # vhost-user protocol features: both ends agree
     b_proto = tb.backend.cmd("query-status")["connection"]["protocol_features"]["bits"]
     assert decode_protocol(vhost["protocol-features"]) == b_proto == BASELINE_PROTOCOL
@@ -345,9 +360,9 @@ def test_features_agree_across_driver_qemu_and_backend(
     drv2 = net2.init(mrg_rxbuf=False)
     b_driver2 = tb.backend.cmd("query-features")["driver"]["bits"]
     assert decode_features(virtio_status(tb)["guest-features"]) == drv2
-    assert b_driver2 == bit(F_PROTOCOL_FEATURES) | bit(F_VERSION_1) | bit(NET_F_MTU), describe(
-        b_driver2
-    )
+    assert b_driver2 == bit(F_PROTOCOL_FEATURES) | bit(VIRTIO_F_VERSION_1) | bit(
+        VIRTIO_NET_F_MTU
+    ), describe(b_driver2)
     stops = tb.backend.journal(kinds=["vq.get_state"], since=mark)
     assert sorted(e["vq"] for e in stops) == [0, 1], "QEMU stopped the rings with GET_VRING_BASE"
     check_rings_started(tb, net2, since=mark)
@@ -366,7 +381,7 @@ def test_config_space_read_by_the_driver(make_testbed: Callable[..., Testbed]) -
     assert cfg.link_up and cfg.status == 1  # LINK_UP, no ANNOUNCE pending
     assert cfg.max_virtqueue_pairs == 1
     assert cfg.mtu == HOST_MTU
-    assert tb.net.has_feature(NET_F_MTU)
+    assert tb.net.has_feature(VIRTIO_NET_F_MTU)
     # QEMU told the backend the same MTU (NET_SET_MTU, protocol feature NET_MTU)
     mtus = [e["mtu"] for e in tb.backend.journal(kinds=["net.mtu"])]
     assert mtus == [HOST_MTU]
@@ -396,13 +411,13 @@ def test_rings_start_with_the_addresses_the_driver_programmed(testbed: Testbed) 
 def test_multiqueue_two_pairs(make_testbed: Callable[..., Testbed]) -> None:
     tb = make_testbed(queues=2).start()
     net = tb.net
-    assert net.has_feature(NET_F_MQ) and net.has_feature(NET_F_CTRL_VQ)
+    assert net.has_feature(VIRTIO_NET_F_MQ) and net.has_feature(VIRTIO_NET_F_CTRL_VQ)
     assert net.config().max_virtqueue_pairs == 2 == net.max_queue_pairs == net.active_pairs
     st = virtio_status(tb)
     assert st["vhost-dev"]["max-queues"] == 2
     assert st["num-vqs"] == 5  # 2 pairs + the control queue QEMU emulates
     feats = tb.backend.cmd("query-features")["driver"]["bits"]
-    assert has(feats, NET_F_MQ) and not has(feats, NET_F_CTRL_VQ)
+    assert has(feats, VIRTIO_NET_F_MQ) and not has(feats, VIRTIO_NET_F_CTRL_VQ)
     check_rings_started(tb, net)
     starts = tb.backend.journal(kinds=["vq.start"])
     assert sorted(e["vq"] for e in starts) == [0, 1, 2, 3]
@@ -450,7 +465,7 @@ def test_multiqueue_two_pairs(make_testbed: Callable[..., Testbed]) -> None:
     [
         ("--no-mem-slots", "CONFIGURE_MEM_SLOTS", None),
         ("--no-log", "LOG_SHMFD", F_LOG_ALL),
-        ("--no-iommu", None, F_ACCESS_PLATFORM),
+        ("--no-iommu", None, VIRTIO_F_ACCESS_PLATFORM),
     ],
     ids=["no-mem-slots", "no-log", "no-iommu"],
 )

@@ -53,6 +53,14 @@ from typing import Any
 import pytest
 
 from backends.vhost_user.rarp import rarp_frame
+from backends.virtio.features import bit
+from backends.virtio.net import (
+    VIRTIO_NET_CTRL_ANNOUNCE,
+    VIRTIO_NET_CTRL_ANNOUNCE_ACK,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_OK,
+    VIRTIO_NET_S_ANNOUNCE,
+)
 from qtests.qos.acpi_memhp import AcpiMemoryHotplug
 from qtests.qos.alloc import GuestAllocator
 from qtests.qos.backend_process import BackendProcess
@@ -69,16 +77,7 @@ from qtests.qos.packed_virtqueue import PackedVirtqueue
 from qtests.qos.sentinel import post_tx_sentinel
 from qtests.qos.testbed import GUEST_MAC, Testbed
 from qtests.qos.viommu_testbed import ViommuTestbed
-from qtests.qos.virtio_defs import NET_F_GUEST_ANNOUNCE, bit
-from qtests.qos.virtio_net import (
-    CTRL_ANNOUNCE,
-    CTRL_ANNOUNCE_ACK,
-    CTRL_OK,
-    NET_S_ANNOUNCE,
-    VirtioNetDriver,
-    VirtioNetError,
-    VirtioNetHdr,
-)
+from qtests.qos.virtio_net import VirtioNetDriver, VirtioNetError, VirtioNetHdr
 from qtests.qos.virtqueue import DESC, U16, VirtqueueError
 from qtests.qos.waiting import WaitTimeout, poll_until
 from qtests.qos.wire_peer import WirePeer, WirePeerTimeout
@@ -383,7 +382,7 @@ def migrate_with_traffic(pair: MigrationPair, plan: Plan) -> Outcome:
 
     # -- announce -----------------------------------------------------------------------------
     assert not entries(a, mark_a, "net.rarp"), "the source backend was asked to announce"
-    if net.has_feature(NET_F_GUEST_ANNOUNCE):
+    if net.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE):
         guest_announces(net, b, mark_b)
     else:
         rarp = entries(b, mark_b, "net.rarp")
@@ -407,14 +406,16 @@ def guest_announces(net: VirtioNetDriver, b: BackendProcess, mark_b: int) -> Non
     MAC, as QEMU would build it) and acks with VIRTIO_NET_CTRL_ANNOUNCE_ACK."""
     with invariant("GUEST_ANNOUNCE after the switchover"):
         poll_until(
-            lambda: net.config().status & NET_S_ANNOUNCE, 5.0, "the ANNOUNCE config status bit"
+            lambda: net.config().status & VIRTIO_NET_S_ANNOUNCE,
+            5.0,
+            "the ANNOUNCE config status bit",
         )
         poll_until(net.dev.config_interrupt.fired, 2.0, "the config interrupt")
     assert not entries(b, mark_b, "net.rarp"), "SEND_RARP although the guest announces"
     net.send(rarp_frame(GUEST))
-    assert net.ctrl_command(CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK) == CTRL_OK
+    assert net.ctrl_command(VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK) == VIRTIO_NET_OK
     with invariant("ANNOUNCE acked"):
-        poll_until(lambda: not net.config().status & NET_S_ANNOUNCE, 2.0, "ANNOUNCE cleared")
+        poll_until(lambda: not net.config().status & VIRTIO_NET_S_ANNOUNCE, 2.0, "ANNOUNCE cleared")
 
 
 def advance_tx_ring(net: VirtioNetDriver, peer: WirePeer, target: int) -> None:
@@ -590,8 +591,9 @@ def dimm_pair(
         before_init=plug,
         customize=cold_plug,
         ctrl_vq=True,
-        extra_features=bit(NET_F_GUEST_ANNOUNCE),
+        extra_features=bit(VIRTIO_NET_F_GUEST_ANNOUNCE),
     )
+    assert pair.net.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE)
     return pair, dimm["addr"]
 
 
@@ -601,7 +603,7 @@ def test_after_dimm_hotplug(make_testbed: Callable[..., Testbed]) -> None:
     queue QEMU emulates), so the guest announces instead of the backend."""
     pair, addr = dimm_pair(make_testbed)
     dimm = {"addr": addr}
-    assert pair.net.has_feature(NET_F_GUEST_ANNOUNCE)
+    assert pair.net.has_feature(VIRTIO_NET_F_GUEST_ANNOUNCE)
     net = pair.net
     regions = pair.src.backend.cmd("query-mem-table")["regions"]  # type: ignore[union-attr]
     assert any(r["gpa"] == dimm["addr"] and r["size"] == DIMM_SIZE for r in regions), regions

@@ -21,6 +21,16 @@ from pathlib import Path
 
 import pytest
 
+from backends.virtio.features import (
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+    bit,
+)
+from backends.virtio.net import VIRTIO_NET_F_MRG_RXBUF
 from qtests.qos import (
     AllocError,
     GuestAllocator,
@@ -42,17 +52,7 @@ from qtests.qos import (
     write_halt_bios,
 )
 from qtests.qos.machine import MIN_QEMU_VERSION, MemoryLayout, qemu_opts
-from qtests.qos.pci import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR
-from qtests.qos.virtio_defs import (
-    F_RING_EVENT_IDX,
-    F_VERSION_1,
-    NET_F_MRG_RXBUF,
-    STATUS_ACKNOWLEDGE,
-    STATUS_DRIVER,
-    STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK,
-    bit,
-)
+from qtests.qos.pci.config import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR
 from qtests.qos.virtio_net import NET_HDR_SIZE, VirtioNetHdr
 from qtests.qos.virtio_pci import (
     VIRTIO_PCI_CAP_COMMON_CFG,
@@ -431,8 +431,8 @@ def test_feature_negotiation_and_status(net_vm: Callable[..., NetVm]) -> None:
     vm = net_vm()
     net = vm.driver(mrg_rxbuf=True, event_idx=True)
     d = net.dev
-    assert net.features & bit(F_VERSION_1)
-    assert net.features & bit(NET_F_MRG_RXBUF) and net.features & bit(F_RING_EVENT_IDX)
+    assert net.features & bit(VIRTIO_F_VERSION_1)
+    assert net.features & bit(VIRTIO_NET_F_MRG_RXBUF) and net.features & bit(VIRTIO_F_EVENT_IDX)
     assert net.features & ~d.device_features() == 0
     assert d.driver_features() == net.features
     want = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from qtests.qos.frames import make_frame, parse_frame
-from qtests.qos.reconnect import start_replacement, take_backend_down, wait_device_back
-from qtests.qos.testbed import Testbed
-from qtests.qos.virtio_defs import (
+from backends.virtio.features import (
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
 )
+from qtests.qos.frames import make_frame, parse_frame
+from qtests.qos.reconnect import start_replacement, take_backend_down, wait_device_back
+from qtests.qos.testbed import Testbed
 from qtests.qos.virtio_net import NET_HDR_SIZE, VirtioNetHdr
 from qtests.qos.wire_peer import WirePeerTimeout
 

@@ -1,7 +1,7 @@
 """virtio-net personality of the vDPA device model.
 
-* ``config.py``   - config space (:class:`NetConfig`) and VIRTIO_NET_F_* feature bits
-* ``header.py``   - virtio_net_hdr_v1, the 12-byte per-packet header
+* ``config.py``   - the device's config values (:class:`NetConfig`); the wire layout, the
+  VIRTIO_NET_F_* bits and the per-packet header are in :mod:`backends.virtio`
 * ``wire.py``     - where frames leave/enter the device (loopback, udp, unix, null)
 * ``datapath.py`` - :class:`NetDevice`: features, TX/RX queues, mergeable buffers, multiqueue
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from backends.net.config import NetConfig
-from backends.net.header import VirtioNetHdr
 from backends.net.wire import LoopbackWire, NullWire, UdpWire, UnixWire, Wire, make_wire
+from backends.virtio.net_header import VirtioNetHdr
 
 if TYPE_CHECKING:
     from backends.net.datapath import NetDevice

@@ -1,59 +1,19 @@
-"""virtio-net device configuration space and feature bits (virtio 1.2 section 5.1).
-
-Config layout (little-endian): ``mac[6] @0, status u16 @6, max_virtqueue_pairs u16 @8,
-mtu u16 @10`` - 12 bytes. Fields after ``mtu`` (speed, duplex, RSS) belong to features this
-device does not offer, so the config space ends at 12 bytes.
-
-The generic transport/ring bits (VIRTIO_F_VERSION_1, ACCESS_PLATFORM, EVENT_IDX ...) live in
-``backends/vdpa/features.py``; this module holds only the virtio-net ones.
+"""The virtio-net device's configuration values (MAC, link status, queue pairs, MTU) and
+their limits. The wire layout and the feature bits are in :mod:`backends.virtio.net`.
 """
 
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
 
-# -- virtio-net feature bits (bit numbers) -----------------------------------------------------
-VIRTIO_NET_F_CSUM = 0
-VIRTIO_NET_F_GUEST_CSUM = 1
-VIRTIO_NET_F_CTRL_GUEST_OFFLOADS = 2
-VIRTIO_NET_F_MTU = 3
-VIRTIO_NET_F_MAC = 5
-VIRTIO_NET_F_GUEST_TSO4 = 7
-VIRTIO_NET_F_GUEST_TSO6 = 8
-VIRTIO_NET_F_GUEST_ECN = 9
-VIRTIO_NET_F_GUEST_UFO = 10
-VIRTIO_NET_F_HOST_TSO4 = 11
-VIRTIO_NET_F_HOST_TSO6 = 12
-VIRTIO_NET_F_HOST_ECN = 13
-VIRTIO_NET_F_HOST_UFO = 14
-VIRTIO_NET_F_MRG_RXBUF = 15
-VIRTIO_NET_F_STATUS = 16
-VIRTIO_NET_F_CTRL_VQ = 17
-VIRTIO_NET_F_CTRL_RX = 18
-VIRTIO_NET_F_CTRL_VLAN = 19
-VIRTIO_NET_F_CTRL_RX_EXTRA = 20
-VIRTIO_NET_F_GUEST_ANNOUNCE = 21
-VIRTIO_NET_F_MQ = 22
-VIRTIO_NET_F_CTRL_MAC_ADDR = 23
-VIRTIO_NET_F_HASH_REPORT = 57
-VIRTIO_NET_F_RSS = 60
-VIRTIO_NET_F_RSC_EXT = 61
-VIRTIO_NET_F_STANDBY = 62
-VIRTIO_NET_F_SPEED_DUPLEX = 63
-
-# -- config space --------------------------------------------------------------------------------
-VIRTIO_NET_S_LINK_UP = 1
-VIRTIO_NET_S_ANNOUNCE = 2
-
-MAC_OFFSET = 0
-STATUS_OFFSET = 6
-MAX_VQ_PAIRS_OFFSET = 8
-MTU_OFFSET = 10
-
-_CONFIG = struct.Struct("<6sHHH")
-CONFIG_SIZE = _CONFIG.size  # 12
+from backends.virtio.net import (
+    CONFIG as _CONFIG,
+)
+from backends.virtio.net import (
+    CONFIG_SIZE,
+    VIRTIO_NET_S_LINK_UP,
+)
 
 # spec limits: max_virtqueue_pairs in 1..0x8000, mtu >= 68
 MAX_QUEUE_PAIRS = 0x8000

@@ -57,23 +57,13 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from backends.loop import EventLoop
-from backends.net.config import (
-    DEFAULT_MAC,
-    VIRTIO_NET_F_GUEST_ANNOUNCE,
-    VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_ANNOUNCE,
-    VIRTIO_NET_S_LINK_UP,
-    NetConfig,
-)
-from backends.net.header import header_len, rx_header
+from backends.net.config import DEFAULT_MAC, NetConfig
 from backends.net.wire import Wire
 from backends.vdpa.access import Access, TranslationError
 from backends.vdpa.faults import Faults
-from backends.vdpa.features import (
+from backends.vdpa.memory import Piece
+from backends.vdpa.virtqueue import Chain, Virtqueue, VqError
+from backends.virtio.features import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -82,8 +72,17 @@ from backends.vdpa.features import (
     has,
     mask,
 )
-from backends.vdpa.memory import Piece
-from backends.vdpa.virtqueue import Chain, SplitVirtqueue, VqError
+from backends.virtio.net import (
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_ANNOUNCE,
+    VIRTIO_NET_S_LINK_UP,
+)
+from backends.virtio.net_header import header_len, rx_header
 
 if TYPE_CHECKING:
     from backends.vdpa.device import VdpaDevice
@@ -594,13 +593,13 @@ class NetDevice:
 
 
 class _Prefetch:
-    """RX chains popped ahead with :meth:`SplitVirtqueue.pop_batch` (one avail-index read
+    """RX chains popped ahead with :meth:`Virtqueue.pop_batch` (one avail-index read
     for up to ``want`` frames). Every chain it holds is popped and unpushed, the newest in
     flight, so giving chains back is the queue's rewind (which also empties it)."""
 
     __slots__ = ("chains", "vq", "want")
 
-    def __init__(self, vq: SplitVirtqueue) -> None:
+    def __init__(self, vq: Virtqueue) -> None:
         self.vq = vq
         self.chains: collections.deque[Chain] = collections.deque()
         self.want = 1
@@ -618,7 +617,7 @@ class _Prefetch:
         self.vq.rewind()
 
 
-def _give_back(vq: SplitVirtqueue) -> None:
+def _give_back(vq: Virtqueue) -> None:
     """Rewind chains popped in this batch but not pushed (chains are pushed as soon as they
     are filled, so these are exactly the ones a miss or a malformed chain interrupted)."""
     if vq.inflight:

@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from backends.loop import EventLoop
 from backends.unix_socket import remove_stale_socket
@@ -200,7 +200,7 @@ class _DatagramWire(WireBase):
                 pass
 
     @property
-    def peer(self) -> object:
+    def peer(self) -> tuple[Any, ...] | str:
         raise NotImplementedError
 
     def fileno(self) -> int:
@@ -286,7 +286,7 @@ class UdpWire(_DatagramWire):
         self._peer = (addr[0], peer_port, *addr[2:])
 
     @property
-    def peer(self) -> tuple:
+    def peer(self) -> tuple[Any, ...]:
         return self._peer
 
     def describe(self) -> str:

@@ -13,12 +13,12 @@ from hypothesis import settings
 
 from backends.vdpa.dma import DmaSpace
 from backends.vdpa.faults import Faults
-from backends.vdpa.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, bit
 from backends.vdpa.iotlb import IOTLB, Perm
 from backends.vdpa.journal import Journal
 from backends.vdpa.memory import HostMemory, HostRegion
-from backends.vdpa.virtqueue import (
-    DESC,
+from backends.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, bit
+from backends.virtio.ring import SPLIT_DESC as DESC
+from backends.virtio.ring import (
     U16,
     USED_ELEM,
     VRING_DESC_F_INDIRECT,

@@ -14,7 +14,11 @@ from backends.tests.test_virtqueue import RING_GPA, lay_out, ref_walk, ring_cont
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.dirty_log import DirtyLog
 from backends.vdpa.faults import Faults
-from backends.vdpa.features import (
+from backends.vdpa.iotlb import Perm
+from backends.vdpa.journal import Journal
+from backends.vdpa.memory import HostRegion
+from backends.vdpa.virtqueue import VqState
+from backends.virtio.features import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_IN_ORDER,
@@ -23,10 +27,6 @@ from backends.vdpa.features import (
     Status,
     bit,
 )
-from backends.vdpa.iotlb import Perm
-from backends.vdpa.journal import Journal
-from backends.vdpa.memory import HostRegion
-from backends.vdpa.virtqueue import VqState
 
 MEM = 1 << 20
 OK_STATUS = Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK
@@ -240,6 +240,7 @@ def test_notify_used_after_personality_flushed_itself() -> None:
     rig.rings[0].add_chain([b"x"], [])
     rig.dev.suspend()  # keep the echo personality out of the way
     c = vq.pop()
+    assert c is not None
     vq.push(c, 0)
     assert vq.flush() is True
     rig.dev.notify_used(0)
@@ -276,7 +277,8 @@ def test_stop_vq_rewinds_inflight_and_returns_state() -> None:
     vq = rig.dev.vqs[0]
     for k in range(3):
         rig.rings[0].add_chain([bytes([k])], [])
-    chains = [vq.pop() for _ in range(3)]
+    chains = vq.pop_batch(3)
+    assert len(chains) == 3
     vq.push(chains[0], 0)  # pushed but not flushed: stop_vq publishes it
     st = rig.dev.stop_vq(0)
     assert st == VqState(1, 1)
@@ -301,7 +303,8 @@ def test_fault_no_drain_before_base() -> None:
     vq = rig.dev.vqs[0]
     for _ in range(3):
         rig.rings[0].add_chain([b"x"], [])
-    chains = [vq.pop() for _ in range(3)]
+    chains = vq.pop_batch(3)
+    assert len(chains) == 3
     vq.push(chains[0], 0)
     st = rig.dev.stop_vq(0)
     assert st.last_avail_idx == 3 and st.used_idx == 1  # the two popped chains are lost
@@ -326,7 +329,7 @@ def test_set_vq_state_used_idx_defaults_to_last_avail() -> None:
     assert rig.dev.vqs[0].state == VqState(12, 12)
     rig.dev.set_vq_state(0, VqState(12, 10))
     assert rig.dev.vqs[0].state == VqState(12, 10)
-    rig.dev.set_vq_state(0, 70000, used_idx=0)
+    rig.dev.set_vq_state(0, VqState(70000, 0))
     assert rig.dev.vqs[0].state == VqState(70000 & 0xFFFF, 0)
     assert rig.kinds("vq.set_state")[0]["used_idx"] == 12
 

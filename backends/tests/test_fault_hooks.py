@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from backends.net.header import VirtioNetHdr
 from backends.tests.test_net_datapath import (
     BASE_FEATURES,
     GPA,
@@ -20,8 +19,9 @@ from backends.tests.test_net_datapath import (
 )
 from backends.tests.test_virtqueue import BUF, INDIRECT, NEXT, WRITE, _raw, setup
 from backends.vdpa import Faults, Perm
-from backends.vdpa.features import VIRTIO_F_EVENT_IDX, Status, mask
 from backends.vdpa.virtqueue import VqError
+from backends.virtio.features import VIRTIO_F_EVENT_IDX, Status, mask
+from backends.virtio.net_header import VirtioNetHdr
 
 BAD_CHAINS = [
     ([(BUF, 8, NEXT, 9)], "next-range"),

@@ -4,6 +4,7 @@ the same connection must answer a request and a fresh connection must be served.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -12,14 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from backends.testing.frontend import (
-    BackendProcess,
-    Frontend,
-    GuestMemory,
-    SplitRing,
-    wait_for,
-)
 from backends.vhost_user import messages as m
+from qtests.qos.backend_process import BackendProcess
+from qtests.qos.guest_memory import SharedGuestMemory
+from qtests.qos.vhost_user_frontend import Frontend, VhostUserRing
+from qtests.qos.waiting import poll_until
 
 VERSION_1 = 1 << 32
 HDR = bytes(12)
@@ -29,24 +27,24 @@ TIMEOUT = 15.0
 
 @pytest.fixture
 def bp(tmp_path: Path) -> Iterator[BackendProcess]:
-    proc = BackendProcess(tmp_path, "--wire", "null")
+    proc = BackendProcess.launch(tmp_path, "--wire", "null")
     try:
         yield proc
     finally:
-        rc = proc.stop(signal.SIGTERM)
-        assert rc == 0, f"backend exited {rc}: {proc.stderr_text()[-3000:]}"
+        rc = proc.stop(sig=signal.SIGTERM)
+        assert rc == 0, f"backend exited {rc}: {proc.tails()}"
 
 
 @pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    g = GuestMemory(1 << 20)
+def mem() -> Iterator[SharedGuestMemory]:
+    g = SharedGuestMemory(1 << 20)
     try:
         yield g
     finally:
         g.close()
 
 
-def setup_rings(fe: Frontend, mem: GuestMemory, rings: list[SplitRing]) -> None:
+def setup_rings(fe: Frontend, mem: SharedGuestMemory, rings: list[VhostUserRing]) -> None:
     """SET_OWNER, SET_FEATURES(VERSION_1), SET_MEM_TABLE, SET_VRING_NUM/ADDR per ring."""
     fe.set_owner()
     fe.set_features(VERSION_1)
@@ -58,36 +56,36 @@ def setup_rings(fe: Frontend, mem: GuestMemory, rings: list[SplitRing]) -> None:
 
 
 def assert_still_serving(bp: BackendProcess, fe: Frontend | None) -> None:
-    assert bp.proc.poll() is None, f"backend died: {bp.stderr_text()[-3000:]}"
-    with bp.monitor() as mon:
-        assert mon.command("query-status") is not None
+    assert bp.running, f"backend died: {bp.tails()}"
+    with contextlib.nullcontext(bp) as mon:
+        assert mon.cmd("query-status") is not None
     if fe is not None:
         assert fe.get_features() & VERSION_1  # the same connection still answers
         fe.close()
-    with bp.frontend(TIMEOUT) as fresh:  # and a new one is served
+    with Frontend(bp.socket, timeout=TIMEOUT) as fresh:  # and a new one is served
         assert fresh.get_features() & VERSION_1
 
 
 def test_shrunk_memfd_then_polling_kick_is_refused_not_sigbus(
-    bp: BackendProcess, mem: GuestMemory
+    bp: BackendProcess, mem: SharedGuestMemory
 ) -> None:
     """Sequence 1: the memfd shrinks to 0 bytes after SET_MEM_TABLE, then a no-fd kick."""
-    tx = SplitRing(mem, 1, 16)
-    fe = bp.frontend(TIMEOUT)
+    tx = VhostUserRing(mem, 1, 16)
+    fe = Frontend(bp.socket, timeout=TIMEOUT)
     try:
         setup_rings(fe, mem, [tx])
         os.ftruncate(mem.slots[0].fd, 0)
         fe.set_vring_kick(1, None)
-        with bp.monitor() as mon:
-            errors = wait_for(
+        with contextlib.nullcontext(bp) as mon:
+            errors = poll_until(
                 lambda: mon.journal(["error.mem"]),
                 TIMEOUT,
                 "an error.mem entry for the shrunk region",
             )
             assert errors[0]["error"] == "region-shrunk"
             assert "gpa=0x0" in errors[0]["detail"] and "region" in errors[0]["detail"]
-            status = mon.command("query-status")
-            assert mon.command("query-mem-table")["regions"] == []
+            status = mon.cmd("query-status")
+            assert mon.cmd("query-mem-table")["regions"] == []
         assert fe.get_status() & NEEDS_RESET, status
         assert_still_serving(bp, fe)
     finally:
@@ -95,17 +93,17 @@ def test_shrunk_memfd_then_polling_kick_is_refused_not_sigbus(
         tx.close()
 
 
-def test_memfd_shrinking_while_the_ring_polls(bp: BackendProcess, mem: GuestMemory) -> None:
+def test_memfd_shrinking_while_the_ring_polls(bp: BackendProcess, mem: SharedGuestMemory) -> None:
     """The shrink comes while the ring is already being polled (every 5 ms)."""
-    tx = SplitRing(mem, 1, 16)
-    fe = bp.frontend(TIMEOUT)
+    tx = VhostUserRing(mem, 1, 16)
+    fe = Frontend(bp.socket, timeout=TIMEOUT)
     try:
         setup_rings(fe, mem, [tx])
         fe.set_vring_kick(1, None)
-        with bp.monitor() as mon:
-            wait_for(lambda: mon.journal(["vq.start"]), TIMEOUT, "ring 1 to start polling")
+        with contextlib.nullcontext(bp) as mon:
+            poll_until(lambda: mon.journal(["vq.start"]), TIMEOUT, "ring 1 to start polling")
             os.ftruncate(mem.slots[0].fd, 4096)
-            wait_for(lambda: mon.journal(["error.mem"]), TIMEOUT, "error.mem after the shrink")
+            poll_until(lambda: mon.journal(["error.mem"]), TIMEOUT, "error.mem after the shrink")
         assert_still_serving(bp, fe)
     finally:
         fe.close()
@@ -113,13 +111,13 @@ def test_memfd_shrinking_while_the_ring_polls(bp: BackendProcess, mem: GuestMemo
 
 
 def test_full_blocking_call_eventfd_does_not_block_the_interrupt(
-    bp: BackendProcess, mem: GuestMemory
+    bp: BackendProcess, mem: SharedGuestMemory
 ) -> None:
     """Sequence 2: a blocking call eventfd whose counter is 2^64-2, one TX chain, a polling
     kick: the interrupt cannot be written; it is reported, coalesced, delivered later."""
-    tx = SplitRing(mem, 1, 16)
+    tx = VhostUserRing(mem, 1, 16)
     call = os.eventfd(0)  # blocking, as the front-end likes it
-    fe = bp.frontend(TIMEOUT)
+    fe = Frontend(bp.socket, timeout=TIMEOUT)
     try:
         setup_rings(fe, mem, [tx])
         os.eventfd_write(call, (1 << 64) - 2)
@@ -129,22 +127,22 @@ def test_full_blocking_call_eventfd_does_not_block_the_interrupt(
         mem.write(buf, HDR + frame)
         tx.add(out=[(buf, len(HDR) + len(frame))])
         fe.set_vring_kick(1, None)
-        wait_for(lambda: tx.used_idx() == 1, TIMEOUT, "the TX chain to be used")
-        with bp.monitor() as mon:
-            errors = wait_for(
+        poll_until(lambda: tx.used_idx() == 1, TIMEOUT, "the TX chain to be used")
+        with contextlib.nullcontext(bp) as mon:
+            errors = poll_until(
                 lambda: mon.journal(["error.call"]), TIMEOUT, "error.call for the full counter"
             )
             assert errors[0]["vq"] == 1
-            ring = mon.command("query-vrings")["vrings"][1]
-        assert bp.proc.poll() is None
+            ring = mon.cmd("query-vrings")["vrings"][1]
+        assert bp.running
         # the front-end drains its counter: the coalesced interrupt arrives with the next one
         assert os.eventfd_read(call) == (1 << 64) - 2
         buf2 = mem.alloc(len(HDR) + len(frame))
         mem.write(buf2, HDR + frame)
         tx.add(out=[(buf2, len(HDR) + len(frame))])
-        wait_for(lambda: tx.used_idx() == 2, TIMEOUT, "the second TX chain to be used")
+        poll_until(lambda: tx.used_idx() == 2, TIMEOUT, "the second TX chain to be used")
         os.set_blocking(call, False)
-        wait_for(lambda: _drain(call), TIMEOUT, "the coalesced interrupt on the call eventfd")
+        poll_until(lambda: _drain(call), TIMEOUT, "the coalesced interrupt on the call eventfd")
         assert ring is not None
         assert_still_serving(bp, fe)
     finally:
@@ -161,13 +159,13 @@ def _drain(fd: int) -> int:
 
 
 def test_shared_kick_eventfd_made_blocking_does_not_block_the_second_read(
-    bp: BackendProcess, mem: GuestMemory
+    bp: BackendProcess, mem: SharedGuestMemory
 ) -> None:
     """Sequence 3: rings 0 and 1 get the same kick eventfd; the front-end clears O_NONBLOCK
     on its copy (shared file description) and signals once."""
-    rx, tx = SplitRing(mem, 0, 16), SplitRing(mem, 1, 16)
+    rx, tx = VhostUserRing(mem, 0, 16), VhostUserRing(mem, 1, 16)
     kick = os.eventfd(0, os.EFD_NONBLOCK)
-    fe = bp.frontend(TIMEOUT)
+    fe = Frontend(bp.socket, timeout=TIMEOUT)
     try:
         setup_rings(fe, mem, [rx, tx])
         fe.set_vring_kick(0, kick)
@@ -175,9 +173,9 @@ def test_shared_kick_eventfd_made_blocking_does_not_block_the_second_read(
         fe.get_features()  # both kicks handled (the old backend set O_NONBLOCK here)
         os.set_blocking(kick, True)
         os.eventfd_write(kick, 1)
-        with bp.monitor() as mon:
-            wait_for(
-                lambda: sum(r["kicks"] or 0 for r in mon.command("query-vrings")["vrings"]) >= 1,
+        with contextlib.nullcontext(bp) as mon:
+            poll_until(
+                lambda: sum(r["kicks"] or 0 for r in mon.cmd("query-vrings")["vrings"]) >= 1,
                 TIMEOUT,
                 "the kick to be read by one ring",
             )
@@ -194,13 +192,13 @@ def test_replies_a_front_end_never_reads_do_not_freeze_the_backend(
 ) -> None:
     """NEED_REPLY on everything, replies never read: the backend queues them (bounded) and
     keeps serving the monitor; past the bound it drops that connection, nobody else's."""
-    fe = bp.frontend(TIMEOUT)
+    fe = Frontend(bp.socket, timeout=TIMEOUT)
     try:
         msg = m.encode(m.Request.GET_FEATURES, b"", m.VERSION | m.FLAG_NEED_REPLY) * 1000
         fe.sock.setblocking(True)
         fe.sock.settimeout(0.2)
         sent = 0
-        with bp.monitor() as mon:
+        with contextlib.nullcontext(bp) as mon:
 
             def dropped() -> bool:
                 return any(
@@ -218,9 +216,9 @@ def test_replies_a_front_end_never_reads_do_not_freeze_the_backend(
                         pending = memoryview(msg)
                         sent += 1000
                 except TimeoutError:
-                    assert mon.command("query-status") is not None  # serving meanwhile
+                    assert mon.cmd("query-status") is not None  # serving meanwhile
                 except (BrokenPipeError, ConnectionResetError):
-                    wait_for(dropped, TIMEOUT, f"the disconnect after {sent} requests")
+                    poll_until(dropped, TIMEOUT, f"the disconnect after {sent} requests")
         assert_still_serving(bp, None)
     finally:
         fe.close()

@@ -13,7 +13,9 @@ from backends.net.datapath import _join_out
 from backends.tests.conftest import DriverRing, make_space
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.memory import Access, HostRegion, Piece, TranslationError
-from backends.vdpa.virtqueue import U16, VRING_DESC_F_NEXT, SplitVirtqueue, VqError
+from backends.vdpa.split_virtqueue import SplitVirtqueue
+from backends.vdpa.virtqueue import VqError
+from backends.virtio.ring import U16, VRING_DESC_F_NEXT
 
 RING_GPA = 0x1000
 
@@ -190,7 +192,7 @@ def test_join_out_skips_the_header_across_pieces() -> None:
 
 
 def test_used_element_struct_matches_the_layout() -> None:
-    from backends.vdpa.virtqueue import _used_elems
+    from backends.vdpa.split_virtqueue import _used_elems
 
     assert _used_elems(2).pack(1, 2, 3, 4) == struct.pack("<IIII", 1, 2, 3, 4)
 
@@ -198,8 +200,8 @@ def test_used_element_struct_matches_the_layout() -> None:
 # -- RX chains popped ahead ------------------------------------------------------------------
 def test_rx_batch_pops_ahead_without_rewinds_and_gives_back_a_shortfall() -> None:
     from backends.loop import EventLoop
-    from backends.net.header import VirtioNetHdr
     from backends.tests.test_net_datapath import BASE_FEATURES, HDR, MRG, frame, make_rig
+    from backends.virtio.net_header import VirtioNetHdr
 
     loop = EventLoop()
     try:

@@ -13,18 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from backends.tests.frontend import BackendThread, Frontend, GuestMemory
 from backends.vdpa.faults import FAULTS
 from backends.vhost_user import messages as m
 from backends.vhost_user.messages import ProtocolFeature as PF
+from qtests.qos.backend_thread import BackendThread
+from qtests.qos.guest_memory import SharedGuestMemory
+from qtests.qos.vhost_user_frontend import Frontend
 
 DIMM_GPA = 0x1_0000_0000
 DIMM_SIZE = 2 << 20
 
 
 @pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    g = GuestMemory(4 << 20)
+def mem() -> Iterator[SharedGuestMemory]:
+    g = SharedGuestMemory(4 << 20)
     try:
         yield g
     finally:
@@ -70,7 +72,7 @@ def test_faults_are_documented() -> None:
 
 @pytest.mark.parametrize("fault", [False, True])
 def test_ignore_rem_mem_reg_keeps_the_region(
-    make: Callable[..., Started], mem: GuestMemory, fault: bool
+    make: Callable[..., Started], mem: SharedGuestMemory, fault: bool
 ) -> None:
     b, fe = make(["ignore-rem-mem-reg"] if fault else [])
     assert fe.has(PF.CONFIGURE_MEM_SLOTS)
@@ -94,7 +96,7 @@ def test_ignore_rem_mem_reg_keeps_the_region(
 
 @pytest.mark.parametrize("fault", [False, True])
 def test_mem_table_full_replace_renews_every_region(
-    make: Callable[..., Started], mem: GuestMemory, fault: bool
+    make: Callable[..., Started], mem: SharedGuestMemory, fault: bool
 ) -> None:
     b, fe = make(["mem-table-full-replace"] if fault else [], mem_slots=False)
     assert not fe.has(PF.CONFIGURE_MEM_SLOTS)

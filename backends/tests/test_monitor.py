@@ -28,23 +28,23 @@ from typing import Any, TypeVar
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from backends import monitor as monitor_mod
 from backends.loop import EventLoop
-from backends.monitor import JsonParseError, JsonStreamSplitter, Monitor
-from backends.monitor_commands import EVENTS, journal_event
+from backends.monitor import EVENTS, JsonParseError, JsonStreamSplitter, Monitor, journal_event
+from backends.monitor import json_stream as monitor_mod
 from backends.net.datapath import NetDevice
 from backends.net.wire import LoopbackWire
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.faults import FAULTS, Faults
-from backends.vdpa.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, Status, bit
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.journal import Journal
 from backends.vdpa.memory import HostRegion
 from backends.vhost_user import messages as vu
 from backends.vhost_user.server import VhostUserServer
+from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, Status, bit
+from qtests.qos.vhost_user_frontend import Frontend
+from qtests.qos.waiting import poll_until
 
 from .conftest import DriverRing
-from .frontend import Frontend
 
 T = TypeVar("T")
 TIMEOUT = 5.0
@@ -330,11 +330,7 @@ async def next_event(qmp: QMPClient, name: str) -> dict[str, Any]:
 
 
 def wait_for(pred: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {TIMEOUT}s waiting for {what}")
-        time.sleep(0.005)  # polling a condition, with a deadline that names it
+    poll_until(pred, TIMEOUT, what)
 
 
 # -- JSON stream splitting (no sockets) -----------------------------------------------------
@@ -508,7 +504,7 @@ def test_malformed_input_gets_errors_and_the_server_keeps_going(backend: Backend
             assert err(data, desc)["error"]["desc"] == desc
         assert err(b'{"execute": "journal-mark", "bogus": 1, "id": 7}', "id")["id"] == 7
         # bad arguments: QAPI wording
-        arg_cases = [
+        arg_cases: list[tuple[str, dict[str, Any], str | None]] = [
             ("set-fault", {}, "Parameter 'name' is missing"),
             ("set-fault", {"name": 1}, "Invalid parameter type for 'name', expected: string"),
             ("set-fault", {"name": "drop-tx", "x": 1}, "Parameter 'x' is unexpected"),
@@ -529,12 +525,12 @@ def test_malformed_input_gets_errors_and_the_server_keeps_going(backend: Backend
             ("inject-packet", {"data": ""}, None),
             ("inject-packet", {"data": "00", "queue": 2}, None),
         ]
-        for name, args, desc in arg_cases:
+        for name, args, want in arg_cases:
             reply = c.cmd(name, args, id=name)
             assert reply["id"] == name
             assert reply["error"]["class"] == "GenericError", reply
-            if desc is not None:
-                assert reply["error"]["desc"] == desc
+            if want is not None:
+                assert reply["error"]["desc"] == want
         unknown = c.cmd("no-such-command", id=9)
         assert unknown == {
             "error": {
@@ -748,12 +744,17 @@ def test_inject_packet_reaches_the_guest_and_query_wire_counts(backend: Backend)
             reply = await qmp.execute("inject-packet", {"data": frame.hex()})
             assert reply == {"length": len(frame), "queue": 0, "queued": True}
             used: list[tuple[int, int]] = []
-            wait_for(lambda: bool(used.extend(backend.rx_used()) or used), "the RX used ring")
+
+            def collect(got: list[tuple[int, int]], n: int) -> bool:
+                got.extend(backend.rx_used())
+                return len(got) == n if n > 1 else bool(got)
+
+            wait_for(lambda: collect(used, 1), "the RX used ring")
             assert used == [(0, NET_HDR + len(frame))]
             assert backend.peek(gpas[0] + NET_HDR, len(frame)) == frame
             # separators are accepted in the hex string; an explicit queue pair
             await qmp.execute("inject-packet", {"data": frame[:20].hex(":"), "queue": 0})
-            wait_for(lambda: bool(used.extend(backend.rx_used()) or len(used) == 2), "frame 2")
+            wait_for(lambda: collect(used, 2), "frame 2")
             assert used[1][1] == NET_HDR + 20
             assert backend.peek(gpas[1] + NET_HDR, 20) == frame[:20]
             wire = await qmp.execute("query-wire")
@@ -767,7 +768,7 @@ def test_inject_packet_reaches_the_guest_and_query_wire_counts(backend: Backend)
             assert (vrings[0]["packets"], vrings[0]["used_idx"]) == (2, 2)
             # pair 1 is not enabled: NetDevice routes its frames to pair 0 (buffer 3)
             await qmp.execute("inject-packet", {"data": "11" * 60, "queue": 1})
-            wait_for(lambda: bool(used.extend(backend.rx_used()) or len(used) == 3), "frame 3")
+            wait_for(lambda: collect(used, 3), "frame 3")
             # buffer 4 takes the next frame; with none left the last one waits in the backlog
             for _ in range(2):
                 await qmp.execute("inject-packet", {"data": "22" * 60})

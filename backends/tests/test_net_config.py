@@ -7,7 +7,8 @@ import struct
 import pytest
 
 from backends.net import config as C
-from backends.net.header import (
+from backends.virtio import net as W
+from backends.virtio.net_header import (
     HDR_LEN,
     LEGACY_HDR_LEN,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -21,12 +22,12 @@ from backends.net.header import (
 def test_config_layout_is_little_endian_12_bytes() -> None:
     cfg = C.NetConfig(
         mac=bytes.fromhex("020000abcdef"),
-        status=C.VIRTIO_NET_S_LINK_UP | C.VIRTIO_NET_S_ANNOUNCE,
+        status=W.VIRTIO_NET_S_LINK_UP | W.VIRTIO_NET_S_ANNOUNCE,
         max_virtqueue_pairs=4,
         mtu=9000,
     )
     raw = cfg.pack()
-    assert len(raw) == C.CONFIG_SIZE == 12
+    assert len(raw) == W.CONFIG_SIZE == 12
     assert raw[0:6] == bytes.fromhex("020000abcdef")
     assert raw[6:8] == b"\x03\x00"
     assert raw[8:10] == b"\x04\x00"
@@ -35,9 +36,9 @@ def test_config_layout_is_little_endian_12_bytes() -> None:
 
 
 def test_feature_bit_numbers() -> None:
-    assert (C.VIRTIO_NET_F_CSUM, C.VIRTIO_NET_F_GUEST_CSUM, C.VIRTIO_NET_F_MTU) == (0, 1, 3)
-    assert (C.VIRTIO_NET_F_MAC, C.VIRTIO_NET_F_MRG_RXBUF, C.VIRTIO_NET_F_STATUS) == (5, 15, 16)
-    assert (C.VIRTIO_NET_F_CTRL_VQ, C.VIRTIO_NET_F_GUEST_ANNOUNCE, C.VIRTIO_NET_F_MQ) == (
+    assert (W.VIRTIO_NET_F_CSUM, W.VIRTIO_NET_F_GUEST_CSUM, W.VIRTIO_NET_F_MTU) == (0, 1, 3)
+    assert (W.VIRTIO_NET_F_MAC, W.VIRTIO_NET_F_MRG_RXBUF, W.VIRTIO_NET_F_STATUS) == (5, 15, 16)
+    assert (W.VIRTIO_NET_F_CTRL_VQ, W.VIRTIO_NET_F_GUEST_ANNOUNCE, W.VIRTIO_NET_F_MQ) == (
         17,
         21,
         22,

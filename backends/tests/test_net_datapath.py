@@ -14,21 +14,11 @@ from typing import Any
 import pytest
 
 from backends.loop import EventLoop
-from backends.net.config import (
-    VIRTIO_NET_F_CTRL_VQ,
-    VIRTIO_NET_F_GUEST_ANNOUNCE,
-    VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS,
-    NetConfig,
-)
+from backends.net.config import NetConfig
 from backends.net.datapath import NetDevice
-from backends.net.header import VirtioNetHdr
 from backends.net.wire import LoopbackWire
 from backends.vdpa import DirtyLog, Faults, HostRegion, Perm, VdpaDevice
-from backends.vdpa.features import (
+from backends.virtio.features import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -36,6 +26,16 @@ from backends.vdpa.features import (
     Status,
     mask,
 )
+from backends.virtio.net import (
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+)
+from backends.virtio.net_header import VirtioNetHdr
 
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
@@ -650,8 +650,8 @@ def test_rx_miss_keeps_frame_in_backlog() -> None:
         rig.dev.dma_map(rig.iova(g), 1000, UADDR + g - GPA, Perm.WO)
     used = rig.vqs[0].take_used()
     assert [ln for _, ln in used] == [1000, 812]
-    bufs = dict(posted)
-    got = b"".join(rig.read_chain(bufs[h], ln) for h, ln in used)
+    by_head = dict(posted)
+    got = b"".join(rig.read_chain(by_head[h], ln) for h, ln in used)
     assert got == hdr(2) + f and rig.net.backlog() == 0
 
 

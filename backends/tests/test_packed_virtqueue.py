@@ -10,19 +10,21 @@ from pathlib import Path
 import pytest
 
 from backends.tests.conftest import EchoPersonality, Space, make_space
-from backends.tests.frontend import BackendThread, GuestMemory, SplitRing
 from backends.vdpa.device import VdpaDevice
-from backends.vdpa.features import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit
 from backends.vdpa.iotlb import Perm
-from backends.vdpa.packed_virtqueue import (
+from backends.vdpa.packed_virtqueue import PackedVirtqueue
+from backends.vdpa.split_virtqueue import SplitVirtqueue
+from backends.vdpa.virtqueue import VqError, VqState
+from backends.virtio.features import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, bit
+from backends.virtio.ring import (
     EVENT_FLAGS_DESC,
     EVENT_FLAGS_DISABLE,
     EVENT_FLAGS_ENABLE,
     PACKED_DESC,
-    PackedVirtqueue,
 )
-from backends.vdpa.virtqueue import SplitVirtqueue, VqError, VqState
-from backends.vhost_user.messages import PackedVringBase
+from qtests.qos.backend_thread import BackendThread
+from qtests.qos.guest_memory import SharedGuestMemory
+from qtests.qos.vhost_user_frontend import VhostUserRing
 
 NEXT, WRITE, INDIRECT = 1, 2, 4
 AVAIL, USED = 1 << 7, 1 << 15
@@ -98,7 +100,7 @@ class PackedDriver:
 
     def used(self) -> list[tuple[int, int, int]]:
         """Used descriptors (id, len, flags) written since the last call."""
-        out = []
+        out: list[tuple[int, int, int]] = []
         while True:
             _, n, bid, f = PACKED_DESC.unpack(self.r.read_gpa(self.desc + 16 * self.used_pos, 16))
             if bool(f & AVAIL) != self.used_wrap or bool(f & USED) != self.used_wrap:
@@ -183,6 +185,42 @@ def test_chain_spanning_the_ring_end() -> None:
     vq.flush()
     assert [u[0] for u in drv.used()] == [bid]
     assert (vq.state.used_idx, vq.state.used_wrap) == (2, False)
+
+
+def test_single_descriptor_chains_match_the_general_walk() -> None:
+    """The walker's one-descriptor shortcut answers like the general walk: buffer id, lengths,
+    one slot, one buffer; a zero-length descriptor goes the general way."""
+    sp, drv, vq = setup(num=4)
+    out_id, _ = drv.add([b"payload"])
+    in_id, _ = drv.add((), [64])
+    empty_id, _ = drv.add([b""])
+    out, inp, empty = vq.pop(), vq.pop(), vq.pop()
+    assert out is not None and inp is not None and empty is not None
+    assert (out.head, out.out_len, out.in_len, out.ndesc, out.slots, out.inp) == (
+        out_id,
+        7,
+        0,
+        1,
+        1,
+        [],
+    )
+    assert sp.dma.read_pieces(out.out) == b"payload"
+    assert (inp.head, inp.out_len, inp.in_len, inp.ndesc, inp.slots, inp.out) == (
+        in_id,
+        0,
+        64,
+        1,
+        1,
+        [],
+    )
+    assert (empty.head, empty.out_len, empty.out, empty.inp, empty.slots) == (
+        empty_id,
+        0,
+        [],
+        [],
+        1,
+    )
+    assert (vq.state.last_avail_idx, vq.state.avail_wrap) == (3, True)
 
 
 def test_indirect_table() -> None:
@@ -299,10 +337,37 @@ def test_rewind_restores_position_and_wrap() -> None:
 
 
 def test_vring_base_encoding_matches_qemu() -> None:
-    pb = PackedVringBase(5, True, 3, False)
-    assert pb.encode() == 5 | 0x8000 | 3 << 16
-    assert PackedVringBase.decode(0x80008000) == PackedVringBase(0, True, 0, True)
-    assert PackedVringBase.decode(pb.encode()) == pb
+    pb = VqState(5, 3, True, False, packed=True)
+    assert pb.to_vhost_base() == 5 | 0x8000 | 3 << 16
+    assert VqState.from_vhost_base(0x80008000, packed=True) == VqState(0, 0, True, True)
+    assert VqState.from_vhost_base(pb.to_vhost_base(), packed=True) == pb
+
+
+def test_vq_state_views_split_packed_and_vduse() -> None:
+    """One state object: the split view (avail_index), the packed view (the field names of
+    struct vduse_vq_state_packed), and the layout's own vhost base encoding."""
+    split = VqState.split(70)
+    assert (split.avail_index, split.used_idx, split.packed) == (70, 70, False)
+    assert split.to_vhost_base() == 70
+    assert VqState.from_vhost_base(70, packed=False) == split
+    with pytest.raises(ValueError):
+        VqState.from_vhost_base(0x10000, packed=False)
+    p = VqState.packed_state(
+        last_avail_counter=0, last_avail_idx=5, last_used_counter=1, last_used_idx=3
+    )
+    assert p == VqState(5, 3, False, True) and p.packed
+    assert (p.last_avail_counter, p.last_avail_idx, p.last_used_counter, p.last_used_idx) == (
+        0,
+        5,
+        1,
+        3,
+    )
+    assert p.to_vhost_base() == 5 | 3 << 16 | 1 << 31
+    sp, drv, vq = setup(num=8)
+    with pytest.raises(ValueError):
+        vq.state_from_base(VqState(8, 0, True, True, packed=True).to_vhost_base())
+    vq.set_state(vq.state_from_base(p.to_vhost_base()))
+    assert vq.get_state() == p and vq.get_state().packed
 
 
 def test_set_state_then_continue() -> None:
@@ -356,9 +421,9 @@ def test_vhost_user_packed_vring_base_round_trip(tmp_path: Path) -> None:
     ring is refused."""
     b = BackendThread(str(tmp_path / "vu.sock"), wire="loopback")
     b.call(b.backend.start)
-    mem = GuestMemory(4 << 20)
+    mem = SharedGuestMemory(4 << 20)
     fe = b.frontend()
-    ring = SplitRing(mem, 1, 64)  # only its memory: desc (16 x 64) + two areas >= 4 bytes
+    ring = VhostUserRing(mem, 1, 64)  # only its memory: desc (16 x 64) + two areas >= 4 bytes
     try:
         fe.init_like_qemu(2)
         offered = fe.get_features()
@@ -367,7 +432,7 @@ def test_vhost_user_packed_vring_base_round_trip(tmp_path: Path) -> None:
         fe.set_features(offered & ~no)
         fe.set_memory_like_qemu(mem)
         fe.set_vring_num(1, 64)
-        base = PackedVringBase(5, False, 3, True).encode()
+        base = VqState(5, 3, False, True, packed=True).to_vhost_base()
         fe.set_vring_base(1, base)
         fe.set_vring_addr(ring.vring_addr())
         vq = b.backend.device.vqs[1]
@@ -375,7 +440,7 @@ def test_vhost_user_packed_vring_base_round_trip(tmp_path: Path) -> None:
         assert b.call(vq.get_state) == VqState(5, 3, False, True)
         assert fe.get_vring_base(1) == base
         mark = b.mark()
-        fe.set_vring_base(1, PackedVringBase(64, True, 0, True).encode())
+        fe.set_vring_base(1, VqState(64, 0, True, True, packed=True).to_vhost_base())
         fe.get_features()  # a round trip: the bad base has been handled
         assert b.query(["error.protocol"], mark)
         assert b.call(vq.get_state) == VqState(5, 3, False, True)

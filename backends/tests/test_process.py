@@ -3,6 +3,7 @@ reconnects, withheld features."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -16,23 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from backends.tests.frontend import (
-    REPO,
-    VIRTIO_F_ACCESS_PLATFORM,
-    BackendProcess,
-    GuestMemory,
-    SplitRing,
-    wait_for,
-)
 from backends.vhost_user import messages as m
 from backends.vhost_user.messages import ProtocolFeature as PF
+from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM
+from qtests.qos.backend_process import REPO_ROOT, BackendProcess
+from qtests.qos.guest_memory import SharedGuestMemory
+from qtests.qos.vhost_user_frontend import Frontend, VhostUserRing
+from qtests.qos.waiting import poll_until
 
 HDR = bytes(12)
 
 
 @pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    g = GuestMemory(1 << 20)
+def mem() -> Iterator[SharedGuestMemory]:
+    g = SharedGuestMemory(1 << 20)
     try:
         yield g
     finally:
@@ -42,7 +40,7 @@ def mem() -> Iterator[GuestMemory]:
 def run_cli(*args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "backends", *args],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -50,10 +48,10 @@ def run_cli(*args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]
     )
 
 
-def tx_one(bp: BackendProcess, mem: GuestMemory, data: bytes) -> int:
+def tx_one(bp: BackendProcess, mem: SharedGuestMemory, data: bytes) -> int:
     """Connect like QEMU, send one frame on TX 0, wait for it to be used; GET_VRING_BASE."""
-    rx, tx = SplitRing(mem, 0, 16), SplitRing(mem, 1, 16)
-    fe = bp.frontend()
+    rx, tx = VhostUserRing(mem, 0, 16), VhostUserRing(mem, 1, 16)
+    fe = Frontend(bp.socket)
     try:
         fe.init_like_qemu(2)
         features = fe.device_features & ~(1 << m.VHOST_F_LOG_ALL | 1 << VIRTIO_F_ACCESS_PLATFORM)
@@ -71,55 +69,55 @@ def tx_one(bp: BackendProcess, mem: GuestMemory, data: bytes) -> int:
         tx.close()
 
 
-def test_ready_sigterm_exit_0_and_journal_file(tmp_path: Path, mem: GuestMemory) -> None:
-    bp = BackendProcess(tmp_path, "--wire", "null")
+def test_ready_sigterm_exit_0_and_journal_file(tmp_path: Path, mem: SharedGuestMemory) -> None:
+    bp = BackendProcess.launch(tmp_path, "--wire", "null")
     try:
-        assert bp.ready_line == f"READY socket={bp.socket_path}"
+        assert bp.ready_line == f"READY socket={bp.socket}"
         assert tx_one(bp, mem, b"\xff" * 60) == 1
     finally:
-        rc = bp.stop(signal.SIGTERM)
-    assert rc == 0, bp.stderr_text()
-    entries = bp.journal()
+        rc = bp.stop(sig=signal.SIGTERM)
+    assert rc == 0, bp.tails()
+    entries = bp.read_journal_file()
     kinds = [e["kind"] for e in entries]
     assert "vhost.connect" in kinds and "vhost.disconnect" in kinds and "vq.start" in kinds
     assert [e["seq"] for e in entries] == sorted(e["seq"] for e in entries)
-    assert not os.path.exists(bp.socket_path)  # the listener cleaned up its socket
+    assert not os.path.exists(bp.socket)  # the listener cleaned up its socket
 
 
 def test_sigint_exits_0_while_connected(tmp_path: Path) -> None:
-    bp = BackendProcess(tmp_path, monitor=False)
-    fe = bp.frontend()
+    bp = BackendProcess.launch(tmp_path, monitor=False)
+    fe = Frontend(bp.socket)
     try:
         fe.init_like_qemu(2)
-        rc = bp.stop(signal.SIGINT)
+        rc = bp.stop(sig=signal.SIGINT)
     finally:
         fe.close_init_fds()
         fe.close()
         bp.kill()
-    assert rc == 0, bp.stderr_text()
-    kinds = [e["kind"] for e in bp.journal()]
+    assert rc == 0, bp.tails()
+    kinds = [e["kind"] for e in bp.read_journal_file()]
     assert kinds[-1] != "vhost.connect" and "vhost.disconnect" in kinds
 
 
-def test_keeps_listening_across_reconnects(tmp_path: Path, mem: GuestMemory) -> None:
-    bp = BackendProcess(tmp_path)
+def test_keeps_listening_across_reconnects(tmp_path: Path, mem: SharedGuestMemory) -> None:
+    bp = BackendProcess.launch(tmp_path)
     try:
-        with bp.monitor() as mon:
-            for _ in range(3):
-                mark = mon.command("journal-mark")["seq"]
-                assert tx_one(bp, mem, b"\x01" * 60) == 1
-                wait_for(lambda m=mark: mon.journal(["vhost.disconnect"], m), 5, "the disconnect")
-            assert mon.command("query-status")["connection"]["connected"] is False
+        for _ in range(3):
+            mark = bp.mark()
+            assert tx_one(bp, mem, b"\x01" * 60) == 1
+            disconnect = functools.partial(bp.journal, ["vhost.disconnect"], mark)
+            poll_until(disconnect, 5, "the disconnect")
+        assert bp.cmd("query-status")["connection"]["connected"] is False
     finally:
         assert bp.stop() == 0
 
 
 def test_withheld_features_and_queues(tmp_path: Path) -> None:
-    bp = BackendProcess(
+    bp = BackendProcess.launch(
         tmp_path, "--no-iommu", "--no-log", "--no-mem-slots", "--queues", "2", monitor=False
     )
     try:
-        with bp.frontend() as fe:
+        with Frontend(bp.socket) as fe:
             f = fe.get_features()
             p = fe.get_protocol_features()
             fe.set_protocol_features(p)
@@ -134,13 +132,13 @@ def test_withheld_features_and_queues(tmp_path: Path) -> None:
     assert p >> PF.MQ & 1
 
 
-def test_udp_wire_carries_tx_frames(tmp_path: Path, mem: GuestMemory) -> None:
+def test_udp_wire_carries_tx_frames(tmp_path: Path, mem: SharedGuestMemory) -> None:
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         peer.bind(("127.0.0.1", 0))
         peer.settimeout(5)
         port = peer.getsockname()[1]
-        bp = BackendProcess(tmp_path, "--wire", f"udp:127.0.0.1:0:{port}", monitor=False)
+        bp = BackendProcess.launch(tmp_path, "--wire", f"udp:127.0.0.1:0:{port}", monitor=False)
         try:
             data = b"\xff" * 6 + bytes.fromhex("525400123456") + b"\x08\x00" + b"udp!" * 20
             tx_one(bp, mem, data)
@@ -152,13 +150,12 @@ def test_udp_wire_carries_tx_frames(tmp_path: Path, mem: GuestMemory) -> None:
 
 
 def test_faults_mac_and_monitor(tmp_path: Path) -> None:
-    bp = BackendProcess(
+    bp = BackendProcess.launch(
         tmp_path, "--fault", "drop-tx", "--fault", "no-miss", "--mac", "02:00:00:00:00:07"
     )
     try:
-        with bp.monitor() as mon:
-            assert mon.command("query-faults")["active"] == ["drop-tx", "no-miss"]
-        with bp.frontend() as fe:
+        assert bp.cmd("query-faults")["active"] == ["drop-tx", "no-miss"]
+        with Frontend(bp.socket) as fe:
             fe.get_features()
             fe.set_protocol_features(fe.get_protocol_features())
             fe.set_owner()
@@ -189,16 +186,16 @@ def test_refuses_a_live_socket_replaces_a_stale_one(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
     stale.close()  # a socket file nobody listens on
-    bp = BackendProcess(tmp_path, monitor=False)
+    bp = BackendProcess.launch(tmp_path, monitor=False)
     try:
-        r = run_cli("--socket", bp.socket_path)
+        r = run_cli("--socket", bp.socket)
         assert r.returncode == 1 and "listening" in r.stderr
     finally:
         assert bp.stop() == 0
 
 
 def test_console_script_entry_point() -> None:
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["vdpa-backend"].partition(":")
     main = getattr(importlib.import_module(module), attr)
     assert callable(main)
@@ -208,7 +205,7 @@ def test_console_script_entry_point() -> None:
 
 
 def test_journal_file_is_json_lines(tmp_path: Path) -> None:
-    bp = BackendProcess(tmp_path, "--fault", "drop-tx", monitor=False)
+    bp = BackendProcess.launch(tmp_path, "--fault", "drop-tx", monitor=False)
     assert bp.stop() == 0
     lines = bp.journal_path.read_text().splitlines()
     assert lines and all(isinstance(json.loads(line), dict) for line in lines)

@@ -6,7 +6,7 @@ backend offer, or the monitor name, a feature QEMU reads as another one.
 
 from __future__ import annotations
 
-from backends.monitor_commands import protocol_feature_names
+from backends.monitor.names import protocol_feature_names
 from backends.vhost_user.messages import ProtocolFeature as PF
 
 

@@ -13,7 +13,8 @@ from typing import Any
 from backends.vdpa.dma import DmaSpace
 from backends.vdpa.iotlb import IOTLB
 from backends.vdpa.memory import HostMemory, HostRegion, Piece
-from backends.vdpa.virtqueue import U16, USED_ELEM, RingArea
+from backends.vdpa.virtqueue import RingArea
+from backends.virtio.ring import U16, USED_ELEM
 
 
 class RecordingBuffer(bytearray):

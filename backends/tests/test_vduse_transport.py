@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from backends.monitor_commands import MonitorCommands
-from backends.net.header import HDR_LEN
+from backends.monitor import MonitorCommands
 from backends.tests.vduse_rig import (
     ACK,
     DRIVER,
@@ -21,10 +20,11 @@ from backends.tests.vduse_rig import (
     make_rig,
     tx_chain,
 )
-from backends.vdpa.features import VIRTIO_F_RING_PACKED, mask
 from backends.vduse import uapi
 from backends.vduse.transport import vduse_features
 from backends.vduse.vq_state import state_from_info
+from backends.virtio.features import VIRTIO_F_RING_PACKED, mask
+from backends.virtio.net_header import HDR_LEN
 
 CTRL_VQ = 17
 MQ = 22

@@ -17,18 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from backends.tests.frontend import (
-    UADDR_BASE,
-    VIRTIO_F_ACCESS_PLATFORM,
-    BackendProcess,
-    Frontend,
-    GuestMemory,
-    MonitorClient,
-    eventfd,
-    wait_for,
-)
 from backends.vhost_user import messages as m
 from backends.vhost_user.messages import Request as R
+from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM
+from qtests.qos.backend_process import BackendProcess
+from qtests.qos.guest_memory import UADDR_BASE, SharedGuestMemory
+from qtests.qos.vhost_user_frontend import Frontend, eventfd
+from qtests.qos.waiting import poll_until
 
 # One backend serves the whole module (module fixture, a count checked at its teardown, a last
 # test comparing descriptors): under pytest-xdist (make check) one worker runs all of it.
@@ -40,35 +35,30 @@ NEED = m.VERSION | m.FLAG_NEED_REPLY
 @dataclass
 class Ctx:
     bp: BackendProcess
-    mon: MonitorClient
     baseline_fds: int
-    mem: GuestMemory
+    mem: SharedGuestMemory
 
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
     workdir: Path = tmp_path_factory.mktemp("malformed")
-    bp = BackendProcess(workdir)
-    mem = GuestMemory(1 << 20)
-    mon: MonitorClient | None = None
+    bp = BackendProcess.launch(workdir)
+    mem = SharedGuestMemory(1 << 20)
     try:
-        mon = bp.monitor()
         # warm up: one well-behaved session, so lazily opened things are open
-        mark = mon.command("journal-mark")["seq"]
-        fe = bp.frontend()
+        mark = bp.mark()
+        fe = Frontend(bp.socket)
         fe.init_like_qemu(2)
         fe.close_init_fds()
         fe.close()
-        wait_for(lambda: mon.journal(["vhost.disconnect"], mark), 5, "the warm-up disconnect")
-        yield Ctx(bp, mon, bp.fd_count(), mem)
-        assert bp.proc.poll() is None, "the backend died during the malformed suite"
+        poll_until(lambda: bp.journal(["vhost.disconnect"], mark), 5, "the warm-up disconnect")
+        yield Ctx(bp, bp.fd_count(), mem)
+        assert bp.running, "the backend died during the malformed suite"
     finally:
-        if mon is not None:
-            mon.close()
         mem.close()
-        rc = bp.stop(signal.SIGTERM)
-        assert rc == 0, f"backend exit status {rc}\n{bp.stderr_text()}"
-    entries = bp.journal()
+        rc = bp.stop(sig=signal.SIGTERM)
+        assert rc == 0, f"backend exit status {rc}\n{bp.tails()}"
+    entries = bp.read_journal_file()
     assert sum(e["kind"] == "error.protocol" for e in entries) >= 20
 
 
@@ -401,28 +391,28 @@ CASES: list[Callable[[Frontend, Ctx], None]] = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_bad_input(ctx: Ctx, case: Callable[[Frontend, Ctx], None]) -> None:
-    mark = ctx.mon.command("journal-mark")["seq"]
-    fe = ctx.bp.frontend()
+    mark = ctx.bp.mark()
+    fe = Frontend(ctx.bp.socket)
     try:
         case(fe, ctx)
     finally:
         fe.close()
-    errors = wait_for(
-        lambda: ctx.mon.journal(["error.protocol"], mark),
+    errors = poll_until(
+        lambda: ctx.bp.journal(["error.protocol"], mark),
         5,
         f"an error.protocol journal entry for {case.__name__}",
     )
     assert all(e.get("detail") for e in errors)
     # the connection is gone (closed by us or by the backend): the backend still serves
-    with ctx.bp.frontend() as again:
+    with Frontend(ctx.bp.socket) as again:
         assert again.get_features() >> m.VHOST_USER_F_PROTOCOL_FEATURES & 1
-    assert ctx.bp.proc.poll() is None
+    assert ctx.bp.running
 
 
 def test_no_descriptor_leak(ctx: Ctx) -> None:
     """After every case the backend holds exactly its idle set of descriptors."""
     try:
-        wait_for(
+        poll_until(
             lambda: ctx.bp.fd_count() == ctx.baseline_fds,
             5,
             f"the backend's open fds to return to {ctx.baseline_fds}",
@@ -433,5 +423,5 @@ def test_no_descriptor_leak(ctx: Ctx) -> None:
             for fd in os.listdir(f"/proc/{ctx.bp.pid}/fd")
         }
         raise AssertionError(f"{e}; open now: {fds}") from None
-    with ctx.bp.frontend() as fe:
+    with Frontend(ctx.bp.socket) as fe:
         assert fe.get_features()

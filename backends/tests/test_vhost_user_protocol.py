@@ -1,7 +1,7 @@
 """The vhost-user protocol, end to end over a real unix socket.
 
 The backend runs in-process (its event loop in a thread, inspected only through
-``BackendThread.call``); the front-end in :mod:`backends.tests.frontend` speaks to it the way
+``BackendThread.call``); the front-end in :mod:`qtests.qos.vhost_user_frontend` speaks to it the way
 QEMU 10 does, with real memfds for guest RAM and real eventfds.
 """
 
@@ -16,25 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from backends.tests.frontend import (
-    PAGE,
-    UADDR_BASE,
-    VIRTIO_F_ACCESS_PLATFORM,
-    VIRTIO_F_RING_PACKED,
-    BackendThread,
-    Frontend,
-    FrontendError,
-    GuestMemory,
-    IommuEntry,
-    SplitRing,
-    eventfd,
-    open_fd_count,
-    wait_for,
-)
 from backends.vhost_user import messages as m
 from backends.vhost_user.messages import ProtocolFeature as PF
 from backends.vhost_user.messages import Request as R
 from backends.vhost_user.rarp import ETH_P_RARP
+from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED
+from qtests.qos.backend_thread import BackendThread
+from qtests.qos.guest_memory import PAGE, UADDR_BASE, SharedGuestMemory
+from qtests.qos.processes import open_fd_count
+from qtests.qos.vhost_user_frontend import (
+    Frontend,
+    FrontendError,
+    IommuEntry,
+    VhostUserRing,
+    eventfd,
+)
+from qtests.qos.waiting import poll_until
 
 HDR = bytes(12)  # virtio_net_hdr_v1, no offloads
 MAC = bytes.fromhex("525400123456")
@@ -60,8 +57,8 @@ def backend(tmp_path: Path) -> Iterator[BackendThread]:
 
 
 @pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    g = GuestMemory(4 << 20)
+def mem() -> Iterator[SharedGuestMemory]:
+    g = SharedGuestMemory(4 << 20)
     try:
         yield g
     finally:
@@ -81,11 +78,11 @@ def fe(backend: BackendThread) -> Iterator[Frontend]:
 class Rings:
     """rx + tx rings of queue pair 0, closed by the fixture."""
 
-    def __init__(self, mem: GuestMemory, iova_offset: int | None = None) -> None:
-        self.rx = SplitRing(mem, 0, 64, iova_offset)
-        self.tx = SplitRing(mem, 1, 64, iova_offset)
+    def __init__(self, mem: SharedGuestMemory, iova_offset: int | None = None) -> None:
+        self.rx = VhostUserRing(mem, 0, 64, iova_offset)
+        self.tx = VhostUserRing(mem, 1, 64, iova_offset)
 
-    def all(self) -> list[SplitRing]:
+    def all(self) -> list[VhostUserRing]:
         return [self.rx, self.tx]
 
     def close(self) -> None:
@@ -94,7 +91,7 @@ class Rings:
 
 
 @pytest.fixture
-def rings(mem: GuestMemory) -> Iterator[Rings]:
+def rings(mem: SharedGuestMemory) -> Iterator[Rings]:
     r = Rings(mem)
     try:
         yield r
@@ -104,7 +101,7 @@ def rings(mem: GuestMemory) -> Iterator[Rings]:
 
 def start(
     fe: Frontend,
-    mem: GuestMemory,
+    mem: SharedGuestMemory,
     rings: Rings,
     *,
     features_mask: int = NO_LOG & NO_IOMMU,
@@ -116,7 +113,7 @@ def start(
     return features
 
 
-def send_tx(mem: GuestMemory, tx: SplitRing, data: bytes) -> int:
+def send_tx(mem: SharedGuestMemory, tx: VhostUserRing, data: bytes) -> int:
     buf = mem.alloc(len(HDR) + len(data))
     mem.write(buf, HDR + data)
     head = tx.add(out=[(buf, len(HDR) + len(data))])
@@ -124,7 +121,7 @@ def send_tx(mem: GuestMemory, tx: SplitRing, data: bytes) -> int:
     return head
 
 
-def post_rx(mem: GuestMemory, rx: SplitRing, size: int = 2048, kick: bool = True) -> int:
+def post_rx(mem: SharedGuestMemory, rx: VhostUserRing, size: int = 2048, kick: bool = True) -> int:
     buf = mem.alloc(size, PAGE)
     rx.add(inp=[(buf, size)])
     if kick:
@@ -234,7 +231,7 @@ def test_config_space(fe: Frontend, backend: BackendThread) -> None:
     assert fe.get_config(0, 6) == bytes.fromhex("020000000001")
 
 
-def test_net_set_mtu_and_rarp(tmp_path: Path, mem: GuestMemory) -> None:
+def test_net_set_mtu_and_rarp(tmp_path: Path, mem: SharedGuestMemory) -> None:
     peer_path = str(tmp_path / "peer")
     peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     peer.bind(peer_path)
@@ -262,7 +259,7 @@ def test_net_set_mtu_and_rarp(tmp_path: Path, mem: GuestMemory) -> None:
 
 # -- data path ----------------------------------------------------------------------------------
 def test_start_sequence_and_loopback(
-    fe: Frontend, mem: GuestMemory, rings: Rings, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, rings: Rings, backend: BackendThread
 ) -> None:
     fe.init_like_qemu(2)
     sent = fe.start_like_qemu(mem, rings.all(), fe.device_features & NO_LOG & NO_IOMMU)
@@ -283,7 +280,7 @@ def test_start_sequence_and_loopback(
 
 
 def test_get_vring_base_after_tx_packets(
-    fe: Frontend, mem: GuestMemory, rings: Rings, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, rings: Rings, backend: BackendThread
 ) -> None:
     start(fe, mem, rings)
     n = 7
@@ -305,7 +302,7 @@ def test_get_vring_base_after_tx_packets(
 
 
 def test_vring_enable_gates_the_ring(
-    fe: Frontend, mem: GuestMemory, rings: Rings, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, rings: Rings, backend: BackendThread
 ) -> None:
     start(fe, mem, rings)
     fe.set_vring_enable(1, False)
@@ -317,7 +314,7 @@ def test_vring_enable_gates_the_ring(
 
 
 def test_without_protocol_features_rings_start_enabled(
-    fe: Frontend, mem: GuestMemory, rings: Rings
+    fe: Frontend, mem: SharedGuestMemory, rings: Rings
 ) -> None:
     # a front-end that never negotiates bit 30 (no SET_VRING_ENABLE, no STATUS)
     f = fe.get_features()
@@ -328,7 +325,7 @@ def test_without_protocol_features_rings_start_enabled(
     assert rings.tx.wait_used(1)
 
 
-def test_kick_without_fd_polls(fe: Frontend, mem: GuestMemory, rings: Rings) -> None:
+def test_kick_without_fd_polls(fe: Frontend, mem: SharedGuestMemory, rings: Rings) -> None:
     start(fe, mem, rings)
     fe.set_vring_kick(1, None)  # the no-fd bit: the backend polls
     buf = mem.alloc(len(HDR) + 60)
@@ -337,7 +334,7 @@ def test_kick_without_fd_polls(fe: Frontend, mem: GuestMemory, rings: Rings) -> 
     assert rings.tx.wait_used(1)
 
 
-def test_replaced_fds_are_closed(fe: Frontend, mem: GuestMemory, rings: Rings) -> None:
+def test_replaced_fds_are_closed(fe: Frontend, mem: SharedGuestMemory, rings: Rings) -> None:
     start(fe, mem, rings)
     before = open_fd_count()
     for _ in range(5):
@@ -369,7 +366,7 @@ def _mappings(backend: BackendThread) -> list[tuple[int, int, int]]:
 
 
 def test_mem_table_resend_keeps_region_ids(
-    fe: Frontend, mem: GuestMemory, rings: Rings, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, rings: Rings, backend: BackendThread
 ) -> None:
     start(fe, mem, rings)
     regions, maps = _regions(backend), _mappings(backend)
@@ -398,7 +395,7 @@ def test_mem_table_resend_keeps_region_ids(
 
 
 def test_add_rem_mem_reg_touch_exactly_one_mapping(
-    fe: Frontend, mem: GuestMemory, rings: Rings, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, rings: Rings, backend: BackendThread
 ) -> None:
     start(fe, mem, rings)
     assert fe.has(PF.CONFIGURE_MEM_SLOTS)
@@ -443,21 +440,22 @@ def test_add_rem_mem_reg_touch_exactly_one_mapping(
 def pump_misses(fe: Frontend, done, timeout: float = 5.0) -> list[m.IotlbMsg]:
     """Serve MISS requests like QEMU until ``done()``; returns the misses served."""
     misses: list[m.IotlbMsg] = []
-    assert fe.backend_sock is not None
+    channel = fe.backend_sock
+    assert channel is not None
 
     def step() -> bool:
         if done():
             return True
-        r, _, _ = select.select([fe.backend_sock], [], [], 0.02)
+        r, _, _ = select.select([channel], [], [], 0.02)
         if r:
             misses.append(fe.serve_miss())
         return False
 
-    wait_for(step, timeout, "the queue to make progress through IOTLB misses", step=0)
+    poll_until(step, timeout, "the queue to make progress through IOTLB misses", max_interval=0)
     return misses
 
 
-def start_iommu(fe: Frontend, mem: GuestMemory, backend: BackendThread) -> Rings:
+def start_iommu(fe: Frontend, mem: SharedGuestMemory, backend: BackendThread) -> Rings:
     r = Rings(mem, IOVA_OFFSET)
     fe.init_like_qemu(2)
     features = fe.device_features & NO_LOG
@@ -468,7 +466,9 @@ def start_iommu(fe: Frontend, mem: GuestMemory, backend: BackendThread) -> Rings
     return r
 
 
-def test_iommu_miss_round_trip(fe: Frontend, mem: GuestMemory, backend: BackendThread) -> None:
+def test_iommu_miss_round_trip(
+    fe: Frontend, mem: SharedGuestMemory, backend: BackendThread
+) -> None:
     r = start_iommu(fe, mem, backend)
     try:
         assert _mappings(backend) == []  # the mem table gave host memory only
@@ -476,8 +476,13 @@ def test_iommu_miss_round_trip(fe: Frontend, mem: GuestMemory, backend: BackendT
         rxbuf = post_rx(mem, r.rx)
         data = frame(b"iommu" * 12)
         send_tx(mem, r.tx, data)
-        got: list = []
-        misses = pump_misses(fe, lambda: got.extend(r.rx.pop_used()) or bool(got))
+        got: list[tuple[int, int]] = []
+
+        def received() -> bool:
+            got.extend(r.rx.pop_used())
+            return bool(got)
+
+        misses = pump_misses(fe, received)
         assert misses and all(x.type == m.IotlbType.MISS for x in misses)
         assert all(x.iova >= IOVA_OFFSET for x in misses)
         assert got[0][1] == len(HDR) + len(data)
@@ -491,7 +496,7 @@ def test_iommu_miss_round_trip(fe: Frontend, mem: GuestMemory, backend: BackendT
 
 
 def test_iotlb_invalidate_then_miss_again(
-    fe: Frontend, mem: GuestMemory, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, backend: BackendThread
 ) -> None:
     r = start_iommu(fe, mem, backend)
     try:
@@ -509,7 +514,9 @@ def test_iotlb_invalidate_then_miss_again(
         r.close()
 
 
-def test_refused_miss_is_tolerated(fe: Frontend, mem: GuestMemory, backend: BackendThread) -> None:
+def test_refused_miss_is_tolerated(
+    fe: Frontend, mem: SharedGuestMemory, backend: BackendThread
+) -> None:
     r = start_iommu(fe, mem, backend)
     try:
         mark = backend.mark()
@@ -527,7 +534,7 @@ def test_refused_miss_is_tolerated(fe: Frontend, mem: GuestMemory, backend: Back
 
 
 def test_refused_miss_is_asked_again_on_the_next_kick(
-    fe: Frontend, mem: GuestMemory, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, backend: BackendThread
 ) -> None:
     """A MISS acked with failure brings no UPDATE: the queue stays parked, and the next kick
     must send the MISS again (the guest may have mapped the IOVA meanwhile)."""
@@ -552,7 +559,7 @@ def test_refused_miss_is_asked_again_on_the_next_kick(
 
 
 def test_access_fail_request_and_its_refusal(
-    fe: Frontend, mem: GuestMemory, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, backend: BackendThread
 ) -> None:
     r = start_iommu(fe, mem, backend)
     try:
@@ -587,7 +594,7 @@ def test_access_fail_request_and_its_refusal(
 
 
 def test_set_features_starts_an_empty_iotlb(
-    fe: Frontend, mem: GuestMemory, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, backend: BackendThread
 ) -> None:
     """QEMU sends SET_FEATURES on every vhost start but no INVALIDATE for what the guest
     unmapped while vhost was stopped: each start must begin with an empty IOTLB."""
@@ -606,7 +613,9 @@ def test_set_features_starts_an_empty_iotlb(
         r.close()
 
 
-def test_update_ack_and_bad_updates(fe: Frontend, mem: GuestMemory, backend: BackendThread) -> None:
+def test_update_ack_and_bad_updates(
+    fe: Frontend, mem: SharedGuestMemory, backend: BackendThread
+) -> None:
     r = start_iommu(fe, mem, backend)
     try:
         assert fe.iotlb_update(IOVA_OFFSET, PAGE, UADDR_BASE, 1) == 0
@@ -622,7 +631,7 @@ def test_update_ack_and_bad_updates(fe: Frontend, mem: GuestMemory, backend: Bac
 
 # -- dirty log ------------------------------------------------------------------------------------
 def test_dirty_log_marks_rx_pages_and_used_ring(
-    fe: Frontend, mem: GuestMemory, rings: Rings, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, rings: Rings, backend: BackendThread
 ) -> None:
     fe.init_like_qemu(2)
     log_size = mem.slots[0].size // PAGE // 8
@@ -672,7 +681,7 @@ def test_set_log_base_replies_without_need_reply(fe: Frontend, backend: BackendT
 
 # -- resets and reconnects ----------------------------------------------------------------------
 def test_reset_device_keeps_memory(
-    fe: Frontend, mem: GuestMemory, rings: Rings, backend: BackendThread
+    fe: Frontend, mem: SharedGuestMemory, rings: Rings, backend: BackendThread
 ) -> None:
     start(fe, mem, rings)
     regions, maps = _regions(backend), _mappings(backend)
@@ -684,7 +693,7 @@ def test_reset_device_keeps_memory(
     assert rings.tx.wait_used(1)
 
 
-def test_reconnect(backend: BackendThread, mem: GuestMemory) -> None:
+def test_reconnect(backend: BackendThread, mem: SharedGuestMemory) -> None:
     for round_ in range(3):
         r = Rings(mem)
         fe = backend.frontend()

@@ -3,6 +3,8 @@ walker), wrap-around, EVENT_IDX, notifications, rewind, misses, dirty logging, r
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -10,18 +12,17 @@ from hypothesis import strategies as st
 from backends.tests.conftest import UADDR_BASE, DriverRing, Space, make_space
 from backends.vdpa.dirty_log import DirtyLog
 from backends.vdpa.iotlb import Perm
-from backends.vdpa.memory import Access, TranslationError
-from backends.vdpa.virtqueue import (
-    DESC,
+from backends.vdpa.memory import Access, HostRegion, TranslationError
+from backends.vdpa.split_virtqueue import SplitVirtqueue
+from backends.vdpa.virtqueue import VqError, VqState
+from backends.virtio.ring import SPLIT_DESC as DESC
+from backends.virtio.ring import (
     U16,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
-    SplitVirtqueue,
-    VqError,
-    VqState,
     vring_need_event,
 )
 
@@ -545,7 +546,13 @@ def ring_contents(draw):
     return num, descs, tables, last, pending, ring
 
 
-def lay_out(sp: Space, num: int, descs, tables, last: int, pending: int, ring_entries):
+class _HasRegion(Protocol):
+    region: HostRegion
+
+
+def lay_out(
+    sp: _HasRegion, num: int, descs, tables, last: int, pending: int, ring_entries
+) -> DriverRing:
     dr = DriverRing(sp.region, num, RING_GPA)
     for i, d in enumerate(descs):
         dr.write_desc(i, *d)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -227,9 +228,9 @@ def test_unix_wires_back_to_back(
     sizes = [14, 1514, 9014, 65535, 70000]
     for i, n in enumerate(sizes):
         a.send(frame(n, i), qp=1)
-        loop.run_until(lambda i=i: len(got_b.frames) == i + 1, 5.0, f"frame {i} at b")
+        loop.run_until(functools.partial(_has, got_b.frames, i + 1), 5.0, f"frame {i} at b")
         b.send(frame(n, 50 + i), qp=0)
-        loop.run_until(lambda i=i: len(got_a.frames) == i + 1, 5.0, f"frame {i} at a")
+        loop.run_until(functools.partial(_has, got_a.frames, i + 1), 5.0, f"frame {i} at a")
     assert got_b.frames == [(frame(n, i), 0) for i, n in enumerate(sizes)]
     assert got_a.frames == [(frame(n, 50 + i), 0) for i, n in enumerate(sizes)]
     assert a.counters() == {
@@ -279,3 +280,7 @@ def test_unix_wire_stale_live_and_foreign_paths(tmp_path: os.PathLike[str], clos
         UnixWire(regular)
     with open(regular) as fh:
         assert fh.read() == "keep me"
+
+
+def _has(frames: list[tuple[bytes, int]], n: int) -> bool:
+    return len(frames) == n

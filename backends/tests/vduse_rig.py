@@ -13,14 +13,14 @@ from typing import Any
 
 from backends.loop import EventLoop
 from backends.net.datapath import NetDevice
-from backends.net.header import HDR_LEN
 from backends.tests.conftest import DriverRing
 from backends.vdpa.device import VdpaDevice
-from backends.vdpa.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, Status, mask
 from backends.vdpa.memory import HostRegion
 from backends.vduse import uapi
 from backends.vduse.fake_kernel import FakeMemory, FakeVduse
 from backends.vduse.transport import VduseTransport
+from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, Status, mask
+from backends.virtio.net_header import HDR_LEN
 
 TIMEOUT = 5.0
 MEM_SIZE = 4 << 20

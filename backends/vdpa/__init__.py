@@ -14,7 +14,9 @@ from .faults import FAULTS, Faults
 from .iotlb import IOTLB, Mapping, Perm, SetMapDiff
 from .journal import Journal
 from .memory import HostMemory, HostRegion, Piece
-from .virtqueue import Chain, SplitVirtqueue, VqError, VqState, vring_need_event
+from .packed_virtqueue import PackedVirtqueue
+from .split_virtqueue import SplitVirtqueue
+from .virtqueue import Chain, Virtqueue, VqError, VqState
 
 __all__ = [
     "FAULTS",
@@ -29,13 +31,14 @@ __all__ = [
     "HostRegion",
     "Journal",
     "Mapping",
+    "PackedVirtqueue",
     "Perm",
     "Piece",
     "SetMapDiff",
     "SplitVirtqueue",
     "TranslationError",
     "VdpaDevice",
+    "Virtqueue",
     "VqError",
     "VqState",
-    "vring_need_event",
 ]

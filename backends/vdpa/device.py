@@ -21,11 +21,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from .access import Access, TranslationError
-from .dirty_log import DirtyLog
-from .dma import DmaSpace
-from .faults import Faults
-from .features import (
+from backends.virtio.features import (
     UNSUPPORTED_RING_FEATURES,
     VHOST_LEVEL_FEATURES,
     VIRTIO_F_ACCESS_PLATFORM,
@@ -35,11 +31,17 @@ from .features import (
     feature_names,
     has,
 )
+
+from .access import Access, TranslationError
+from .dirty_log import DirtyLog
+from .dma import DmaSpace
+from .faults import Faults
 from .iotlb import IOTLB, Mapping, Perm, SetMapDiff
 from .journal import Journal
 from .memory import HostMemory, HostRegion
 from .packed_virtqueue import PackedVirtqueue
-from .virtqueue import SplitVirtqueue, VqError, VqState
+from .split_virtqueue import SplitVirtqueue
+from .virtqueue import Virtqueue, VqError, VqState
 
 __all__ = ["DevicePersonality", "VdpaDevice"]
 
@@ -70,7 +72,6 @@ class DevicePersonality(Protocol):
 
 
 VqCallback = Callable[[int], None]
-Virtqueue = SplitVirtqueue | PackedVirtqueue
 
 
 class VdpaDevice:
@@ -294,57 +295,23 @@ class VdpaDevice:
     def get_vq_ready(self, i: int) -> bool:
         return self._vq(i).ready
 
-    def set_vq_state(self, i: int, state: VqState | int, used_idx: int | None = None) -> None:
-        """Set last_avail_idx; the used idx is ``used_idx`` if passed, else ``state.used_idx``
-        when non-zero, else last_avail_idx (what vdpa_sim does: nothing in flight)."""
+    def set_vq_state(self, i: int, state: VqState) -> None:
+        """Where the ring continues (vDPA ``set_vq_state``): the queue takes what its layout
+        uses (split: the two indexes; packed: positions and wrap counters)."""
         vq = self._vq(i)
-        if isinstance(state, int):
-            state = VqState(last_avail_idx=state)
         if self.faults.active("ignore-set-vring-base"):  # the fault: keep the queue's own state
-            state, used_idx = vq.get_state(), None
-        if isinstance(vq, PackedVirtqueue):  # positions + wrap counters, taken as given
-            vq.set_state(state)
-            self._parked.pop(i, None)
-            st = vq.get_state()
-            self._rec(
-                "vq.set_state",
-                vq=i,
-                last_avail_idx=st.last_avail_idx,
-                used_idx=st.used_idx,
-                avail_wrap=st.avail_wrap,
-                used_wrap=st.used_wrap,
-            )
-            return
-        last = state.last_avail_idx & 0xFFFF
-        if used_idx is None:
-            used_idx = state.used_idx if state.used_idx else last
-        st = VqState(last, used_idx & 0xFFFF, state.avail_wrap, state.used_wrap)
-        vq.set_state(st)
+            state = vq.get_state()
+        vq.set_state(state)
         self._parked.pop(i, None)
-        self._rec("vq.set_state", vq=i, last_avail_idx=st.last_avail_idx, used_idx=st.used_idx)
+        self._rec("vq.set_state", vq=i, **vq.get_state().journal_fields())
 
     def get_vq_state(self, i: int) -> VqState:
+        """The ring's state (vDPA ``get_vq_state``); ``VqState.packed`` tells the layout."""
         vq = self._vq(i)
         st = vq.get_state()
         if self.faults.active("vring-base-off-by-one"):
-            if isinstance(vq, PackedVirtqueue):
-                st.last_avail_idx += 1
-                if st.last_avail_idx >= vq.num:
-                    st.last_avail_idx, st.avail_wrap = 0, not st.avail_wrap
-            else:
-                st.last_avail_idx = (st.last_avail_idx + 1) & 0xFFFF
-        self._rec(
-            "vq.get_state",
-            vq=i,
-            last_avail_idx=st.last_avail_idx,
-            used_idx=st.used_idx,
-            inflight=vq.inflight,
-            **(
-                {"avail_wrap": st.avail_wrap, "used_wrap": st.used_wrap}
-                if isinstance(vq, PackedVirtqueue)
-                else {}
-            ),
-        )
+            st = st.advanced(vq.num)
+        self._rec("vq.get_state", vq=i, inflight=vq.inflight, **st.journal_fields())
         return st
 
     def set_vq_cb(self, i: int, fn: VqCallback | None) -> None:

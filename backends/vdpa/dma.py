@@ -122,7 +122,7 @@ class DmaSpace:
                 else:
                     self._remember(iova, pieces[0])
             return pieces
-        pieces: list[Piece] = []
+        pieces = []
         for uaddr, n in spans:
             for p in lookup(uaddr, n, access):
                 if pieces:

@@ -83,7 +83,9 @@ class Journal:
                 log.exception("journal subscriber %r failed", cb)
         return entry
 
-    def query(self, kinds: list[str] | None = None, since: int | None = None) -> list[dict]:
+    def query(
+        self, kinds: list[str] | None = None, since: int | None = None
+    ) -> list[dict[str, Any]]:
         """Entries (oldest first) whose kind matches ``kinds`` and whose seq is > ``since``."""
         match = _matcher(kinds) if kinds else None
         out: list[dict[str, Any]] = []

@@ -353,7 +353,9 @@ class HostMemory:
     def __len__(self) -> int:
         return len(self._uregions)
 
-    def _region_at(self, starts: list[int], regions: list[HostRegion], addr: int, gpa: bool):
+    def _region_at(
+        self, starts: list[int], regions: list[HostRegion], addr: int, gpa: bool
+    ) -> tuple[int, HostRegion | None]:
         i = bisect.bisect_right(starts, addr) - 1
         if i >= 0:
             r = regions[i]
@@ -370,7 +372,15 @@ class HostMemory:
         """Like :meth:`lookup` but addressed by guest-physical address."""
         return self._lookup(self._gstarts, self._gregions, gpa, length, access, gpa=True)
 
-    def _lookup(self, starts, regions, addr, length, access, gpa):
+    def _lookup(
+        self,
+        starts: list[int],
+        regions: list[HostRegion],
+        addr: int,
+        length: int,
+        access: Access,
+        gpa: bool,
+    ) -> list[Piece]:
         if length <= 0:
             return []
         i, r = self._region_at(starts, regions, addr, gpa)

@@ -15,7 +15,7 @@ counters flip when their position passes the ring end.
 
 State (:class:`VqState`): ``last_avail_idx`` and ``used_idx`` are slot positions in
 ``[0, num)`` with separate wrap counters; vhost-user packs them as QEMU does (bits 0-14 last
-avail, 15 avail wrap, 16-30 used, 31 used wrap: ``vhost_user.messages.PackedVringBase``).
+avail, 15 avail wrap, 16-30 used, 31 used wrap: :meth:`VqState.to_vhost_base`).
 
 Kick suppression (device area): ENABLE / DISABLE. Interrupt suppression (driver area):
 ENABLE, DISABLE, and DESC (with EVENT_IDX): interrupt once the used descriptor at
@@ -26,55 +26,31 @@ QEMU; nested indirect and INDIRECT+NEXT are errors.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from .access import Access, TranslationError
-from .dma import DmaSpace
-from .journal import Journal
-from .memory import Piece
-from .virtqueue import (
-    MAX_CHAIN_BYTES,
-    MAX_INDIRECT_ENTRIES,
+from backends.virtio.ring import (
+    DESC_SIZE,
+    EVENT,
+    EVENT_FLAGS,
+    EVENT_FLAGS_DESC,
+    EVENT_FLAGS_DISABLE,
+    EVENT_FLAGS_ENABLE,
+    MAX_QUEUE_SIZE,
+    PACKED_FLAGS_OFFSET,
+    PACKED_USED_LEN_ID,
     U16,
-    Chain,
-    RingArea,
-    VirtqueueBase,
-    VqError,
-    VqState,
+    packed_desc_available,
+    packed_used_flags,
 )
 
-__all__ = [
-    "EVENT_FLAGS_DESC",
-    "EVENT_FLAGS_DISABLE",
-    "EVENT_FLAGS_ENABLE",
-    "PACKED_DESC",
-    "PackedVirtqueue",
-]
+from .access import Access, TranslationError
+from .descriptor_chain import Chain, VqError
+from .dma import DmaSpace
+from .journal import Journal
+from .virtqueue import RingArea, Virtqueue, VqState
 
-PACKED_DESC = struct.Struct("<QIHH")  # addr, len, id, flags
-EVENT = struct.Struct("<HH")  # off_wrap, flags
-DESC_SIZE = PACKED_DESC.size
-USED_ID_LEN = struct.Struct("<IH")  # len, id (bytes 8..14 of a descriptor)
-
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-DESC_F_INDIRECT = 4
-DESC_F_AVAIL = 1 << 7
-DESC_F_USED = 1 << 15
-
-EVENT_FLAGS_ENABLE = 0
-EVENT_FLAGS_DISABLE = 1
-EVENT_FLAGS_DESC = 2
-EVENT_OFF_WRAP = 0
-EVENT_FLAGS = 2
-
-MAX_PACKED_SIZE = 32768
-
-
-def _used_flags(wrap: bool, write: bool) -> int:
-    f = (DESC_F_AVAIL | DESC_F_USED) if wrap else 0
-    return f | (DESC_F_WRITE if write else 0)
+__all__ = ["PackedVirtqueue"]
 
 
 @dataclass
@@ -83,6 +59,7 @@ class _Rings:
     desc: RingArea
     driver: RingArea
     device: RingArea
+    walk: Callable[[int], Chain]  # the chain walker over ``desc``
 
 
 @dataclass(slots=True)
@@ -93,7 +70,7 @@ class _Popped:
     write: bool  # had device-writable buffers
 
 
-class PackedVirtqueue(VirtqueueBase):
+class PackedVirtqueue(Virtqueue):
     """Device side of one packed virtqueue. Addresses are IOVAs (GPAs without a vIOMMU).
     ``avail`` is the driver area, ``used`` the device area (the split names, for the API)."""
 
@@ -103,14 +80,13 @@ class PackedVirtqueue(VirtqueueBase):
         super().__init__(index, dma, journal)
         self._popped: dict[int, _Popped] = {}  # buffer id -> where it was, in pop order
         self._pending_used: list[tuple[int, int, int, bool]] = []  # id, len, slots, write
-        self._used_pub = 0  # used position last published
         self._used_pub_wrap = True
         self._rings: _Rings | None = None
 
     # -- configuration ---------------------------------------------------------------------
     def set_num(self, num: int) -> None:
-        if num <= 0 or num > MAX_PACKED_SIZE:
-            raise ValueError(f"vq {self.index}: packed ring size {num} not in 1..{MAX_PACKED_SIZE}")
+        if num <= 0 or num > MAX_QUEUE_SIZE:
+            raise ValueError(f"vq {self.index}: packed ring size {num} not in 1..{MAX_QUEUE_SIZE}")
         self.num = num
         self._rings = None
 
@@ -121,6 +97,7 @@ class PackedVirtqueue(VirtqueueBase):
             state.used_idx & 0x7FFF,
             bool(state.avail_wrap),
             bool(state.used_wrap),
+            True,
         )
         self._used_pub = self.state.used_idx
         self._used_pub_wrap = self.state.used_wrap
@@ -129,9 +106,14 @@ class PackedVirtqueue(VirtqueueBase):
         self._pending_used.clear()
         self.need_call = False
 
-    def get_state(self) -> VqState:
-        s = self.state
-        return VqState(s.last_avail_idx, s.used_idx, s.avail_wrap, s.used_wrap)
+    def state_from_base(self, num: int) -> VqState:
+        st = VqState.from_vhost_base(num, packed=True)
+        if self.num and (st.last_avail_idx >= self.num or st.used_idx >= self.num):
+            raise ValueError(f"packed base {num:#x} outside a ring of {self.num}")
+        return st
+
+    def invalidate(self) -> None:
+        self._rings = None
 
     # -- ring access -----------------------------------------------------------------------
     def rings(self) -> _Rings:
@@ -139,20 +121,21 @@ class PackedVirtqueue(VirtqueueBase):
         r = self._rings
         if r is not None and r.gen == gen:
             return r
+        desc = self._ring_area(
+            "descriptor ring", self.desc, DESC_SIZE * self.num, Access.READ | Access.WRITE
+        )
         r = _Rings(
             gen,
-            self._ring_area(
-                "descriptor ring", self.desc, DESC_SIZE * self.num, Access.READ | Access.WRITE
-            ),
+            desc,
             self._ring_area("driver area", self.avail, EVENT.size, Access.READ),
             self._ring_area("device area", self.used, EVENT.size, Access.WRITE),
+            self._walker(desc),
         )
         self._rings = r
         return r
 
     def _desc_available(self, rings: _Rings, pos: int, wrap: bool) -> bool:
-        flags = rings.desc.u16(pos * DESC_SIZE + 14)
-        return bool(flags & DESC_F_AVAIL) == wrap and bool(flags & DESC_F_USED) != wrap
+        return packed_desc_available(rings.desc.u16(pos * DESC_SIZE + PACKED_FLAGS_OFFSET), wrap)
 
     def avail_pending(self) -> int:
         """Descriptor slots available from last_avail (a scan; not for the hot path)."""
@@ -211,13 +194,14 @@ class PackedVirtqueue(VirtqueueBase):
         try:
             if not self._desc_available(rings, pos, wrap):
                 return None
-            chain, slots, buf_id = self._walk(rings.desc, pos)
+            chain = rings.walk(pos)
         except TranslationError as e:
             if e.kind == "miss":
                 raise
             raise VqError("translate", str(e)) from None
         except (ValueError, IndexError, struct.error) as e:
             raise VqError("ring-access", str(e)) from None
+        buf_id, slots = chain.head, chain.slots
         if buf_id >= self.num:
             raise VqError("head-range", f"buffer id {buf_id} >= queue size {self.num} (at {pos})")
         if buf_id in self._popped:
@@ -233,67 +217,6 @@ class PackedVirtqueue(VirtqueueBase):
         self.inflight += 1
         self.popped_total += 1
         return chain
-
-    def _walk(self, table: RingArea, pos: int) -> tuple[Chain, int, int]:
-        """Walk the chain starting at slot ``pos``: (chain, ring slots, buffer id)."""
-        num = self.num
-        translate = self.dma.translate
-        out: list[Piece] = []
-        inp: list[Piece] = []
-        out_len = in_len = total = 0
-        writing = False
-        slots = 0
-        ndesc = 0
-        buf_id = 0
-        while True:
-            slots += 1
-            if slots > num:
-                raise VqError("loop", f"chain at {pos} longer than the ring ({num})")
-            idx = (pos + slots - 1) % num
-            addr, length, buf_id, flags = table.unpack(PACKED_DESC, idx * DESC_SIZE)
-            if flags & DESC_F_INDIRECT:
-                if flags & DESC_F_NEXT:
-                    raise VqError("indirect-next", f"descriptor {idx} has INDIRECT and NEXT")
-                if length == 0 or length % DESC_SIZE or length > MAX_INDIRECT_ENTRIES * DESC_SIZE:
-                    raise VqError("indirect-len", f"indirect table length {length}")
-                if slots > 1:
-                    raise VqError("indirect-nested", f"indirect descriptor {idx} inside a chain")
-                raw = self.dma.read_pieces(translate(addr, length, Access.READ))
-                for i, (a, n, _id, f) in enumerate(PACKED_DESC.iter_unpack(raw)):
-                    ndesc += 1
-                    if f & DESC_F_INDIRECT:
-                        raise VqError("indirect-nested", f"indirect descriptor {i} in a table")
-                    total += n
-                    if f & DESC_F_WRITE:
-                        if n:
-                            inp.extend(translate(a, n, Access.WRITE))
-                        in_len += n
-                        writing = True
-                    else:
-                        if writing:
-                            raise VqError("order", f"readable entry {i} after a writable one")
-                        if n:
-                            out.extend(translate(a, n, Access.READ))
-                        out_len += n
-                break
-            ndesc += 1
-            total += length
-            if flags & DESC_F_WRITE:
-                if length:
-                    inp.extend(translate(addr, length, Access.WRITE))
-                in_len += length
-                writing = True
-            else:
-                if writing:
-                    raise VqError("order", f"readable descriptor {idx} after a writable one")
-                if length:
-                    out.extend(translate(addr, length, Access.READ))
-                out_len += length
-            if not flags & DESC_F_NEXT:
-                break
-        if total > MAX_CHAIN_BYTES:
-            raise VqError("len-overflow", f"chain at {pos} is {total} bytes")
-        return Chain(buf_id, out, inp, out_len, in_len, pos, ndesc), slots, buf_id
 
     # -- push / flush ----------------------------------------------------------------------
     def push(self, chain: Chain, written: int) -> None:
@@ -326,8 +249,8 @@ class PackedVirtqueue(VirtqueueBase):
         try:
             for buf_id, written, slots, write in pending:
                 off = pos * DESC_SIZE
-                desc.pack(USED_ID_LEN, off + 8, written & 0xFFFFFFFF, buf_id)
-                flags = _used_flags(wrap, write)
+                desc.pack(PACKED_USED_LEN_ID, off + 8, written & 0xFFFFFFFF, buf_id)
+                flags = packed_used_flags(wrap, write)
                 if first_flags is None:
                     first_flags = (off + 14, flags)
                 else:
@@ -367,6 +290,10 @@ class PackedVirtqueue(VirtqueueBase):
     def used_published(self) -> int:
         return self._used_pub | (int(self._used_pub_wrap) << 15)
 
+    @property
+    def used_pending(self) -> int:
+        return len(self._pending_used)
+
     def rewind(self) -> int:
         """Give back popped-but-unpushed chains: last_avail goes back to the oldest one's
         slot and wrap counter. Exact when completions are in order."""
@@ -378,15 +305,7 @@ class PackedVirtqueue(VirtqueueBase):
         self.state.avail_wrap = oldest.wrap
         self.inflight = 0
         self._popped.clear()
-        if self.journal is not None:
-            self.journal.record(
-                "vq.rewind",
-                vq=self.index,
-                count=n,
-                last_avail_idx=oldest.pos,
-                avail_wrap=oldest.wrap,
-                in_order=True,
-            )
+        self._journal_rewind(n, True)
         return n
 
     # -- notifications ---------------------------------------------------------------------
@@ -403,30 +322,3 @@ class PackedVirtqueue(VirtqueueBase):
         self.set_notification(True)
         rings = self.rings()
         return self._desc_available(rings, self.state.last_avail_idx, self.state.avail_wrap)
-
-    # -- introspection ---------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "index": self.index,
-            "packed": True,
-            "num": self.num,
-            "desc": self.desc,
-            "avail": self.avail,
-            "used": self.used,
-            "ready": self.ready,
-            "started": self.started,
-            "event_idx": self.event_idx,
-            "last_avail_idx": self.state.last_avail_idx,
-            "avail_wrap": self.state.avail_wrap,
-            "used_idx": self.state.used_idx,
-            "used_wrap": self.state.used_wrap,
-            "used_published": self._used_pub,
-            "inflight": self.inflight,
-            "popped": self.popped_total,
-            "pushed": self.pushed_total,
-        }
-        try:
-            d["avail_idx"] = self.avail_idx() if self.configured else None
-        except (TranslationError, VqError, ValueError):
-            d["avail_idx"] = None
-        return d

@@ -40,7 +40,8 @@ from typing import Any
 
 from backends.loop import EventLoop
 from backends.vdpa.device import VdpaDevice
-from backends.vdpa.features import (
+from backends.vdpa.virtqueue import VqState
+from backends.virtio.features import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
@@ -48,7 +49,6 @@ from backends.vdpa.features import (
     feature_names,
     has,
 )
-from backends.vdpa.virtqueue import VqState
 
 from . import uapi
 from .iotlb_mirror import IotlbFetchError, IotlbMirror

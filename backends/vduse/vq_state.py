@@ -3,8 +3,9 @@
 VDUSE carries a queue's state as ``struct vduse_vq_state`` (GET_VQ_STATE replies) and inside
 ``struct vduse_vq_info`` (VQ_GET_INFO: what the front-end set with SET_VRING_BASE): a split
 ``avail_index``, or the packed ``last_avail_counter, last_avail_idx, last_used_counter,
-last_used_idx``. The device model speaks :class:`~backends.vdpa.virtqueue.VqState`. Keep both
-directions here (the queue-state object is being reshaped elsewhere; this is what adapts).
+last_used_idx``. The device model speaks :class:`~backends.vdpa.virtqueue.VqState`, which has
+both views (``VqState.split`` / ``VqState.packed_state`` and the same-named properties); this
+module maps them to and from the VDUSE structs.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ def state_from_info(info: VqInfo, packed: bool) -> VqState:
     avail index (the model then takes used = avail: nothing in flight, as vdpa_sim does)."""
     if packed:
         avail_wrap, last_avail, used_wrap, last_used = info.packed
-        return VqState(
+        return VqState.packed_state(
+            last_avail_counter=avail_wrap & 1,
             last_avail_idx=last_avail & 0x7FFF,
-            used_idx=last_used & 0x7FFF,
-            avail_wrap=bool(avail_wrap & 1),
-            used_wrap=bool(used_wrap & 1),
+            last_used_counter=used_wrap & 1,
+            last_used_idx=last_used & 0x7FFF,
         )
-    return VqState(last_avail_idx=info.split_avail & 0xFFFF)
+    return VqState.split(info.split_avail & 0xFFFF)
 
 
 def state_to_wire(index: int, state: VqState, packed: bool) -> bytes:

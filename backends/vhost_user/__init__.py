@@ -11,8 +11,9 @@
 * ``server.py``         - the listening socket, one front-end at a time, reconnects
 """
 
-from backends.vhost_user.connection import Connection, Offer
+from backends.vhost_user.connection import Connection
 from backends.vhost_user.errors import ProtocolError
+from backends.vhost_user.offer import Offer
 from backends.vhost_user.server import VhostUserServer
 
 __all__ = ["Connection", "Offer", "ProtocolError", "VhostUserServer"]

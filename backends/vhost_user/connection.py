@@ -1,4 +1,8 @@
-"""One vhost-user front-end connection: message dispatch onto the vDPA bus ops.
+"""One vhost-user front-end connection: input, validation, dispatch, replies, teardown.
+
+The requests themselves are served by concern: ``feature_requests``, ``memory_requests``,
+``vring_requests``, ``iotlb_requests``, ``device_requests`` (onto the vDPA bus ops); what the
+backend offers is ``offer``.
 
 Every request is journalled (``vhost.msg``) and validated (payload size, descriptor count,
 indexes, state) before it reaches the device. A refused request is journalled as
@@ -15,40 +19,55 @@ Replies always have flags exactly ``0x5`` (version 1 | REPLY).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from backends.loop import EventLoop
 from backends.vdpa.access import TranslationError
-from backends.vdpa.dirty_log import DirtyLog
-from backends.vdpa.features import VIRTIO_F_ACCESS_PLATFORM, Status, bit
 from backends.vdpa.iotlb import Perm
-from backends.vdpa.virtqueue import VqError, VqState
+from backends.vdpa.virtqueue import VqError
 from backends.vhost_user import messages as m
 from backends.vhost_user.backend_channel import BackendChannel
+from backends.vhost_user.device_requests import HANDLERS as _DEVICE_REQUESTS
 from backends.vhost_user.errors import ProtocolError
+from backends.vhost_user.feature_requests import HANDLERS as _FEATURE_REQUESTS
 from backends.vhost_user.framing import Message, MessageReader
+from backends.vhost_user.iotlb_requests import HANDLERS as _IOTLB_REQUESTS
 from backends.vhost_user.log_area import LogArea
+from backends.vhost_user.memory_requests import HANDLERS as _MEMORY_REQUESTS
 from backends.vhost_user.memory_table import MemoryTable
 from backends.vhost_user.messages import ProtocolFeature as PF
 from backends.vhost_user.messages import Request as R
+from backends.vhost_user.offer import (
+    ACCESS_PLATFORM,
+    DRIVER_READY,
+    LOG_ALL,
+    PROTOCOL_FEATURES,
+    Offer,
+)
 from backends.vhost_user.outbox import Outbox
-from backends.vhost_user.vrings import Vrings, check_eventfd
+from backends.vhost_user.vring_requests import HANDLERS as _VRING_REQUESTS
+from backends.vhost_user.vrings import Vrings
+from backends.virtio.features import Status
 
 if TYPE_CHECKING:
     from backends.vdpa.device import VdpaDevice
 
 log = logging.getLogger(__name__)
 
-_U64 = 1 << 64
-LOG_ALL = bit(m.VHOST_F_LOG_ALL)
-PROTOCOL_FEATURES = bit(m.VHOST_USER_F_PROTOCOL_FEATURES)
-ACCESS_PLATFORM = bit(VIRTIO_F_ACCESS_PLATFORM)
-DRIVER_READY = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
+#: Every request a connection serves, by concern (see the *_requests modules).
+HANDLERS = {
+    **_DEVICE_REQUESTS,
+    **_FEATURE_REQUESTS,
+    **_IOTLB_REQUESTS,
+    **_MEMORY_REQUESTS,
+    **_VRING_REQUESTS,
+}
+
 
 # What QEMU sends before SET_OWNER (vhost_user_backend_init), plus harmless queries.
 _BEFORE_OWNER = frozenset(
@@ -66,33 +85,6 @@ _BEFORE_OWNER = frozenset(
         R.GET_CONFIG,
     }
 )
-
-
-@dataclass(frozen=True)
-class Offer:
-    """What the backend offers a front-end."""
-
-    mem_slots: bool = True
-    iommu: bool = True
-    log: bool = True
-    max_queues: int = 1
-
-    def protocol_features(self) -> int:
-        f = m.protocol_mask(
-            PF.MQ,
-            PF.RARP,
-            PF.REPLY_ACK,
-            PF.MTU,
-            PF.BACKEND_REQ,
-            PF.STATUS,
-            PF.RESET_DEVICE,
-            PF.CONFIG,
-        )
-        if self.log:
-            f |= bit(PF.LOG_SHMFD)
-        if self.mem_slots:
-            f |= bit(PF.CONFIGURE_MEM_SLOTS)
-        return f
 
 
 class Connection:
@@ -134,37 +126,7 @@ class Connection:
         self._reader = MessageReader(sock)
         self._outbox = Outbox(sock, loop, self._send_failed)
         self._handlers: dict[R, Callable[[Message], bytes | None]] = {
-            R.GET_FEATURES: self._get_features,
-            R.SET_FEATURES: self._set_features,
-            R.SET_OWNER: self._set_owner,
-            R.RESET_OWNER: self._reset,
-            R.RESET_DEVICE: self._reset,
-            R.SET_MEM_TABLE: self._set_mem_table,
-            R.SET_LOG_BASE: self._set_log_base,
-            R.SET_LOG_FD: self._set_log_fd,
-            R.SET_VRING_NUM: self._set_vring_num,
-            R.SET_VRING_ADDR: self._set_vring_addr,
-            R.SET_VRING_BASE: self._set_vring_base,
-            R.GET_VRING_BASE: self._get_vring_base,
-            R.SET_VRING_KICK: self._set_vring_file,
-            R.SET_VRING_CALL: self._set_vring_file,
-            R.SET_VRING_ERR: self._set_vring_file,
-            R.GET_PROTOCOL_FEATURES: self._get_protocol_features,
-            R.SET_PROTOCOL_FEATURES: self._set_protocol_features,
-            R.GET_QUEUE_NUM: self._get_queue_num,
-            R.SET_VRING_ENABLE: self._set_vring_enable,
-            R.SEND_RARP: self._send_rarp,
-            R.NET_SET_MTU: self._net_set_mtu,
-            R.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
-            R.IOTLB_MSG: self._iotlb_msg,
-            R.SET_VRING_ENDIAN: self._set_vring_endian,
-            R.GET_CONFIG: self._get_config,
-            R.SET_CONFIG: self._set_config,
-            R.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
-            R.ADD_MEM_REG: self._add_mem_reg,
-            R.REM_MEM_REG: self._rem_mem_reg,
-            R.SET_STATUS: self._set_status,
-            R.GET_STATUS: self._get_status,
+            request: functools.partial(handler, self) for request, handler in HANDLERS.items()
         }
         device.on_iotlb_miss = self._on_iotlb_miss
         device.on_config_change = self._on_config_change
@@ -338,7 +300,7 @@ class Connection:
         if self.backend is not None:
             self.backend.close()
         self.vrings.close()
-        self._stop_log()
+        self.stop_log()
         if self.log_fd >= 0:
             os.close(self.log_fd)
             self.log_fd = -1
@@ -354,7 +316,7 @@ class Connection:
         self.mem.check_backing()
         area = self.log_area
         if area is not None and not area.backing_ok():
-            self._stop_log()
+            self.stop_log()
             self.device.fail(
                 None,
                 "log-shrunk",
@@ -383,330 +345,16 @@ class Connection:
             self.device.set_status(DRIVER_READY)
 
     # -- helpers ----------------------------------------------------------------------------
-    @staticmethod
-    def _u64(msg: Message) -> int:
-        return m.unpack_u64(msg.payload)
-
-    def _vring_index(self, index: int) -> int:
+    def vring_index(self, index: int) -> int:
+        """``index`` after checking the ring exists (ProtocolError otherwise)."""
         self.vrings.get(index)
         return index
 
-    # -- features / ownership -----------------------------------------------------------------
-    def _get_features(self, msg: Message) -> bytes:
-        return m.pack_u64(self.offered_features())
-
-    def _set_features(self, msg: Message) -> None:
-        features = self._u64(msg)
-        extra = features & ~self.offered_features()
-        if extra:
-            raise ProtocolError("bad-features", f"features {extra:#x} were not offered")
-        if features & ACCESS_PLATFORM and not (self.has(PF.REPLY_ACK) and self.has(PF.BACKEND_REQ)):
-            raise ProtocolError(
-                "bad-features",
-                "ACCESS_PLATFORM needs the REPLY_ACK and BACKEND_REQ protocol features",
-            )
-        old = self.features or 0
-        self.features = features
-        self.device.set_driver_features(features)
-        self.mem.set_iommu(bool(features & ACCESS_PLATFORM))
-        if not features & PROTOCOL_FEATURES:
-            for i in range(len(self.vrings)):  # no SET_VRING_ENABLE: every ring is enabled
-                self.device.set_vq_ready(i, True)
-        if old & LOG_ALL and not features & LOG_ALL:
-            self._stop_log()
-        elif features & LOG_ALL and self.log_area is not None and self.device.dma.dirty_log is None:
-            self.device.set_dirty_log(DirtyLog(self.log_area.view))
-        return None
-
-    def _set_owner(self, msg: Message) -> None:
-        self.owner = True
-
-    def _reset(self, msg: Message) -> None:
-        """RESET_OWNER (deprecated) / RESET_DEVICE: stop every ring, reset the device.
-        The memory table stays (the front-end does not resend it)."""
-        self.vrings.stop_kicks()
-        self._stop_log()
-        self.features = None
-        self.device.reset()
-        self.mem.resync()
-
-    def _get_protocol_features(self, msg: Message) -> bytes:
-        return m.pack_u64(self.offer.protocol_features())
-
-    def _set_protocol_features(self, msg: Message) -> None:
-        features = self._u64(msg)
-        extra = features & ~self.offer.protocol_features()
-        if extra:
-            raise ProtocolError("bad-features", f"protocol features {extra:#x} were not offered")
-        self.protocol_features = features
-        if self.backend is not None:
-            self.backend.reply_ack = self.has(PF.REPLY_ACK)
-
-    def _get_queue_num(self, msg: Message) -> bytes:
-        return m.pack_u64(self.offer.max_queues)
-
-    def _get_max_mem_slots(self, msg: Message) -> bytes:
-        slots = self.mem.max_slots if self.offer.mem_slots else m.MEM_TABLE_MAX_REGIONS
-        return m.pack_u64(slots)
-
-    # -- memory -------------------------------------------------------------------------------
-    def _set_mem_table(self, msg: Message) -> None:
-        payload = msg.payload
-        if len(payload) < m.MEMORY_HEADER.size:
-            raise ProtocolError("bad-size", f"SET_MEM_TABLE payload is {len(payload)} bytes")
-        n = m.unpack_mem_table_count(payload)
-        if n > m.MEM_TABLE_MAX_REGIONS:
-            raise ProtocolError("bad-mem-table", f"{n} regions (at most {m.MEM_TABLE_MAX_REGIONS})")
-        if len(payload) < m.mem_table_size(n) or len(payload) > m.mem_table_size(
-            m.MEM_TABLE_MAX_REGIONS
-        ):
-            raise ProtocolError(
-                "bad-size", f"SET_MEM_TABLE with {n} regions has a {len(payload)}-byte payload"
-            )
-        table = [
-            m.MemRegion.unpack(payload, m.MEMORY_HEADER.size + k * m.MEM_REGION.size)
-            for k in range(n)
-        ]
-        fds, msg.fds = msg.fds, []
-        self.mem.set_table(table, fds, "SET_MEM_TABLE")
-
-    def _add_mem_reg(self, msg: Message) -> None:
-        self.mem.add(m.unpack_mem_reg(msg.payload), msg.take_fd(), "ADD_MEM_REG")
-
-    def _rem_mem_reg(self, msg: Message) -> None:
-        msg.close_fds()  # the spec tolerates a stray fd here: closed unused
-        self.mem.remove(m.unpack_mem_reg(msg.payload), "REM_MEM_REG")
-
-    # -- dirty log ----------------------------------------------------------------------------
-    def _set_log_base(self, msg: Message) -> None:
-        desc = m.LogDesc.unpack(msg.payload)
-        if not msg.fds:
-            raise ProtocolError("fd-count", "SET_LOG_BASE without a log fd (LOG_SHMFD)")
-        fd = msg.take_fd()
-        try:
-            area = LogArea(fd, desc.mmap_size, desc.mmap_offset)
-        except Exception as e:
-            # QEMU frees its old log whatever we answer (it checks only the reply's request
-            # code): marking the old one would lose dirty pages silently. Stop logging and
-            # drop the connection, the only failure QEMU acts on.
-            self._stop_log()
-            raise ProtocolError("log-base", f"cannot map the dirty log: {e}", fatal=True) from e
-        finally:
-            os.close(fd)
-        old, self.log_area = self.log_area, area
-        self.device.set_dirty_log(DirtyLog(area.view))
-        if old is not None:
-            old.close()
-        self.journal.record("log.base", size=desc.mmap_size, offset=desc.mmap_offset)
-
-    def _stop_log(self) -> None:
+    # -- dirty log
+    def stop_log(self) -> None:
         if self.log_area is None:
             return
         if self.device.dma.dirty_log is not None:
             self.device.set_dirty_log(None)
         self.log_area.close()
         self.log_area = None
-
-    def _set_log_fd(self, msg: Message) -> None:
-        if self.log_fd >= 0:
-            os.close(self.log_fd)
-            self.log_fd = -1
-        if msg.fds:
-            self.log_fd = msg.take_fd()
-
-    # -- vrings -------------------------------------------------------------------------------
-    def _set_vring_num(self, msg: Message) -> None:
-        st = m.VringState.unpack(msg.payload)
-        i = self._vring_index(st.index)
-        num, limit = st.num, self.device.get_vq_num_max()
-        if num == 0 or num & (num - 1) or num > limit:
-            raise ProtocolError(
-                "bad-num", f"vring {i}: size {num} is not a power of 2 in 1..{limit}"
-            )
-        self.device.set_vq_num(i, num)
-
-    def _set_vring_addr(self, msg: Message) -> None:
-        addr = m.VringAddr.unpack(msg.payload)
-        i = self._vring_index(addr.index)
-        if self.iommu:
-            desc, avail, used = addr.desc, addr.avail, addr.used
-        else:  # QEMU user addresses: turn them into guest-physical ones via the mem table
-            conv = []
-            for what, uaddr in (("desc", addr.desc), ("avail", addr.avail), ("used", addr.used)):
-                gpa = self.mem.uaddr_to_gpa(uaddr)
-                if gpa is None:
-                    raise ProtocolError(
-                        "unmapped", f"vring {i}: {what} address {uaddr:#x} is in no memory region"
-                    )
-                conv.append(gpa)
-            desc, avail, used = conv
-        self.device.set_vq_address(i, desc, avail, used)
-        ring = self.vrings.get(i)
-        ring.log = addr.log
-        ring.log_guest_addr = addr.log_guest_addr
-        if addr.log:
-            self.journal.record("vq.log", vq=i, log_guest_addr=addr.log_guest_addr)
-
-    def _set_vring_base(self, msg: Message) -> None:
-        st = m.VringState.unpack(msg.payload)
-        i = self._vring_index(st.index)
-        if getattr(self.device.vqs[i], "packed", False):
-            pb = m.PackedVringBase.decode(st.num)
-            num = self.device.vqs[i].num
-            if num and (pb.last_avail_idx >= num or pb.used_idx >= num):
-                raise ProtocolError("bad-base", f"vring {i}: packed base {st.num:#x}, size {num}")
-            state = VqState(pb.last_avail_idx, pb.used_idx, pb.avail_wrap, pb.used_wrap)
-            self.device.set_vq_state(i, state)
-            return
-        if st.num > 0xFFFF:
-            raise ProtocolError("bad-base", f"vring {i}: base {st.num:#x} does not fit a u16")
-        self.device.set_vq_state(i, VqState(last_avail_idx=st.num))
-
-    def _get_vring_base(self, msg: Message) -> bytes:
-        st = m.VringState.unpack(msg.payload)
-        i = self._vring_index(st.index)
-        if not self.device.vqs[i].configured:
-            raise ProtocolError("not-configured", f"GET_VRING_BASE of vring {i}, never set up")
-        state = self.vrings.stop(i)
-        if getattr(self.device.vqs[i], "packed", False):
-            pb = m.PackedVringBase(
-                state.last_avail_idx, state.avail_wrap, state.used_idx, state.used_wrap
-            )
-            return m.VringState(i, pb.encode()).pack()
-        return m.VringState(i, state.last_avail_idx).pack()
-
-    def _set_vring_file(self, msg: Message) -> None:
-        request = R(msg.header.request)
-        value = self._u64(msg)
-        vf = m.VringFile.from_u64(value)
-        i = self._vring_index(vf.index)
-        if value & ~(m.VRING_IDX_MASK | m.VRING_NOFD_MASK):
-            raise ProtocolError("bad-payload", f"{request.name} payload {value:#x}")
-        if vf.nofd and msg.fds:
-            raise ProtocolError("fd-count", f"{request.name} has the no-fd bit and an fd")
-        if not vf.nofd and not msg.fds:
-            raise ProtocolError("fd-count", f"{request.name} for vring {i} without an fd")
-        fd: int | None = None
-        if not vf.nofd:
-            check_eventfd(msg.fds[0], request.name)
-            fd = msg.take_fd()
-        if request is R.SET_VRING_KICK:
-            self.vrings.set_kick(i, fd)
-        elif request is R.SET_VRING_CALL:
-            self.vrings.set_call(i, fd)
-        else:
-            self.vrings.set_err(i, fd)
-
-    def _set_vring_enable(self, msg: Message) -> None:
-        st = m.VringState.unpack(msg.payload)
-        i = self._vring_index(st.index)
-        if st.num > 1:
-            raise ProtocolError("bad-payload", f"SET_VRING_ENABLE vring {i} with {st.num}")
-        self.device.set_vq_ready(i, bool(st.num))
-
-    def _set_vring_endian(self, msg: Message) -> None:
-        raise ProtocolError("unsupported", "cross-endian rings are not supported (no CROSS_ENDIAN)")
-
-    # -- IOTLB ------------------------------------------------------------------------------
-    def _iotlb_msg(self, msg: Message) -> None:
-        t = m.IotlbMsg.unpack(msg.payload)
-        if not self.iommu:
-            raise ProtocolError("no-iommu", "IOTLB_MSG without ACCESS_PLATFORM negotiated")
-        if t.size == 0:
-            raise ProtocolError("bad-iotlb", f"IOTLB message type {t.type} with size 0")
-        if t.iova + t.size > _U64:
-            raise ProtocolError(
-                "bad-iotlb", f"iova {t.iova:#x} + size {t.size:#x} overflows 64 bits"
-            )
-        dev = self.device
-        if t.type == m.IotlbType.UPDATE:
-            if t.uaddr + t.size > _U64:
-                raise ProtocolError("bad-iotlb", f"uaddr {t.uaddr:#x} + size overflows 64 bits")
-            if not 1 <= t.perm <= 3:
-                raise ProtocolError("bad-iotlb", f"UPDATE with permission {t.perm}")
-            try:
-                dev.host.lookup(t.uaddr, t.size)
-            except TranslationError as e:
-                raise ProtocolError(
-                    "unmapped", f"UPDATE uaddr {t.uaddr:#x}+{t.size:#x} outside host memory: {e}"
-                ) from None
-            dev.dma_map(t.iova, t.size, t.uaddr, Perm(t.perm))
-            self.journal.record(
-                "iotlb.update", iova=t.iova, size=t.size, uaddr=t.uaddr, perm=t.perm
-            )
-        elif t.type == m.IotlbType.INVALIDATE:
-            dev.dma_unmap(t.iova, t.size)
-            self.journal.record("iotlb.invalidate", iova=t.iova, size=t.size)
-        else:
-            raise ProtocolError("bad-iotlb", f"IOTLB message type {t.type} from the front-end")
-        dev.iotlb_updated()
-
-    def _set_backend_req_fd(self, msg: Message) -> None:
-        fd = msg.take_fd()
-        if not self.has(PF.BACKEND_REQ):
-            os.close(fd)
-            raise ProtocolError("not-negotiated", "SET_BACKEND_REQ_FD without BACKEND_REQ")
-        channel = BackendChannel(
-            fd,
-            self.loop,
-            self.journal,
-            reply_ack=self.has(PF.REPLY_ACK),
-            on_closed=self._backend_closed,
-            on_refused=self.device.iotlb_miss_refused,
-        )
-        old, self.backend = self.backend, channel
-        if old is not None:
-            old.close()
-
-    def _backend_closed(self, channel: BackendChannel) -> None:
-        if self.backend is channel:
-            self.backend = None
-
-    # -- net --------------------------------------------------------------------------------
-    def _send_rarp(self, msg: Message) -> None:
-        mac = msg.payload[:6]
-        self.journal.record("net.rarp", mac=":".join(f"{b:02x}" for b in mac))
-        if self.on_rarp is not None:
-            self.on_rarp(bytes(mac))
-
-    def _net_set_mtu(self, msg: Message) -> None:
-        mtu = self._u64(msg)
-        if not 68 <= mtu <= 0xFFFF:
-            raise ProtocolError("bad-mtu", f"MTU {mtu} outside 68..65535")
-        self.mtu = mtu
-        self.journal.record("net.mtu", mtu=mtu)
-        if self.on_mtu is not None:
-            self.on_mtu(mtu)
-
-    # -- config / status --------------------------------------------------------------------
-    def _config_msg(self, msg: Message) -> m.ConfigMsg:
-        if len(msg.payload) < m.CONFIG_HEADER.size:
-            raise ProtocolError("bad-size", f"config message of {len(msg.payload)} bytes")
-        cfg = m.ConfigMsg.unpack(msg.payload)
-        if cfg.size > m.CONFIG_MAX_SIZE or cfg.offset + cfg.size > m.CONFIG_MAX_SIZE:
-            raise ProtocolError(
-                "bad-config", f"config access {cfg.offset}+{cfg.size} beyond {m.CONFIG_MAX_SIZE}"
-            )
-        if len(msg.payload) != m.CONFIG_HEADER.size + cfg.size:
-            raise ProtocolError(
-                "bad-size", f"config message of {len(msg.payload)} bytes for {cfg.size} bytes"
-            )
-        return cfg
-
-    def _get_config(self, msg: Message) -> bytes:
-        cfg = self._config_msg(msg)
-        data = self.device.get_config(cfg.offset, cfg.size)
-        return m.ConfigMsg(cfg.offset, cfg.size, cfg.flags, data).pack()
-
-    def _set_config(self, msg: Message) -> None:
-        cfg = self._config_msg(msg)
-        self.device.set_config(cfg.offset, cfg.data)
-
-    def _get_status(self, msg: Message) -> bytes:
-        return m.pack_u64(self.device.get_status())
-
-    def _set_status(self, msg: Message) -> None:
-        status = self._u64(msg)
-        if status > 0xFF:
-            raise ProtocolError("bad-status", f"status {status:#x} does not fit a byte")
-        self.device.set_status(status)

@@ -172,7 +172,7 @@ class Header:
     size: int
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> Header:
+    def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
         return cls(*HEADER.unpack_from(data))
 
     def pack(self) -> bytes:
@@ -209,7 +209,7 @@ def pack_u64(value: int) -> bytes:
 
 
 def unpack_u64(data: bytes | memoryview) -> int:
-    return U64.unpack_from(data)[0]
+    return int(U64.unpack_from(data)[0])
 
 
 # -- vring payloads ---------------------------------------------------------------------------
@@ -228,27 +228,6 @@ class VringState:
 
     def pack(self) -> bytes:
         return VRING_STATE.pack(self.index, self.num)
-
-
-@dataclass(frozen=True, slots=True)
-class PackedVringBase:
-    """The ``num`` of SET/GET_VRING_BASE for a packed ring, as QEMU encodes it
-    (virtio_queue_packed_get_last_avail_idx / virtio_queue_set_last_avail_idx): bits 0-14
-    last_avail_idx, bit 15 avail wrap counter, bits 16-30 used idx, bit 31 used wrap."""
-
-    last_avail_idx: int
-    avail_wrap: bool
-    used_idx: int
-    used_wrap: bool
-
-    @classmethod
-    def decode(cls, num: int) -> PackedVringBase:
-        return cls(num & 0x7FFF, bool(num & 0x8000), (num >> 16) & 0x7FFF, bool(num >> 31 & 1))
-
-    def encode(self) -> int:
-        avail = (self.last_avail_idx & 0x7FFF) | (int(self.avail_wrap) << 15)
-        used = (self.used_idx & 0x7FFF) | (int(self.used_wrap) << 15)
-        return avail | used << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +295,7 @@ def pack_mem_table(regions: list[MemRegion]) -> bytes:
 
 
 def unpack_mem_table_count(data: bytes | memoryview) -> int:
-    return MEMORY_HEADER.unpack_from(data)[0]
+    return int(MEMORY_HEADER.unpack_from(data)[0])
 
 
 def mem_table_size(nregions: int) -> int:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from backends.loop import EventLoop
 from backends.unix_socket import UnixListener
-from backends.vhost_user.connection import Connection, Offer
+from backends.vhost_user.connection import Connection
+from backends.vhost_user.offer import Offer
 
 if TYPE_CHECKING:
     from backends.vdpa.device import VdpaDevice

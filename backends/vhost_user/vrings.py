@@ -13,6 +13,7 @@ journalled (``error.call``, once per episode), logged, and coalesced into the ne
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -170,8 +171,11 @@ class Vrings:
         if fd is None:
             self.device.set_vq_cb(index, None)
         else:
-            self.device.set_vq_cb(index, lambda _i, r=ring, f=fd: self._signal(r, f))
+            self.device.set_vq_cb(index, functools.partial(self._signal_vq, ring, fd))
         _close(old)
+
+    def _signal_vq(self, ring: VringFiles, fd: int, _index: int) -> None:
+        self._signal(ring, fd)
 
     def _signal(self, ring: VringFiles, fd: int) -> None:
         """Interrupt the driver. Never blocks: a counter with no room (or a broken fd) makes

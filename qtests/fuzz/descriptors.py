@@ -27,10 +27,10 @@ from typing import Any
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, Phase, given, settings
 
+from backends.virtio.features import STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEATURES_OK
 from qtests.fuzz.target import FuzzStats, rss_kib
 from qtests.qos.frames import make_frame, parse_frame
 from qtests.qos.testbed import Testbed
-from qtests.qos.virtio_defs import STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEATURES_OK
 from qtests.qos.virtio_pci import (
     COMMON_QUEUE_DESC,
     COMMON_QUEUE_DEVICE,

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.testing.frontend import BackendProcess, Frontend
+from qtests.qos.backend_process import BackendProcess
+from qtests.qos.vhost_user_frontend import Frontend
 
 PROBE_TIMEOUT_S = 10.0
 
@@ -103,12 +104,12 @@ class BackendTarget:
     @property
     def socket_path(self) -> str:
         assert self.bp is not None
-        return self.bp.socket_path
+        return self.bp.socket
 
     def start(self) -> None:
         run = self.workdir / f"run{self.restarts}"
         run.mkdir(parents=True, exist_ok=True)
-        self.bp = BackendProcess(run, "--wire", "null")
+        self.bp = BackendProcess.launch(run, "--wire", "null")
         fds, rss = self._probe_sample()
         if fds is None:
             raise RuntimeError("a freshly started backend does not answer")
@@ -118,7 +119,7 @@ class BackendTarget:
         """GET_FEATURES on a fresh connection; (fd count, RSS) sampled while it is open."""
         assert self.bp is not None
         try:
-            with Frontend(self.bp.socket_path, timeout=self.probe_timeout) as fe:
+            with Frontend(self.bp.socket, timeout=self.probe_timeout) as fe:
                 fe.get_features()
                 return self.bp.fd_count(), rss_kib(self.bp.pid)
         except (TimeoutError, ConnectionError, OSError):
@@ -163,7 +164,7 @@ class BackendTarget:
     def stop(self) -> None:
         if self.bp is not None:
             try:
-                self.bp.stop(timeout=10)
+                self.bp.stop(grace=10)
             except TimeoutError:
                 self.bp.kill()
             self.bp = None

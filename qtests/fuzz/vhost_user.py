@@ -13,7 +13,7 @@ list of its ops. The corpus (``qtests/fuzz/corpus/vhost_user/*.json``) is replay
 every run, and a case that crashes or hangs the backend is written there (commit it: it is a
 regression test from then on). Messages are encoded by the project's codec
 (:mod:`backends.vhost_user.messages`) and sent by the test front-end
-(:mod:`backends.testing.frontend`).
+(:mod:`qtests.qos.vhost_user_frontend`).
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from backends.testing.frontend import UADDR_BASE, Frontend, GuestMemory
 from backends.vhost_user import messages as m
-from backends.vhost_user.connection import Offer
 from backends.vhost_user.framing import close_fds
 from backends.vhost_user.messages import Request as R
+from backends.vhost_user.offer import Offer
 from qtests.fuzz.target import BackendTarget, FuzzStats
+from qtests.qos.guest_memory import UADDR_BASE, SharedGuestMemory
+from qtests.qos.vhost_user_frontend import Frontend
 
 CORPUS = Path(__file__).parent / "corpus" / "vhost_user"
 MEM_SIZE = 1 << 20
@@ -202,7 +203,7 @@ class Session:
     def __init__(self, path: str, stats: FuzzStats, timeout: float = 10.0) -> None:
         self.stats = stats
         self.fe = Frontend(path, timeout=timeout)
-        self.mem = GuestMemory(MEM_SIZE)
+        self.mem = SharedGuestMemory(MEM_SIZE)
         self.memfds: list[int] = [self.mem.slots[0].fd]  # extra memfds it made
         self.efds: list[int] = []
         self.others: list[int] = []  # sockets, pipes, files

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from qtests.qos.processes import die_with_parent, stop_process
+from qtests.qos.processes import die_with_parent, open_fd_count, stop_process
 from qtests.qos.qmp import QmpClient
 
 _log = logging.getLogger(__name__)
@@ -51,22 +52,24 @@ class BackendProcess:
         *,
         name: str = "backend",
         run_dir: Path | None = None,
-        queues: int = 1,
-        wire: str = "null",
+        queues: int | None = 1,
+        wire: str | None = "null",
         faults: Iterable[str] = (),
         mac: str | None = None,
         extra_args: Iterable[str] = (),
         log: logging.Logger | None = None,
         socket_path: str | None = None,
+        monitor: bool = True,
         transport: str = "vhost-user",
         vduse_name: str | None = None,
     ) -> None:
         """Logs go to ``log_dir``, the sockets to ``run_dir`` (default: ``log_dir``; unix socket
         paths must stay under 108 bytes). ``log``: where to report (default: this module's).
         ``socket_path``: the vhost-user socket (default ``run_dir/NAME.sock``), e.g. the path of a
-        backend this one replaces for a QEMU that reconnects. ``transport``: "vhost-user", or
-        "vduse" for a VDUSE device named ``vduse_name`` on the kernel's vDPA bus (then
-        :attr:`vhost_vdpa` is the ``/dev/vhost-vdpa-N`` its READY line named)."""
+        backend this one replaces for a QEMU that reconnects. ``queues``/``wire`` None: the
+        backend's own defaults. ``monitor=False``: no monitor socket. ``transport``:
+        "vhost-user", or "vduse" for a VDUSE device named ``vduse_name`` on the kernel's vDPA
+        bus (then :attr:`vhost_vdpa` is the ``/dev/vhost-vdpa-N`` its READY line named)."""
         if transport not in ("vhost-user", "vduse"):
             raise ValueError(f"unknown backend transport {transport!r}")
         self.transport = transport
@@ -83,7 +86,7 @@ class BackendProcess:
         self.mac = mac
         self.extra_args = list(extra_args)
         self.socket = socket_path or str(run_dir / f"{name}.sock")
-        self.monitor_path = str(run_dir / f"{name}-mon.sock")
+        self.monitor_path = str(run_dir / f"{name}-mon.sock") if monitor else None
         self.log_path = self.log_dir / f"{name}.log"
         self.journal_path = self.log_dir / f"{name}-journal.jsonl"
         self.stdout_path = self.log_dir / f"{name}.stdout"
@@ -93,7 +96,18 @@ class BackendProcess:
         #: True once the test killed it on purpose (kill()): its exit status is then expected
         self.killed = False
         self._qmp: QmpClient | None = None
+        #: The line the backend printed when ready (``READY socket=PATH``).
+        self.ready_line = ""
         self._drain: threading.Thread | None = None
+
+    @classmethod
+    def launch(
+        cls, log_dir: Path, *args: str, monitor: bool = True, timeout: float = 30.0
+    ) -> BackendProcess:
+        """Start a backend with the command line's own defaults plus ``args`` (for tests of
+        the command line itself, and benchmarks)."""
+        bp = cls(log_dir, queues=None, wire=None, extra_args=args, monitor=monitor)
+        return bp.start(timeout)
 
     # -- life cycle ------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -101,9 +115,14 @@ class BackendProcess:
             where = ["--transport", "vduse", "--name", self.vduse_name]
         else:
             where = ["--socket", self.socket]
-        cmd = [backend_python(), "-m", "backends", *where, "--monitor", self.monitor_path,
-               "--log", str(self.log_path), "--journal-file", str(self.journal_path),
-               "--queues", str(self.queues), "--wire", self.wire]  # fmt: skip
+        cmd = [backend_python(), "-m", "backends", *where,
+               "--log", str(self.log_path), "--journal-file", str(self.journal_path)]  # fmt: skip
+        if self.monitor_path:
+            cmd += ["--monitor", self.monitor_path]
+        if self.queues is not None:
+            cmd += ["--queues", str(self.queues)]
+        if self.wire is not None:
+            cmd += ["--wire", self.wire]
         for fault in self.faults:
             cmd += ["--fault", fault]
         if self.mac:
@@ -121,7 +140,7 @@ class BackendProcess:
 
     def start(self, timeout: float = 30.0) -> BackendProcess:
         for stale in (self.socket, self.monitor_path):
-            if os.path.exists(stale):
+            if stale and os.path.exists(stale):
                 os.unlink(stale)
         cmd = self.command()
         self.log.info("%s: %s", self.name, " ".join(cmd))
@@ -165,6 +184,9 @@ class BackendProcess:
             raise
         out.write(buf)
         out.flush()
+        self.ready_line = next(
+            line for line in buf.decode(errors="replace").splitlines() if line.startswith("READY")
+        )
         self._drain = threading.Thread(
             target=self._drain_stdout, args=(fd, out), name=f"{self.name}-stdout", daemon=True
         )
@@ -212,13 +234,19 @@ class BackendProcess:
             self.returncode = self.proc.wait(timeout=10)
         self._join_drain()
 
-    def stop(self, grace: float = 10.0) -> int | None:
-        """Stop the process (idempotent, never raises); returns its exit status."""
+    def fd_count(self) -> int:
+        """How many fds the backend process has open."""
+        assert self.proc is not None
+        return open_fd_count(self.proc.pid)
+
+    def stop(self, grace: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+        """Stop the process with ``sig`` (then SIGKILL after ``grace``); idempotent, never
+        raises; returns its exit status."""
         self._close_qmp()
         if self.proc is None:
             return None
         try:
-            self.returncode = stop_process(self.proc, self.name, grace, log=self.log)
+            self.returncode = stop_process(self.proc, self.name, grace, log=self.log, sig=sig)
         except Exception:  # never let clean-up hide the test's own failure
             self.log.exception("stopping %s failed", self.name)
         self._join_drain()
@@ -246,6 +274,8 @@ class BackendProcess:
     # -- monitor ---------------------------------------------------------------------------
     @property
     def qmp(self) -> QmpClient:
+        if self.monitor_path is None:
+            raise BackendError(f"{self.name} was started without a monitor")
         if self._qmp is None:
             client = QmpClient(f"{self.name}-monitor")
             client.connect(self.monitor_path)
@@ -255,7 +285,9 @@ class BackendProcess:
     def cmd(self, command: str, **args: Any) -> Any:
         return self.qmp.command(command, args)
 
-    def journal(self, kinds: list[str] | None = None, since: int | None = None) -> list[dict]:
+    def journal(
+        self, kinds: list[str] | None = None, since: int | None = None
+    ) -> list[dict[str, Any]]:
         args: dict[str, Any] = {}
         if kinds is not None:
             args["kinds"] = kinds
@@ -279,7 +311,7 @@ class BackendProcess:
         """The wire as the backend describes it (ephemeral ports resolved)."""
         return str(self.cmd("query-wire")["wire"]["kind"])
 
-    def read_journal_file(self) -> list[dict]:
+    def read_journal_file(self) -> list[dict[str, Any]]:
         """The JSON-lines journal the backend writes at exit (after :meth:`stop`)."""
         return [
             json.loads(line) for line in self.journal_path.read_text().splitlines() if line.strip()

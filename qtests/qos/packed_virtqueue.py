@@ -13,89 +13,46 @@ each head's flags are written after everything else of its batch, the first head
 from __future__ import annotations
 
 import collections
-import struct
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from .alloc import GuestAllocator
-from .iova import IDENTITY, DmaDir, DmaMapper, map_buffers, unmap_all
-from .pci import InterruptSource
-from .qtest import QTest
-from .virtqueue import MAX_QUEUE_SIZE, Buffer, UsedElem, VirtqueueError, VirtqueueFull
-from .waiting import poll_until
+from backends.virtio.ring import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    DESC_SIZE,
+    EVENT,
+    EVENT_FLAGS_DISABLE,
+    EVENT_FLAGS_ENABLE,
+    MAX_QUEUE_SIZE,
+    packed_avail_flags,
+    packed_desc_used,
+)
+from backends.virtio.ring import PACKED_DESC as DESC
 
-DESC = struct.Struct("<QIHH")  # addr, len, id, flags
-EVENT = struct.Struct("<HH")  # off_wrap, flags
-U16 = struct.Struct("<H")
+from .driver_queue import Buffer, DriverQueue, UsedElem, VirtqueueError, VirtqueueFull, _Chain
 
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-DESC_F_INDIRECT = 4
-DESC_F_AVAIL = 1 << 7
-DESC_F_USED = 1 << 15
-EVENT_FLAGS_ENABLE = 0
-EVENT_FLAGS_DISABLE = 1
-EVENT_FLAGS_DESC = 2
+__all__ = ["PackedVirtqueue"]
+
 POSITIONS_KEPT = 4096
 
 
-def avail_flags(flags: int, wrap: bool) -> int:
-    """``flags`` with AVAIL/USED set for a descriptor made available in lap ``wrap``."""
-    return flags | (DESC_F_AVAIL if wrap else DESC_F_USED)
-
-
-@dataclass(slots=True)
-class _Chain:
-    slots: int
-    token: Any
-    table: int | None
-    in_len: int
-    mapped: list[tuple[int, int, DmaDir]] | None = None
-
-
-class PackedVirtqueue:
+class PackedVirtqueue(DriverQueue):
     """One packed virtqueue owned by the driver (see the module docstring)."""
 
     packed = True
 
-    def __init__(
-        self,
-        qt: QTest,
-        alloc: GuestAllocator,
-        index: int,
-        size: int,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        name: str | None = None,
-        notify: Callable[[Any], None] | None = None,
-        dma: DmaMapper | None = None,
-    ) -> None:
+    def _check_size(self, size: int) -> None:
         if not 0 < size <= MAX_QUEUE_SIZE:
             raise VirtqueueError(f"queue size {size} not in 1..{MAX_QUEUE_SIZE}")
-        self.qt = qt
-        self.alloc = alloc
-        self.index = index
-        self.size = size
-        self.name = name or f"vq{index}"
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self.notify = notify
-        self.interrupt: InterruptSource | None = None
-        self.desc = alloc.alloc(16 * size, tag=f"{self.name} packed desc")
-        self.avail = alloc.alloc(EVENT.size, 4, tag=f"{self.name} driver area")
-        self.used = alloc.alloc(EVENT.size, 4, tag=f"{self.name} device area")
-        qt.write_many(
-            [(self.desc, bytes(16 * size)), (self.avail, bytes(4)), (self.used, bytes(4))]
-        )
-        self.dma: DmaMapper = dma if dma is not None else IDENTITY
-        self.desc_dma = self.dma.map_coherent(self.desc, 16 * size)
-        self.avail_dma = self.dma.map_coherent(self.avail, EVENT.size)
-        self.used_dma = self.dma.map_coherent(self.used, EVENT.size)
-        self._ids: collections.deque[int] = collections.deque(range(size))
-        self._chains: list[_Chain | None] = [None] * size
-        self._free_slots = size
+
+    def _area_layout(self, size: int) -> tuple[tuple[int, int | None], ...]:
+        return (DESC_SIZE * size, None), (EVENT.size, 4), (EVENT.size, 4)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._ids: collections.deque[int] = collections.deque(range(self.size))
+        self._free_slots = self.size
         self._staged: list[tuple[int, bytes]] = []  # (slot, descriptor) in ring order
         self._heads: list[int] = []  # index into _staged of each staged head
         self._staged_tables: list[tuple[int, bytes]] = []
@@ -110,10 +67,10 @@ class PackedVirtqueue:
         self.last_used_idx = 0
         self._positions: dict[int, tuple[int, bool]] = {0: (0, True)}
         self._pending_positions: list[tuple[int, bool]] = []
-        self.in_flight = 0
-        self.kicks = 0
-        self.kicks_suppressed = 0
-        self._destroyed = False
+
+    @property
+    def unpublished(self) -> bool:
+        return bool(self._heads)
 
     def __repr__(self) -> str:
         return f"PackedVirtqueue({self.name}, size={self.size}, {self._state()})"
@@ -150,28 +107,18 @@ class PackedVirtqueue:
         premapped: bool = False,
     ) -> int:
         """Stage a chain; returns its buffer id. Visible to the device after `publish`."""
-        bufs = [(a, n, 0) for a, n in out] + [(a, n, DESC_F_WRITE) for a, n in inp]
-        if not bufs:
-            raise VirtqueueError(f"{self.name}: empty chain")
-        use_indirect = bool(indirect)
-        if use_indirect and not self.indirect:
-            raise VirtqueueError(f"{self.name}: indirect descriptors were not negotiated")
+        bufs, use_indirect = self._chain_buffers(out, inp, indirect, DESC_F_WRITE)
         nslots = 1 if use_indirect else len(bufs)
         if nslots > self._free_slots or not self._ids:
             raise VirtqueueFull(f"{self.name}: chain needs {nslots} slots, {self.num_free} free")
-        mapped: list[tuple[int, int, DmaDir]] | None = None
-        if not premapped and not self.dma.identity:
-            bufs, mapped = map_buffers(self.dma, bufs, DESC_F_WRITE)
+        bufs, mapped = self._map_buffers(bufs, premapped, DESC_F_WRITE)
         buf_id = self._ids.popleft()
         table = None
         if use_indirect:
-            table = self.alloc.alloc(16 * len(bufs), 16, tag=f"{self.name} indirect")
-            table_dma = table
-            if not self.dma.identity:
-                table_dma = self.dma.map(table, 16 * len(bufs), DmaDir.TO_DEVICE)
-                mapped = (mapped or []) + [(table_dma, 16 * len(bufs), DmaDir.TO_DEVICE)]
-            self._staged_tables.append((table, b"".join(DESC.pack(a, n, 0, f) for a, n, f in bufs)))
-            descs = [(table_dma, 16 * len(bufs), DESC_F_INDIRECT)]
+            entries = b"".join(DESC.pack(a, n, 0, f) for a, n, f in bufs)
+            table, table_dma, mapped = self._indirect_table(entries, mapped)
+            self._staged_tables.append((table, entries))
+            descs = [(table_dma, len(entries), DESC_F_INDIRECT)]
         else:
             last = len(bufs) - 1
             descs = [
@@ -179,7 +126,7 @@ class PackedVirtqueue:
             ]
         self._heads.append(len(self._staged))
         for a, n, f in descs:
-            flags = avail_flags(f, self.avail_wrap)
+            flags = packed_avail_flags(f, self.avail_wrap)
             self._staged.append((self.next_avail, DESC.pack(a, n, buf_id, flags)))
             self.next_avail += 1
             if self.next_avail == self.size:
@@ -187,7 +134,7 @@ class PackedVirtqueue:
                 self.avail_wrap = not self.avail_wrap
         self._free_slots -= nslots
         self._pending_positions.append((self.next_avail, self.avail_wrap))
-        self._chains[buf_id] = _Chain(nslots, token, table, sum(n for _, n in inp), mapped)
+        self._chains[buf_id] = _Chain(token, table, sum(n for _, n in inp), nslots, [], mapped)
         self.in_flight += 1
         return buf_id
 
@@ -234,18 +181,6 @@ class PackedVirtqueue:
         self.kicks += 1
         return True
 
-    def add_and_kick(
-        self,
-        out: Sequence[Buffer] = (),
-        inp: Sequence[Buffer] = (),
-        token: Any = None,
-        *,
-        indirect: bool | None = None,
-    ) -> int:
-        buf_id = self.add(out, inp, token, indirect=indirect)
-        self.kick()
-        return buf_id
-
     # ------------------------------------------------------------------ used descriptors
     def _scan_used(self, limit: int | None = None) -> list[tuple[int, int, int]]:
         """(id, len, flags) of used descriptors the device wrote from next_used on, without
@@ -255,7 +190,7 @@ class PackedVirtqueue:
         out: list[tuple[int, int, int]] = []
         while self.in_flight > len(out) and (limit is None or len(out) < limit):
             _, n, buf_id, flags = DESC.unpack_from(raw, 16 * pos)
-            if bool(flags & DESC_F_AVAIL) != wrap or bool(flags & DESC_F_USED) != wrap:
+            if not packed_desc_used(flags, wrap):
                 break
             chain = self._chains[buf_id] if buf_id < self.size else None
             if chain is None:
@@ -278,41 +213,17 @@ class PackedVirtqueue:
         out: list[UsedElem] = []
         errors: list[str] = []
         for buf_id, length, _flags in found:
-            chain = self._chains[buf_id]
-            assert chain is not None
-            self._chains[buf_id] = None
+            chain, elem = self._complete(buf_id, length, errors)
             self._ids.append(buf_id)
             self._free_slots += chain.slots
-            unmap_all(self.dma, chain.mapped)
-            if chain.table is not None:
-                self.alloc.free(chain.table)
-            self.in_flight -= 1
             self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
             self.next_used += chain.slots
             if self.next_used >= self.size:
                 self.next_used -= self.size
                 self.used_wrap = not self.used_wrap
-            if length > chain.in_len:
-                errors.append(f"used id {buf_id}: len {length} > {chain.in_len} writable bytes")
-            out.append(UsedElem(buf_id, length, chain.token))
-        if errors:
-            raise VirtqueueError(f"{self.name}: " + "; ".join(errors))
+            out.append(elem)
+        self._raise_errors(errors)
         return out
-
-    def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[UsedElem]:
-        if count > self.in_flight:
-            raise VirtqueueError(
-                f"{self.name}: waiting for {count} used chain(s) but {self.in_flight} in flight"
-            )
-        if self._heads:
-            raise VirtqueueError(f"{self.name}: waiting for used with unpublished chains")
-        poll_until(
-            lambda: self.pending_used() >= count,
-            timeout,
-            f"{count} used descriptor(s) on {self.name}",
-            detail=self._state,
-        )
-        return self.get_used(count)
 
     def _state(self) -> str:
         return (
@@ -333,39 +244,3 @@ class PackedVirtqueue:
 
     def disable_interrupts(self) -> None:
         self.set_driver_event(0, EVENT_FLAGS_DISABLE)
-
-    def wait_interrupt(self, timeout: float = 5.0) -> None:
-        if self.interrupt is None:
-            raise VirtqueueError(f"{self.name}: no interrupt source attached")
-        poll_until(
-            self.interrupt.fired,
-            timeout,
-            f"interrupt of {self.name} ({self.interrupt.describe()})",
-            detail=self._state,
-        )
-
-    # ------------------------------------------------------------------ lifetime
-    def tokens_in_flight(self) -> list[Any]:
-        return [c.token for c in self._chains if c is not None]
-
-    def destroy(self) -> list[Any]:
-        if self._destroyed:
-            return []
-        self._destroyed = True
-        tokens = []
-        for c in self._chains:
-            if c is not None:
-                tokens.append(c.token)
-                unmap_all(self.dma, c.mapped)
-                if c.table is not None:
-                    self.alloc.free(c.table)
-        self._chains = [None] * self.size
-        for dma_addr, n in (
-            (self.desc_dma, 16 * self.size),
-            (self.avail_dma, EVENT.size),
-            (self.used_dma, EVENT.size),
-        ):
-            self.dma.unmap_coherent(dma_addr, n)
-        for addr in (self.desc, self.avail, self.used):
-            self.alloc.free(addr)
-        return tokens

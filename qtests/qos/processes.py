@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 _log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_prctl: Any
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux
@@ -58,10 +60,11 @@ def stop_process(
     *,
     asked: bool = False,
     log: logging.Logger | None = None,
+    sig: int = signal.SIGTERM,
 ) -> int:
     """Stop ``proc`` and return its exit status (negative: killed by that signal).
 
-    SIGTERM, wait ``grace`` s, then SIGKILL. With ``asked=True`` the caller already asked the
+    SIGTERM (or ``sig``), wait ``grace`` s, then SIGKILL. With ``asked=True`` the caller already asked the
     process to exit (QMP ``quit``): wait ``grace`` s for that first, then SIGTERM
     (`TERM_GRACE` s), then SIGKILL. Raises RuntimeError only if it survives SIGKILL.
     """
@@ -71,7 +74,7 @@ def stop_process(
             "%s (pid %d) still running %.1fs after being asked: SIGTERM", name, proc.pid, grace
         )
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         if not _wait(proc, TERM_GRACE if asked else grace):
             log.warning("%s (pid %d) ignored SIGTERM: SIGKILL", name, proc.pid)
             proc.kill()
@@ -80,3 +83,8 @@ def stop_process(
     rc = proc.poll()
     assert rc is not None
     return rc
+
+
+def open_fd_count(pid: int | None = None) -> int:
+    """How many fds process ``pid`` (default: this one) has open."""
+    return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))

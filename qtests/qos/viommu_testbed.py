@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from backends.virtio.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_PCI_VENDOR, bit
 from qtests.qos.machine import QemuMachine
 from qtests.qos.qtest import QTest
 from qtests.qos.testbed import Testbed
-from qtests.qos.virtio_defs import F_ACCESS_PLATFORM, VIRTIO_PCI_VENDOR, bit
 from qtests.qos.virtio_iommu import ResvRegion, ViommuDma, VirtioIommuDriver, endpoint_id
 from qtests.qos.virtio_net import VIRTIO_NET_PCI_DEVICE_ID, VirtioNetDriver
 
@@ -54,9 +54,9 @@ class ViommuTestbed(Testbed):
             self.viommu.attach(self.endpoint, DOMAIN)
             self._dma = ViommuDma(self.viommu, DOMAIN, strict=self.strict)
         net = VirtioNetDriver.find(self.bus, self.alloc, dma=self._dma)
-        init_kw["extra_features"] = init_kw.get("extra_features", 0) | bit(F_ACCESS_PLATFORM)
+        init_kw["extra_features"] = init_kw.get("extra_features", 0) | bit(VIRTIO_F_ACCESS_PLATFORM)
         net.init(**init_kw)
-        assert net.has_feature(F_ACCESS_PLATFORM), "ACCESS_PLATFORM was not negotiated"
+        assert net.has_feature(VIRTIO_F_ACCESS_PLATFORM), "ACCESS_PLATFORM was not negotiated"
         self._net = net
         return net
 
@@ -99,5 +99,5 @@ class IntelIommuTestbed(Testbed):
         return {**super().nic_props(), "iommu_platform": True}
 
     def init_net(self, **init_kw: Any) -> VirtioNetDriver:
-        init_kw["extra_features"] = init_kw.get("extra_features", 0) | bit(F_ACCESS_PLATFORM)
+        init_kw["extra_features"] = init_kw.get("extra_features", 0) | bit(VIRTIO_F_ACCESS_PLATFORM)
         return super().init_net(**init_kw)

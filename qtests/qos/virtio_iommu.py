@@ -41,12 +41,18 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from backends.virtio.features import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_IOMMU,
+    VIRTIO_PCI_MODERN_BASE,
+    VIRTIO_PCI_VENDOR,
+)
+
 from .alloc import GuestAllocator
+from .driver_queue import DriverQueue
 from .iova import PAGE_SIZE, DmaDir, DmaError, IovaAllocator, page_span
 from .pci import PciBus, PciDevice
-from .virtio_defs import F_VERSION_1, VIRTIO_ID_IOMMU, VIRTIO_PCI_MODERN_BASE, VIRTIO_PCI_VENDOR
 from .virtio_pci import VirtioPciDevice
-from .virtqueue import SplitVirtqueue
 
 VIRTIO_IOMMU_PCI_DEVICE_ID = VIRTIO_PCI_MODERN_BASE + VIRTIO_ID_IOMMU  # 0x1057
 
@@ -282,8 +288,8 @@ class VirtioIommuDriver:
         self.alloc: GuestAllocator = dev.alloc
         self.features = 0
         self.config: IommuConfig | None = None
-        self.reqq: SplitVirtqueue | None = None
-        self.eventq: SplitVirtqueue | None = None
+        self.reqq: DriverQueue | None = None
+        self.eventq: DriverQueue | None = None
         self._req_buf: int | None = None
         self._probe_buf: int | None = None
         self._event_buf: int | None = None
@@ -306,16 +312,16 @@ class VirtioIommuDriver:
             | 1 << F_PROBE
             | 1 << F_BYPASS_CONFIG
         )
-        self.features = d.negotiate(wanted, required=1 << F_VERSION_1 | 1 << F_MAP_UNMAP)
+        self.features = d.negotiate(wanted, required=1 << VIRTIO_F_VERSION_1 | 1 << F_MAP_UNMAP)
         self.config = self.read_config()
         self.reqq = d.setup_queue(REQUEST_QUEUE, queue_size, name="viommu-req")
-        self.eventq = d.setup_queue(EVENT_QUEUE, queue_size, name="viommu-event")
+        self.eventq = eventq = d.setup_queue(EVENT_QUEUE, queue_size, name="viommu-event")
         self._req_buf = self.alloc.alloc(self.REQ_SLOT * self.REQ_SLOTS, tag="viommu requests")
         self._event_buf = self.alloc.alloc(FAULT.size * self.EVENT_BUFS, tag="viommu events")
         d.driver_ok()
         for slot in range(self.EVENT_BUFS):
-            self.eventq.add((), [(self._event_buf + FAULT.size * slot, FAULT.size)], slot)
-        self.eventq.kick(force=True)
+            eventq.add((), [(self._event_buf + FAULT.size * slot, FAULT.size)], slot)
+        eventq.kick(force=True)
         return self.config
 
     def has_feature(self, n: int) -> bool:

@@ -18,11 +18,17 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from backends.virtio.features import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_PCI_MODERN_BASE,
+    VIRTIO_PCI_VENDOR,
+    bit,
+)
+
 from .alloc import GuestAllocator
+from .driver_queue import DriverQueue
 from .pci import PciBus
-from .virtio_defs import F_VERSION_1, VIRTIO_PCI_MODERN_BASE, VIRTIO_PCI_VENDOR, bit
 from .virtio_pci import VirtioPciDevice
-from .virtqueue import SplitVirtqueue
 
 VIRTIO_ID_MEM = 24
 VIRTIO_MEM_PCI_DEVICE_ID = VIRTIO_PCI_MODERN_BASE + VIRTIO_ID_MEM  # 0x1058
@@ -92,7 +98,7 @@ class VirtioMemDriver:
         self.qt = dev.qt
         self.alloc = dev.alloc
         self.features = 0
-        self.vq: SplitVirtqueue | None = None
+        self.vq: DriverQueue | None = None
         self._buf: int | None = None
 
     @classmethod
@@ -104,7 +110,9 @@ class VirtioMemDriver:
         """Negotiate (VERSION_1 + UNPLUGGED_INACCESSIBLE when offered), set up the request
         queue (no interrupts: completions are polled), DRIVER_OK. Returns the features."""
         d = self.dev
-        self.features = d.negotiate(bit(MEM_F_UNPLUGGED_INACCESSIBLE), required=bit(F_VERSION_1))
+        self.features = d.negotiate(
+            bit(MEM_F_UNPLUGGED_INACCESSIBLE), required=bit(VIRTIO_F_VERSION_1)
+        )
         self.vq = d.setup_queue(0, queue_size, name="virtio-mem req")
         self._buf = self.alloc.alloc(4096, tag="virtio-mem req")
         d.driver_ok()

@@ -18,51 +18,54 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .alloc import GuestAllocator
-from .iova import DmaMapper
-from .pci import PciBus
-from .qtest import QTest
-from .virtio_defs import (
-    F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC,
-    F_RING_PACKED,
-    F_VERSION_1,
-    NET_F_CTRL_VQ,
-    NET_F_MAC,
-    NET_F_MQ,
-    NET_F_MRG_RXBUF,
-    NET_F_MTU,
-    NET_F_STATUS,
+from backends.virtio.features import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
     VIRTIO_ID_NET,
     VIRTIO_PCI_MODERN_BASE,
     VIRTIO_PCI_VENDOR,
     bit,
 )
+from backends.virtio.net import (
+    MAC_OFFSET,
+    MAX_VQ_PAIRS_OFFSET,
+    MTU_OFFSET,
+    STATUS_OFFSET,
+    VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_CTRL_RX,
+    VIRTIO_NET_CTRL_RX_PROMISC,
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_OK,
+    VIRTIO_NET_S_LINK_UP,
+)
+from backends.virtio.net_header import HDR_LEN as NET_HDR_SIZE
+from backends.virtio.net_header import VirtioNetHdr as VirtioNetHdr  # re-exported
+
+from .alloc import GuestAllocator
+from .driver_queue import DriverQueue, UsedElem
+from .iova import DmaMapper
+from .pci import PciBus
+from .qtest import QTest
 from .virtio_pci import VirtioPciDevice
-from .virtqueue import SplitVirtqueue, UsedElem
 from .waiting import poll_until
 
-NET_HDR = struct.Struct("<BBHHHHH")
-NET_HDR_SIZE = NET_HDR.size  # 12
-
-CONFIG_MAC = 0
-CONFIG_STATUS = 6
-CONFIG_MAX_VQ_PAIRS = 8
-CONFIG_MTU = 10
-NET_S_LINK_UP = 1
-NET_S_ANNOUNCE = 2
-
-CTRL_RX = 0
-CTRL_RX_PROMISC = 0
-CTRL_RX_ALLMULTI = 1
-CTRL_MAC = 1
-CTRL_VLAN = 2
-CTRL_ANNOUNCE = 3
-CTRL_ANNOUNCE_ACK = 0
-CTRL_MQ = 4
-CTRL_MQ_VQ_PAIRS_SET = 0
-CTRL_OK = 0
-CTRL_ERR = 1
+__all__ = [
+    "NET_HDR_SIZE",
+    "NetConfig",
+    "RxFrame",
+    "VirtioNetDriver",
+    "VirtioNetError",
+    "VirtioNetHdr",
+    "VIRTIO_NET_PCI_DEVICE_ID",
+]
 
 VIRTIO_NET_PCI_DEVICE_ID = VIRTIO_PCI_MODERN_BASE + VIRTIO_ID_NET  # 0x1041
 
@@ -73,32 +76,6 @@ _CTRL_ACK_OFFSET = 0x800
 
 class VirtioNetError(Exception):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class VirtioNetHdr:
-    flags: int = 0
-    gso_type: int = 0
-    hdr_len: int = 0
-    gso_size: int = 0
-    csum_start: int = 0
-    csum_offset: int = 0
-    num_buffers: int = 0
-
-    def pack(self) -> bytes:
-        return NET_HDR.pack(
-            self.flags,
-            self.gso_type,
-            self.hdr_len,
-            self.gso_size,
-            self.csum_start,
-            self.csum_offset,
-            self.num_buffers,
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> VirtioNetHdr:
-        return cls(*NET_HDR.unpack_from(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +91,7 @@ class NetConfig:
 
     @property
     def link_up(self) -> bool:
-        return bool(self.status & NET_S_LINK_UP)
+        return bool(self.status & VIRTIO_NET_S_LINK_UP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,9 +149,9 @@ class VirtioNetDriver:
         self.max_queue_pairs = 1
         self.queue_pairs = 0  # pairs with rings set up
         self.active_pairs = 0
-        self.rxq: list[SplitVirtqueue] = []
-        self.txq: list[SplitVirtqueue] = []
-        self.ctrlq: SplitVirtqueue | None = None
+        self.rxq: list[DriverQueue] = []
+        self.txq: list[DriverQueue] = []
+        self.ctrlq: DriverQueue | None = None
         self._rx_pools: list[_SlotPool] = []
         self._tx_pools: list[_SlotPool] = []
         self._rx_done: list[collections.deque[UsedElem]] = []
@@ -228,22 +205,27 @@ class VirtioNetDriver:
         d = self.dev
         if self.rxq:
             raise VirtioNetError(f"{d.name}: already initialised (close() first)")
-        wanted = bit(F_VERSION_1) | bit(NET_F_MAC) | bit(NET_F_STATUS) | bit(NET_F_MTU)
-        wanted |= bit(NET_F_MRG_RXBUF) if mrg_rxbuf else 0
-        wanted |= bit(F_RING_EVENT_IDX) if event_idx else 0
-        wanted |= bit(F_RING_INDIRECT_DESC) if indirect else 0
-        wanted |= bit(NET_F_CTRL_VQ) if (ctrl_vq or mq) else 0
-        wanted |= bit(NET_F_MQ) | bit(NET_F_CTRL_VQ) if mq else 0
-        wanted |= bit(F_RING_PACKED) if packed else 0
+        wanted = (
+            bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_NET_F_MAC)
+            | bit(VIRTIO_NET_F_STATUS)
+            | bit(VIRTIO_NET_F_MTU)
+        )
+        wanted |= bit(VIRTIO_NET_F_MRG_RXBUF) if mrg_rxbuf else 0
+        wanted |= bit(VIRTIO_F_EVENT_IDX) if event_idx else 0
+        wanted |= bit(VIRTIO_F_INDIRECT_DESC) if indirect else 0
+        wanted |= bit(VIRTIO_NET_F_CTRL_VQ) if (ctrl_vq or mq) else 0
+        wanted |= bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ) if mq else 0
+        wanted |= bit(VIRTIO_F_RING_PACKED) if packed else 0
         wanted |= extra_features
         self.features = d.negotiate(wanted)
         for name, on, fbit in (
-            ("mrg_rxbuf", mrg_rxbuf, NET_F_MRG_RXBUF),
-            ("event_idx", event_idx, F_RING_EVENT_IDX),
-            ("indirect", indirect, F_RING_INDIRECT_DESC),
-            ("ctrl_vq", ctrl_vq or mq, NET_F_CTRL_VQ),
-            ("mq", mq, NET_F_MQ),
-            ("packed", packed, F_RING_PACKED),
+            ("mrg_rxbuf", mrg_rxbuf, VIRTIO_NET_F_MRG_RXBUF),
+            ("event_idx", event_idx, VIRTIO_F_EVENT_IDX),
+            ("indirect", indirect, VIRTIO_F_INDIRECT_DESC),
+            ("ctrl_vq", ctrl_vq or mq, VIRTIO_NET_F_CTRL_VQ),
+            ("mq", mq, VIRTIO_NET_F_MQ),
+            ("packed", packed, VIRTIO_F_RING_PACKED),
         ):
             if on and not self.has_feature(fbit):
                 raise VirtioNetError(f"{d.name}: device does not offer {name} (bit {fbit})")
@@ -275,7 +257,7 @@ class VirtioNetDriver:
             self._tx_pools.append(_SlotPool(self.alloc, tx.size, self.tx_slot_size, f"tx{k} bufs"))
             self._rx_done.append(collections.deque())
         self.queue_pairs = setup_pairs
-        if self.has_feature(NET_F_CTRL_VQ):
+        if self.has_feature(VIRTIO_NET_F_CTRL_VQ):
             cq = 2 * self.max_queue_pairs
             self.ctrlq = d.setup_queue(
                 cq, min(queue_size or 64, d.queue_max_size(cq)), vector=vector_for(cq), name="ctrl"
@@ -295,7 +277,7 @@ class VirtioNetDriver:
 
     @property
     def mergeable(self) -> bool:
-        return self.has_feature(NET_F_MRG_RXBUF)
+        return self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
 
     # ------------------------------------------------------------------ config
     def config(self) -> NetConfig:
@@ -309,10 +291,10 @@ class VirtioNetDriver:
         d = self.dev
         for _ in range(10):
             gen = d.config_generation()
-            mac = bytes(d.config_read(CONFIG_MAC + i, 1) for i in range(6))
-            status = d.config_read(CONFIG_STATUS, 2) if feats >> NET_F_STATUS & 1 else 1
-            pairs = d.config_read(CONFIG_MAX_VQ_PAIRS, 2) if feats >> NET_F_MQ & 1 else 1
-            mtu = d.config_read(CONFIG_MTU, 2) if feats >> NET_F_MTU & 1 else 0
+            mac = bytes(d.config_read(MAC_OFFSET + i, 1) for i in range(6))
+            status = d.config_read(STATUS_OFFSET, 2) if feats >> VIRTIO_NET_F_STATUS & 1 else 1
+            pairs = d.config_read(MAX_VQ_PAIRS_OFFSET, 2) if feats >> VIRTIO_NET_F_MQ & 1 else 1
+            mtu = d.config_read(MTU_OFFSET, 2) if feats >> VIRTIO_NET_F_MTU & 1 else 0
             if d.config_generation() == gen:
                 return NetConfig(mac, status, pairs, mtu)
         raise VirtioNetError(f"{d.name}: config generation kept changing")
@@ -322,7 +304,9 @@ class VirtioNetDriver:
         return self.config().mac
 
     # ------------------------------------------------------------------ TX
-    def _tx_chain(self, k: int, frame: bytes, hdr: VirtioNetHdr | None, hdr_separate: bool):
+    def _tx_chain(
+        self, k: int, frame: bytes, hdr: VirtioNetHdr | None, hdr_separate: bool
+    ) -> tuple[tuple[int, bytes], list[tuple[int, int]], tuple[str, int]]:
         """Stage one frame in a TX slot: returns (write, out buffers, token)."""
         data = (hdr or VirtioNetHdr()).pack() + frame
         pool = self._tx_pools[k]
@@ -522,15 +506,19 @@ class VirtioNetDriver:
 
     def set_queue_pairs(self, n: int, timeout: float = 5.0) -> None:
         """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET(n); raises unless the device acks OK."""
-        if not self.has_feature(NET_F_MQ):
+        if not self.has_feature(VIRTIO_NET_F_MQ):
             raise VirtioNetError("MQ not negotiated")
-        ack = self.ctrl_command(CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", n), timeout)
-        if ack != CTRL_OK:
+        ack = self.ctrl_command(
+            VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", n), timeout
+        )
+        if ack != VIRTIO_NET_OK:
             raise VirtioNetError(f"device refused VQ_PAIRS_SET {n} (ack {ack})")
         self.active_pairs = n
 
     def set_promisc(self, on: bool) -> int:
-        return self.ctrl_command(CTRL_RX, CTRL_RX_PROMISC, bytes([1 if on else 0]))
+        return self.ctrl_command(
+            VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, bytes([1 if on else 0])
+        )
 
     def rebind(self, qtest: QTest) -> None:
         """Switch to another qtest session driving the same guest (migration destination)."""

@@ -10,29 +10,31 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
 
-from .alloc import GuestAllocator
-from .iova import IDENTITY, DmaMapper
-from .packed_virtqueue import PackedVirtqueue
-from .pci import PCI_CAP_ID_VNDR, MsiVector, PciDevice
-from .qtest import QTest
-from .virtio_defs import (
-    F_NOTIFICATION_DATA,
-    F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC,
-    F_RING_PACKED,
-    F_VERSION_1,
+from backends.virtio.features import (
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
     STATUS_DRIVER_OK,
     STATUS_FAILED,
     STATUS_FEATURES_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_NOTIFICATION_DATA,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
     VIRTIO_PCI_MODERN_BASE,
     VIRTIO_PCI_VENDOR,
     bit,
-    feature_names,
 )
+from backends.virtio.net import net_feature_names
+
+from .alloc import GuestAllocator
+from .driver_queue import DriverQueue
+from .iova import IDENTITY, DmaMapper
+from .packed_virtqueue import PackedVirtqueue
+from .pci import MsiVector, PciDevice
+from .pci.config import PCI_CAP_ID_VNDR
+from .qtest import QTest
 from .virtqueue import SplitVirtqueue
 from .waiting import poll_until
 
@@ -147,7 +149,7 @@ class VirtioPciDevice:
         self.device_cap = self.first_cap(VIRTIO_PCI_CAP_DEVICE_CFG)
         self.notify_off_multiplier = self.notify_cap.notify_off_multiplier or 0
         self.features = 0
-        self.queues: dict[int, SplitVirtqueue] = {}
+        self.queues: dict[int, DriverQueue] = {}
         self._notify_addr: dict[int, int] = {}
         self.msix_vectors: list[MsiVector] = []
         self.config_interrupt: MsiVector | IsrInterrupt = IsrInterrupt(self, ISR_CONFIG)
@@ -257,7 +259,7 @@ class VirtioPciDevice:
             self.common_write(COMMON_DRIVER_FEATURE_SELECT, 4, sel)
             self.common_write(COMMON_DRIVER_FEATURE, 4, (features >> (32 * sel)) & 0xFFFFFFFF)
 
-    def negotiate(self, wanted: int, *, required: int = bit(F_VERSION_1)) -> int:
+    def negotiate(self, wanted: int, *, required: int = bit(VIRTIO_F_VERSION_1)) -> int:
         """Reset, ACKNOWLEDGE, DRIVER, accept offered & (wanted | required), FEATURES_OK.
 
         Raises if a required bit is not offered or the device refuses FEATURES_OK.
@@ -271,7 +273,7 @@ class VirtioPciDevice:
         if missing:
             self.fail()
             raise VirtioPciError(
-                f"{self.name}: device does not offer required {feature_names(missing)}"
+                f"{self.name}: device does not offer required {net_feature_names(missing)}"
             )
         features = offered & (wanted | required)
         self.set_driver_features(features)
@@ -279,7 +281,7 @@ class VirtioPciDevice:
         if not self.status & STATUS_FEATURES_OK:
             self.fail()
             raise VirtioPciError(
-                f"{self.name}: device refused FEATURES_OK for {feature_names(features)}"
+                f"{self.name}: device refused FEATURES_OK for {net_feature_names(features)}"
             )
         self.features = features
         return features
@@ -402,8 +404,9 @@ class VirtioPciDevice:
         vector: int | None = None,
         enable: bool = True,
         name: str | None = None,
-    ) -> SplitVirtqueue:
-        """Allocate and program split queue ``index`` (after FEATURES_OK, before DRIVER_OK).
+    ) -> DriverQueue:
+        """Allocate and program queue ``index`` (split, or packed when VIRTIO_F_RING_PACKED was
+        negotiated) (after FEATURES_OK, before DRIVER_OK).
 
         ``size`` defaults to the device maximum.  ``vector``: MSI-X vector (when MSI-X is on);
         without MSI-X the queue's interrupt source is the ISR queue bit.
@@ -416,14 +419,16 @@ class VirtioPciDevice:
         size = size or max_size
         if size > max_size:
             raise VirtioPciError(f"{self.name}: queue {index} size {size} > max {max_size}")
-        vq_cls: Any = PackedVirtqueue if self.has_feature(F_RING_PACKED) else SplitVirtqueue
+        vq_cls: type[DriverQueue] = (
+            PackedVirtqueue if self.has_feature(VIRTIO_F_RING_PACKED) else SplitVirtqueue
+        )
         vq = vq_cls(
             self.qt,
             self.alloc,
             index,
             size,
-            event_idx=self.has_feature(F_RING_EVENT_IDX),
-            indirect=self.has_feature(F_RING_INDIRECT_DESC),
+            event_idx=self.has_feature(VIRTIO_F_EVENT_IDX),
+            indirect=self.has_feature(VIRTIO_F_INDIRECT_DESC),
             name=name or f"{self.name} vq{index}",
             notify=self.notify,
             dma=self.dma,
@@ -449,12 +454,11 @@ class VirtioPciDevice:
         self.queue_select(index)
         self.common_write(COMMON_QUEUE_ENABLE, 2, 1)
 
-    def notify(self, vq: SplitVirtqueue) -> None:
+    def notify(self, vq: DriverQueue) -> None:
         """Notify the device about queue ``vq`` (writes the notify register)."""
         addr = self._notify_addr[vq.index]
-        if self.has_feature(F_NOTIFICATION_DATA):
-            data = getattr(vq, "notification_data", vq.avail_idx)  # packed: slot | wrap << 15
-            self.qt.writel(addr, (data << 16) | vq.index)
+        if self.has_feature(VIRTIO_F_NOTIFICATION_DATA):
+            self.qt.writel(addr, (vq.notification_data << 16) | vq.index)
         else:
             self.qt.writew(addr, vq.index)
 

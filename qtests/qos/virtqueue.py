@@ -13,117 +13,60 @@ from __future__ import annotations
 
 import collections
 import struct
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from .alloc import GuestAllocator
-from .iova import IDENTITY, DmaDir, DmaMapper, map_buffers, unmap_all
-from .pci import InterruptSource
-from .qtest import QTest
-from .waiting import poll_until
+from backends.virtio.ring import (
+    MAX_QUEUE_SIZE,
+    USED_ELEM,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    split_ring_sizes,
+    vring_need_event,
+)
+from backends.virtio.ring import SPLIT_DESC as DESC
+from backends.virtio.ring import U16_LE as U16
 
-DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-USED_ELEM = struct.Struct("<II")  # id, len
-U16 = struct.Struct("<H")
+from .driver_queue import (
+    Buffer,
+    DriverQueue,
+    UsedElem,
+    VirtqueueError,
+    VirtqueueFull,
+    _Chain,
+)
 
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
-VRING_AVAIL_F_NO_INTERRUPT = 1
-VRING_USED_F_NO_NOTIFY = 1
+__all__ = [
+    "DESC",
+    "U16",
+    "Buffer",
+    "SplitVirtqueue",
+    "UsedElem",
+    "VirtqueueError",
+    "VirtqueueFull",
+    "ring_sizes",
+]
 
-MAX_QUEUE_SIZE = 32768
-
-#: A buffer: (guest-physical address, length) - or (DMA address, length) when ``premapped``.
-Buffer = tuple[int, int]
-
-
-def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    """virtio 1.2 2.7.10: must the other side be notified after moving old -> new?"""
-    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
-
-
-def ring_sizes(num: int) -> tuple[int, int, int]:
-    """Bytes of (descriptor table, avail ring incl. used_event, used ring incl. avail_event)."""
-    return 16 * num, 6 + 2 * num, 6 + 8 * num
-
-
-class VirtqueueError(Exception):
-    """Driver misuse or a device that broke the ring protocol (names the queue)."""
-
-
-class VirtqueueFull(VirtqueueError):
-    pass
+ring_sizes = split_ring_sizes
 
 
-@dataclass(slots=True)
-class UsedElem:
-    """One completed chain: its head descriptor, bytes written by the device, caller token."""
+class SplitVirtqueue(DriverQueue):
+    """One split virtqueue owned by the driver (see :class:`DriverQueue` for the arguments)."""
 
-    head: int
-    length: int
-    token: Any
-
-
-@dataclass(slots=True)
-class _Chain:
-    descs: list[int]
-    token: Any
-    table: int | None
-    in_len: int
-    #: Streaming DMA mappings made for this chain: (dma address, size, direction).
-    mapped: list[tuple[int, int, DmaDir]] | None = None
-
-
-class SplitVirtqueue:
-    """One split virtqueue owned by the driver.
-
-    ``notify`` is called (with the queue) to notify the device; the transport sets it.
-    ``interrupt`` (optional) is the queue's interrupt source (MSI-X word or ISR).
-    ``dma`` turns guest-physical addresses into the DMA addresses the device is given (ring
-    addresses ``desc_dma``/``avail_dma``/``used_dma``, descriptor ``addr`` fields, indirect
-    tables); identity by default.  Buffers are mapped in `add` and unmapped when their chain
-    is used (or the queue destroyed).
-    """
-
-    def __init__(
-        self,
-        qt: QTest,
-        alloc: GuestAllocator,
-        index: int,
-        size: int,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        name: str | None = None,
-        notify: Callable[[SplitVirtqueue], None] | None = None,
-        dma: DmaMapper | None = None,
-    ) -> None:
+    def _check_size(self, size: int) -> None:
         if size <= 0 or size & (size - 1) or size > MAX_QUEUE_SIZE:
             raise VirtqueueError(f"queue size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
-        self.qt = qt
-        self.alloc = alloc
-        self.index = index
-        self.size = size
-        self.name = name or f"vq{index}"
-        self.event_idx = event_idx
-        #: Indirect descriptors negotiated (VIRTIO_F_RING_INDIRECT_DESC).
-        self.indirect = indirect
-        self.notify = notify
-        self.interrupt: InterruptSource | None = None
+
+    def _area_layout(self, size: int) -> tuple[tuple[int, int | None], ...]:
         dsz, asz, usz = ring_sizes(size)
-        self.desc = alloc.alloc(dsz, tag=f"{self.name} desc")
-        self.avail = alloc.alloc(asz, tag=f"{self.name} avail")
-        self.used = alloc.alloc(usz, tag=f"{self.name} used")
-        qt.write_many([(self.desc, bytes(dsz)), (self.avail, bytes(asz)), (self.used, bytes(usz))])
-        self.dma: DmaMapper = dma if dma is not None else IDENTITY
-        #: What the device is told (== desc/avail/used without a vIOMMU).
-        self.desc_dma = self.dma.map_coherent(self.desc, dsz)
-        self.avail_dma = self.dma.map_coherent(self.avail, asz)
-        self.used_dma = self.dma.map_coherent(self.used, usz)
-        self._free: collections.deque[int] = collections.deque(range(size))
-        self._chains: list[_Chain | None] = [None] * size
+        return (dsz, None), (asz, None), (usz, None)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._free: collections.deque[int] = collections.deque(range(self.size))
         self._staged_desc: dict[int, bytes] = {}
         self._staged_tables: list[tuple[int, bytes]] = []
         self._new_heads: list[int] = []
@@ -132,10 +75,15 @@ class SplitVirtqueue:
         #: Next used idx the driver will consume (free-running u16).
         self.last_used_idx = 0
         self._kicked_idx = 0
-        self.in_flight = 0  # chains added (published or not) and not yet used
-        self.kicks = 0
-        self.kicks_suppressed = 0
-        self._destroyed = False
+
+    @property
+    def notification_data(self) -> int:
+        """The avail idx: the NOTIFICATION_DATA value of a split ring."""
+        return self.avail_idx
+
+    @property
+    def unpublished(self) -> bool:
+        return bool(self._new_heads)
 
     def __repr__(self) -> str:
         return (
@@ -173,42 +121,30 @@ class SplitVirtqueue:
         Buffers are guest-physical and mapped through ``dma`` here (unmapped when the chain
         is used); ``premapped=True``: they already are DMA addresses, used as given.
         """
-        bufs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in inp]
-        if not bufs:
-            raise VirtqueueError(f"{self.name}: empty chain")
+        bufs, use_indirect = self._chain_buffers(out, inp, indirect, VRING_DESC_F_WRITE)
         in_len = sum(n for _, n in inp)
-        use_indirect = bool(indirect) and len(bufs) > 0
-        if use_indirect and not self.indirect:
-            raise VirtqueueError(f"{self.name}: indirect descriptors were not negotiated")
         ndesc = 1 if use_indirect else len(bufs)
         if ndesc > len(self._free):
             raise VirtqueueFull(
                 f"{self.name}: chain needs {ndesc} descriptors, {len(self._free)} free"
             )
-        mapped: list[tuple[int, int, DmaDir]] | None = None
-        if not premapped and not self.dma.identity:
-            bufs, mapped = map_buffers(self.dma, bufs, VRING_DESC_F_WRITE)
+        bufs, mapped = self._map_buffers(bufs, premapped, VRING_DESC_F_WRITE)
         descs = [self._free.popleft() for _ in range(ndesc)]
         table = None
+        last = len(bufs) - 1
         if use_indirect:
-            table = self.alloc.alloc(16 * len(bufs), 16, tag=f"{self.name} indirect")
-            table_dma = table
-            if not self.dma.identity:
-                table_dma = self.dma.map(table, 16 * len(bufs), DmaDir.TO_DEVICE)
-                mapped = (mapped or []) + [(table_dma, 16 * len(bufs), DmaDir.TO_DEVICE)]
-            last = len(bufs) - 1
             entries = b"".join(
                 DESC.pack(
                     a, n, f | (VRING_DESC_F_NEXT if i < last else 0), i + 1 if i < last else 0
                 )
                 for i, (a, n, f) in enumerate(bufs)
             )
+            table, table_dma, mapped = self._indirect_table(entries, mapped)
             self._staged_tables.append((table, entries))
             self._staged_desc[descs[0]] = DESC.pack(
                 table_dma, len(entries), VRING_DESC_F_INDIRECT, 0
             )
         else:
-            last = len(bufs) - 1
             for i, (a, n, f) in enumerate(bufs):
                 if i < last:
                     self._staged_desc[descs[i]] = DESC.pack(
@@ -217,7 +153,7 @@ class SplitVirtqueue:
                 else:
                     self._staged_desc[descs[i]] = DESC.pack(a, n, f, 0)
         head = descs[0]
-        self._chains[head] = _Chain(descs, token, table, in_len, mapped)
+        self._chains[head] = _Chain(token, table, in_len, len(descs), descs, mapped)
         self._new_heads.append(head)
         self.in_flight += 1
         return head
@@ -281,18 +217,6 @@ class SplitVirtqueue:
         self.kicks += 1
         return True
 
-    def add_and_kick(
-        self,
-        out: Sequence[Buffer] = (),
-        inp: Sequence[Buffer] = (),
-        token: Any = None,
-        *,
-        indirect: bool | None = None,
-    ) -> int:
-        head = self.add(out, inp, token, indirect=indirect)
-        self.kick()
-        return head
-
     # ------------------------------------------------------------------ used ring
     def device_used_idx(self) -> int:
         return self.qt.readw(self.used + 2)
@@ -322,41 +246,15 @@ class SplitVirtqueue:
         out: list[UsedElem] = []
         errors: list[str] = []
         for head, length in USED_ELEM.iter_unpack(raw):
-            chain = self._chains[head] if head < self.size else None
-            if chain is None:
+            if head >= self.size or self._chains[head] is None:
                 errors.append(f"used id {head} is not the head of an in-flight chain")
                 continue
-            self._chains[head] = None
+            chain, elem = self._complete(head, length, errors)
             self._free.extend(chain.descs)
-            unmap_all(self.dma, chain.mapped)
-            if chain.table is not None:
-                self.alloc.free(chain.table)
-            self.in_flight -= 1
-            if length > chain.in_len:
-                errors.append(
-                    f"used id {head}: len {length} > {chain.in_len} device-writable bytes"
-                )
-            out.append(UsedElem(head, length, chain.token))
+            out.append(elem)
         self.last_used_idx = (self.last_used_idx + n) & 0xFFFF
-        if errors:
-            raise VirtqueueError(f"{self.name}: " + "; ".join(errors))
+        self._raise_errors(errors)
         return out
-
-    def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[UsedElem]:
-        """Wait until ``count`` used elements are available; consume and return them."""
-        if count > self.in_flight:
-            raise VirtqueueError(
-                f"{self.name}: waiting for {count} used chain(s) but {self.in_flight} in flight"
-            )
-        if self._new_heads:
-            raise VirtqueueError(f"{self.name}: waiting for used with unpublished chains")
-        poll_until(
-            lambda: self.pending_used() >= count,
-            timeout,
-            f"{count} used element(s) on {self.name}",
-            detail=self._state,
-        )
-        return self.get_used(count)
 
     def _state(self) -> str:
         return (
@@ -391,16 +289,6 @@ class SplitVirtqueue:
             self.set_used_event((self.last_used_idx - 1) & 0xFFFF)
         else:
             self.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT)
-
-    def wait_interrupt(self, timeout: float = 5.0) -> None:
-        if self.interrupt is None:
-            raise VirtqueueError(f"{self.name}: no interrupt source attached")
-        poll_until(
-            self.interrupt.fired,
-            timeout,
-            f"interrupt of {self.name} ({self.interrupt.describe()})",
-            detail=self._state,
-        )
 
     # ------------------------------------------------------------------ raw access (bad guests)
     def write_desc_raw(
@@ -449,26 +337,3 @@ class SplitVirtqueue:
         if write_used:
             writes.append((self.used + 2, U16.pack(idx)))
         self.qt.write_many(writes)
-
-    def tokens_in_flight(self) -> list[Any]:
-        return [c.token for c in self._chains if c is not None]
-
-    def destroy(self) -> list[Any]:
-        """Free ring memory and indirect tables; returns tokens of chains still in flight."""
-        if self._destroyed:
-            return []
-        self._destroyed = True
-        tokens = []
-        for c in self._chains:
-            if c is not None:
-                tokens.append(c.token)
-                unmap_all(self.dma, c.mapped)
-                if c.table is not None:
-                    self.alloc.free(c.table)
-        self._chains = [None] * self.size
-        dsz, asz, usz = ring_sizes(self.size)
-        for dma_addr, n in ((self.desc_dma, dsz), (self.avail_dma, asz), (self.used_dma, usz)):
-            self.dma.unmap_coherent(dma_addr, n)
-        for addr in (self.desc, self.avail, self.used):
-            self.alloc.free(addr)
-        return tokens

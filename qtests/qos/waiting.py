@@ -8,9 +8,11 @@ poller does not starve QEMU of CPU) and raises `WaitTimeout` naming what was awa
 
 from __future__ import annotations
 
+import select
+import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -33,7 +35,7 @@ class WaitTimeout(TimeoutError):
 
 
 def poll_until(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None | Literal[False]],
     timeout: float,
     what: str,
     *,
@@ -59,3 +61,10 @@ def poll_until(
             # Pacing between polls of a condition only QEMU can change; not synchronisation.
             time.sleep(min(interval, max_interval, deadline - now))
             interval *= 2
+
+
+def wait_readable(fd: int | socket.socket, timeout: float, what: str) -> None:
+    """Block until ``fd`` is readable (an event, not a poll); WaitTimeout naming ``what``."""
+    r, _, _ = select.select([fd], [], [], max(timeout, 0.0))
+    if not r:
+        raise WaitTimeout(what, timeout)

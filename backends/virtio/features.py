@@ -2,7 +2,7 @@
 
 Feature constants are *bit numbers* (as in Linux ``include/uapi/linux/virtio_config.h``); use
 :func:`bit` to turn one into a mask. Device-specific bits (``VIRTIO_NET_F_*``) live with the
-personality (``backends/net/config.py``).
+personality (``backends/virtio/net.py``).
 """
 
 from __future__ import annotations
@@ -115,3 +115,12 @@ STATUS_DRIVER_OK = int(Status.DRIVER_OK)
 STATUS_FEATURES_OK = int(Status.FEATURES_OK)
 STATUS_NEEDS_RESET = int(Status.NEEDS_RESET)
 STATUS_FAILED = int(Status.FAILED)
+
+
+# -- device IDs (virtio 1.2, 5) and virtio-pci IDs (4.1.2) -------------------------------
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_IOMMU = 23
+VIRTIO_ID_MEM = 24
+VIRTIO_PCI_VENDOR = 0x1AF4
+VIRTIO_PCI_MODERN_BASE = 0x1040  # modern PCI device ID = 0x1040 + device ID

@@ -1,15 +1,13 @@
-"""A test-side vhost-user FRONT-END: what QEMU does, in Python, over a real unix socket.
+"""A vhost-user FRONT-END: what QEMU does, in Python, over a real unix socket, for tests that
+drive the backend without QEMU (unit tests, benchmarks).
 
-Real memfds for guest RAM, real eventfds for kick/call/err, a real socketpair for the backend
-channel. Reusable by any test that needs to drive the backend without QEMU:
+Real memfds for guest RAM (:class:`~qtests.qos.guest_memory.SharedGuestMemory`), real
+eventfds for kick/call/err, a real socketpair for the backend channel.
 
-* :class:`GuestMemory` - memfd-backed guest RAM slots (GPA, fake QEMU user address, mmap).
-* :class:`SplitRing` - the driver side of a split virtqueue living in that memory.
+* :class:`VhostUserRing` - a driver ring (the qtest driver's split or packed virtqueue, on
+  shared guest memory) with its kick / call / err eventfds and its SET_VRING_ADDR.
 * :class:`Frontend` - the vhost-user client: every request, REPLY_ACK handling, the QEMU-like
   init / start sequences, the backend channel (IOTLB MISS -> UPDATE -> ack, like QEMU).
-* :class:`BackendProcess` - ``python -m backends`` as a subprocess (READY line, SIGTERM, fds).
-* :class:`MonitorClient` - a small synchronous client of the backend's QMP-style monitor.
-* :class:`BackendThread` - the backend wired in-process, its loop running in a thread.
 
 Every wait has a timeout whose error names what was awaited; nothing sleeps to synchronise.
 """
@@ -17,64 +15,42 @@ Every wait has a timeout whose error names what was awaited; nothing sleeps to s
 from __future__ import annotations
 
 import contextlib
-import json
-import mmap
 import os
-import queue
-import select
-import signal
 import socket
-import struct
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from backends.vdpa.features import VIRTIO_F_RING_PACKED
+from backends.vdpa.virtqueue import VqState
 from backends.vhost_user import messages as m
 from backends.vhost_user.framing import Message, MessageReader, close_fds, send_message
+from backends.virtio.features import VIRTIO_F_RING_PACKED
 
-PAGE = 0x1000
-UADDR_BASE = 0x7F00_0000_0000  # fake QEMU user addresses: UADDR_BASE + gpa
+from .driver_queue import Buffer, DriverQueue
+from .guest_memory import UADDR_BASE, MemSlot, SharedGuestMemory
+from .iova import DmaDir
+from .packed_virtqueue import PackedVirtqueue
+from .virtqueue import SplitVirtqueue
+from .waiting import wait_readable
+
+__all__ = [
+    "TIMEOUT",
+    "Frontend",
+    "FrontendError",
+    "IommuEntry",
+    "OffsetDma",
+    "VhostUserRing",
+    "drain_eventfd",
+    "eventfd",
+    "frontend_for",
+]
+
 TIMEOUT = 5.0
-REPO = Path(__file__).resolve().parents[2]
-
-# virtio bits the front-end needs (numbers from the virtio spec)
-VIRTIO_F_VERSION_1 = 32
-VIRTIO_F_ACCESS_PLATFORM = 33
-VIRTIO_F_EVENT_IDX = 29
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VIRTIO_NET_HDR_LEN = 12
 
 
 class FrontendError(AssertionError):
     """The backend answered something a QEMU front-end would refuse."""
-
-
-def wait_readable(fd: int | socket.socket, timeout: float, what: str) -> None:
-    r, _, _ = select.select([fd], [], [], timeout)
-    if not r:
-        raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-
-
-_T = TypeVar("_T")
-
-
-def wait_for(predicate: Callable[[], _T], timeout: float, what: str, step: float = 0.005) -> _T:
-    """Poll ``predicate`` (cheap, no side effects) until true; TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        select.select([], [], [], step)
 
 
 def eventfd() -> int:
@@ -88,208 +64,150 @@ def drain_eventfd(fd: int) -> int:
         return 0
 
 
-def open_fd_count(pid: int | None = None) -> int:
-    return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
+class OffsetDma:
+    """A vIOMMU that maps every guest-physical address at ``gpa + offset`` (what the device
+    is told); the front-end's IOTLB entries say the same (see :class:`IommuEntry`)."""
 
+    identity = False
 
-# ------------------------------------------------------------------------------------------
-# guest memory
-# ------------------------------------------------------------------------------------------
-class MemSlot:
-    """One memfd-backed slot of guest RAM."""
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
 
-    def __init__(self, gpa: int, size: int, uaddr: int | None = None, name: str = "ram"):
-        self.gpa = gpa
-        self.size = size
-        self.uaddr = UADDR_BASE + gpa if uaddr is None else uaddr
-        self.fd = os.memfd_create(f"guest-{name}", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, size)
-            self.mm = mmap.mmap(self.fd, size)
-        except BaseException:
-            os.close(self.fd)
-            raise
+    def map(self, gpa: int, size: int, direction: DmaDir) -> int:
+        return gpa + self.offset
 
-    def region(self, mmap_offset: int = 0) -> m.MemRegion:
-        return m.MemRegion(self.gpa, self.size, self.uaddr, mmap_offset)
+    def unmap(self, addr: int, size: int, direction: DmaDir) -> None:
+        return None
 
-    def contains(self, gpa: int, n: int = 1) -> bool:
-        return self.gpa <= gpa and gpa + n <= self.gpa + self.size
+    def map_coherent(self, gpa: int, size: int) -> int:
+        return gpa + self.offset
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            self.mm.close()
-            os.close(self.fd)
-            self.fd = -1
+    def unmap_coherent(self, addr: int, size: int) -> None:
+        return None
 
-
-class GuestMemory:
-    """Guest RAM made of memfd slots, with a bump allocator in the first slot."""
-
-    def __init__(self, size: int = 4 << 20, gpa: int = 0) -> None:
-        self.slots: list[MemSlot] = []
-        first = self.add_slot(gpa, size)
-        self._next = first.gpa + PAGE  # keep GPA 0 page unused
-
-    def add_slot(self, gpa: int, size: int, name: str = "ram") -> MemSlot:
-        slot = MemSlot(gpa, size, name=name)
-        self.slots.append(slot)
-        return slot
-
-    def remove_slot(self, slot: MemSlot) -> None:
-        self.slots.remove(slot)
-        slot.close()
-
-    def regions(self) -> list[m.MemRegion]:
-        return [s.region() for s in self.slots]
-
-    def fds(self) -> list[int]:
-        return [s.fd for s in self.slots]
-
-    def alloc(self, size: int, align: int = 16) -> int:
-        gpa = (self._next + align - 1) & ~(align - 1)
-        if not self.slots[0].contains(gpa, size):
-            raise MemoryError(f"guest memory exhausted allocating {size} bytes")
-        self._next = gpa + size
+    def map_msi(self, gpa: int, size: int) -> int:
         return gpa
 
-    def _slot(self, gpa: int, n: int) -> MemSlot:
-        for s in self.slots:
-            if s.contains(gpa, n):
-                return s
-        raise ValueError(f"gpa {gpa:#x}+{n:#x} is not guest RAM")
 
-    def read(self, gpa: int, n: int) -> bytes:
-        s = self._slot(gpa, n)
-        off = gpa - s.gpa
-        return bytes(s.mm[off : off + n])
+class EventfdInterrupt:
+    """A ring's call eventfd as an interrupt source (``fired`` consumes the count)."""
 
-    def write(self, gpa: int, data: bytes) -> None:
-        s = self._slot(gpa, len(data))
-        off = gpa - s.gpa
-        s.mm[off : off + len(data)] = data
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
 
-    def read_u16(self, gpa: int) -> int:
-        return struct.unpack("<H", self.read(gpa, 2))[0]
+    def fired(self) -> bool:
+        return drain_eventfd(self.fd) > 0
 
-    def write_u16(self, gpa: int, value: int) -> None:
-        self.write(gpa, struct.pack("<H", value & 0xFFFF))
+    def clear(self) -> None:
+        drain_eventfd(self.fd)
 
-    def uaddr(self, gpa: int) -> int:
-        return self._slot(gpa, 1).uaddr + (gpa - self._slot(gpa, 1).gpa)
-
-    def close(self) -> None:
-        for s in self.slots:
-            s.close()
-        self.slots.clear()
+    def describe(self) -> str:
+        return f"call eventfd {self.fd}"
 
 
-# ------------------------------------------------------------------------------------------
-# driver side of a split ring
-# ------------------------------------------------------------------------------------------
-_DESC = struct.Struct("<QIHH")
-_USED_ELEM = struct.Struct("<II")
+class VhostUserRing:
+    """One driver ring in :class:`SharedGuestMemory` plus its eventfds.
 
-
-class SplitRing:
-    """Driver side of one split virtqueue in :class:`GuestMemory`.
-
-    ``iova_offset`` models a vIOMMU: the device sees IOVA = GPA + iova_offset (ring addresses in
-    SET_VRING_ADDR and buffer addresses in descriptors); ``None`` means no vIOMMU, so ring
-    addresses are QEMU user addresses and descriptors hold GPAs.
-    """
+    ``iova_offset`` models a vIOMMU: the device sees IOVA = GPA + iova_offset (ring addresses
+    in SET_VRING_ADDR and buffer addresses in descriptors); ``None`` means no vIOMMU, so ring
+    addresses are QEMU user addresses and descriptors hold GPAs. ``packed`` picks the
+    packed layout. Chains are visible to the device as soon as they are added; ``kick``
+    always signals the kick eventfd (as a front-end that ignores suppression)."""
 
     def __init__(
-        self, mem: GuestMemory, index: int, num: int = 64, iova_offset: int | None = None
+        self,
+        mem: SharedGuestMemory,
+        index: int,
+        num: int = 64,
+        iova_offset: int | None = None,
+        *,
+        packed: bool = False,
     ) -> None:
         self.mem = mem
         self.index = index
         self.num = num
         self.iova_offset = iova_offset
-        self.desc = mem.alloc(16 * num, PAGE)
-        self.avail = mem.alloc(6 + 2 * num, PAGE)
-        self.used = mem.alloc(6 + 8 * num, PAGE)
-        self.avail_idx = 0
-        self.last_used = 0
-        self.free = list(range(num))
         self.kick_fd = eventfd()
         self.call_fd = eventfd()
         self.err_fd = eventfd()
-        self.chains: dict[int, list[int]] = {}
+        dma = None if iova_offset is None else OffsetDma(iova_offset)
+        cls = PackedVirtqueue if packed else SplitVirtqueue
+        try:
+            self.vq: DriverQueue = cls(
+                mem, mem, index, num, indirect=True, notify=self._notify, dma=dma
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.vq.interrupt = EventfdInterrupt(self.call_fd)
+
+    def _notify(self, _vq: object) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def desc(self) -> int:
+        return self.vq.desc
+
+    @property
+    def avail(self) -> int:
+        return self.vq.avail
+
+    @property
+    def used(self) -> int:
+        return self.vq.used
 
     def dev_addr(self, gpa: int) -> int:
         """The address the device is given for guest-physical ``gpa``."""
         return gpa if self.iova_offset is None else gpa + self.iova_offset
 
     def vring_addr(self, log: bool = False) -> m.VringAddr:
+        vq = self.vq
         if self.iova_offset is None:
-            desc, used, avail = (self.mem.uaddr(a) for a in (self.desc, self.used, self.avail))
+            desc, used, avail = (self.mem.uaddr(a) for a in (vq.desc, vq.used, vq.avail))
         else:
-            desc, used, avail = (self.dev_addr(a) for a in (self.desc, self.used, self.avail))
-        return m.VringAddr(self.index, m.VRING_F_LOG if log else 0, desc, used, avail, self.used)
+            desc, used, avail = vq.desc_dma, vq.used_dma, vq.avail_dma
+        return m.VringAddr(self.index, m.VRING_F_LOG if log else 0, desc, used, avail, vq.used)
 
-    def add(self, out: Iterable[tuple[int, int]] = (), inp: Iterable[tuple[int, int]] = ()) -> int:
-        """Post one chain of (gpa, len) buffers: ``out`` device-readable, ``inp`` writable."""
-        bufs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in inp]
-        if not bufs or len(bufs) > len(self.free):
-            raise ValueError(f"ring {self.index}: cannot post {len(bufs)} descriptors")
-        ids = [self.free.pop(0) for _ in bufs]
-        for k, (gpa, n, flags) in enumerate(bufs):
-            last = k == len(bufs) - 1
-            nxt = 0 if last else ids[k + 1]
-            f = flags | (0 if last else VRING_DESC_F_NEXT)
-            self.mem.write(self.desc + 16 * ids[k], _DESC.pack(self.dev_addr(gpa), n, f, nxt))
-        head = ids[0]
-        self.chains[head] = ids
-        self.mem.write_u16(self.avail + 4 + 2 * (self.avail_idx % self.num), head)
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem.write_u16(self.avail + 2, self.avail_idx)
+    def vring_base(self) -> int:
+        """The SET_VRING_BASE ``num`` for where the driver is (split: its avail idx)."""
+        vq = self.vq
+        if isinstance(vq, PackedVirtqueue):
+            state = VqState(vq.next_avail, vq.next_used, vq.avail_wrap, vq.used_wrap, packed=True)
+            return state.to_vhost_base()
+        return VqState(vq.avail_idx).to_vhost_base()
+
+    @property
+    def avail_idx(self) -> int:
+        return self.vq.avail_idx
+
+    # -- chains ----------------------------------------------------------------------------
+    def add(self, out: Sequence[Buffer] = (), inp: Sequence[Buffer] = (), token: Any = None) -> int:
+        """Post one chain of (gpa, len) buffers (``out`` device-readable, ``inp`` writable)
+        and make it available; returns its head (split) or buffer id (packed)."""
+        head = self.vq.add(out, inp, token)
+        self.vq.publish()
         return head
 
     def kick(self) -> None:
-        os.eventfd_write(self.kick_fd, 1)
-
-    def used_idx(self) -> int:
-        return self.mem.read_u16(self.used + 2)
+        self._notify(self.vq)
 
     def pop_used(self) -> list[tuple[int, int]]:
         """Completed (head, written length) pairs since the last call."""
-        out = []
-        idx = self.used_idx()
-        while self.last_used != idx:
-            slot = self.last_used % self.num
-            head, n = _USED_ELEM.unpack(self.mem.read(self.used + 4 + 8 * slot, 8))
-            out.append((head, n))
-            self.free.extend(self.chains.pop(head, [head]))
-            self.last_used = (self.last_used + 1) & 0xFFFF
-        return out
+        return [(u.head, u.length) for u in self.vq.get_used()]
 
     def wait_used(self, count: int = 1, timeout: float = TIMEOUT) -> list[tuple[int, int]]:
-        """Wait (on the call eventfd, then the used ring) for ``count`` completions."""
-        got: list[tuple[int, int]] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            got += self.pop_used()
-            if len(got) >= count:
-                return got
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(
-                    f"timed out after {timeout:.1f}s waiting for {count} used buffers on "
-                    f"ring {self.index} (got {len(got)}, used idx {self.used_idx()})"
-                )
-            r, _, _ = select.select([self.call_fd], [], [], min(left, 0.05))
-            if r:
-                drain_eventfd(self.call_fd)
+        """Wait for ``count`` completions; (head, written length) pairs."""
+        return [(u.head, u.length) for u in self.vq.wait_used(count, timeout)]
+
+    def used_idx(self) -> int:
+        return self.vq.device_used_idx()
 
     def close(self) -> None:
         close_fds([self.kick_fd, self.call_fd, self.err_fd])
         self.kick_fd = self.call_fd = self.err_fd = -1
 
 
-# ------------------------------------------------------------------------------------------
-# the front-end
-# ------------------------------------------------------------------------------------------
 # requests QEMU sends with NEED_REPLY once REPLY_ACK is negotiated (and waits for the ack)
 _ACKED = frozenset(
     {
@@ -503,10 +421,10 @@ class Frontend:
         self.backend_sock = ours
         self._backend_reader = MessageReader(ours)
 
-    def set_mem_table(self, mem: GuestMemory, **kw: Any) -> int | bytes | None:
+    def set_mem_table(self, mem: SharedGuestMemory, **kw: Any) -> int | bytes | None:
         return self.call(m.Request.SET_MEM_TABLE, m.pack_mem_table(mem.regions()), mem.fds(), **kw)
 
-    def set_memory_like_qemu(self, mem: GuestMemory) -> None:
+    def set_memory_like_qemu(self, mem: SharedGuestMemory) -> None:
         """QEMU's vhost_user_set_mem_table: with CONFIGURE_MEM_SLOTS a diff against what the
         backend already has (REM_MEM_REG for the gone, then ADD_MEM_REG for the new; nothing
         for unchanged regions), otherwise the full SET_MEM_TABLE."""
@@ -680,7 +598,7 @@ class Frontend:
                 self.set_backend_req_fd()
         self.set_owner()
         # QEMU's virtio-net has packed=off by default, which masks RING_PACKED from what the
-        # backend offers: these rings are split (the packed ring has its own tests)
+        # backend offers: these rings are split unless a test asks for packed ones
         self.device_features = self.get_features() & ~(1 << VIRTIO_F_RING_PACKED)
         self.masked = [eventfd() for _ in range(nvqs)]
         self.errfds = [eventfd() for _ in range(nvqs)]
@@ -691,8 +609,8 @@ class Frontend:
 
     def start_like_qemu(
         self,
-        mem: GuestMemory,
-        rings: list[SplitRing],
+        mem: SharedGuestMemory,
+        rings: list[VhostUserRing],
         features: int,
         *,
         log: tuple[int, int] | None = None,
@@ -710,7 +628,7 @@ class Frontend:
         self.set_memory_like_qemu(mem)
         for r in rings:
             self.set_vring_num(r.index, r.num)
-            self.set_vring_base(r.index, r.avail_idx)
+            self.set_vring_base(r.index, r.vring_base())
             self.set_vring_addr(r.vring_addr(log=log is not None))
             self.set_vring_kick(r.index, r.kick_fd)
             self.set_vring_call(r.index, r.call_fd)
@@ -726,257 +644,6 @@ class Frontend:
         close_fds(getattr(self, "masked", []) + getattr(self, "errfds", []))
         self.masked = []
         self.errfds = []
-
-
-# ------------------------------------------------------------------------------------------
-# the backend as a subprocess, and its monitor
-# ------------------------------------------------------------------------------------------
-class BackendProcess:
-    """``python -m backends`` in a subprocess; waits for its READY line."""
-
-    def __init__(self, workdir: Path, *args: str, monitor: bool = True, timeout: float = 15.0):
-        self.socket_path = str(workdir / "vhost.sock")
-        self.monitor_path = str(workdir / "monitor.sock") if monitor else None
-        self.journal_path = workdir / "journal.jsonl"
-        self.log_path = workdir / "backend.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "backends",
-            "--socket",
-            self.socket_path,
-            "--journal-file",
-            str(self.journal_path),
-            "--log",
-            str(self.log_path),
-            *args,
-        ]
-        if self.monitor_path:
-            cmd += ["--monitor", self.monitor_path]
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-        )
-        try:
-            self.ready_line = self._wait_ready(timeout)
-        except BaseException:
-            self.kill()
-            raise
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _wait_ready(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        buf = b""
-        deadline = time.monotonic() + timeout
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(
-                    f"timed out after {timeout:.1f}s waiting for the backend's READY line"
-                )
-            wait_readable(fd, left, "the backend's READY line")
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"backend exited before READY: {err}")
-            buf += chunk
-        line = buf.split(b"\n", 1)[0].decode()
-        if not line.startswith("READY"):
-            raise RuntimeError(f"backend printed {line!r} instead of READY")
-        return line
-
-    def fd_count(self) -> int:
-        return open_fd_count(self.pid)
-
-    def frontend(self, timeout: float = TIMEOUT) -> Frontend:
-        return Frontend(self.socket_path, timeout=timeout)
-
-    def monitor(self) -> MonitorClient:
-        if not self.monitor_path:
-            raise RuntimeError("backend started without --monitor")
-        return MonitorClient(self.monitor_path)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise TimeoutError(f"backend did not exit within {timeout}s of signal {sig}") from None
-        finally:
-            self._close_pipes()
-        return rc
-
-    def stderr_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._close_pipes()
-
-    def _close_pipes(self) -> None:
-        for p in (self.proc.stdout, self.proc.stderr):
-            if p is not None:
-                p.close()
-
-    def journal(self) -> list[dict[str, Any]]:
-        """The journal file written at exit (JSON lines)."""
-        return [json.loads(line) for line in self.journal_path.read_text().splitlines() if line]
-
-
-class MonitorClient:
-    """A minimal synchronous QMP client for the backend's monitor socket."""
-
-    def __init__(self, path: str, timeout: float = TIMEOUT) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.timeout = timeout
-        self._buf = b""
-        self._id = 0
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(path)
-            self.greeting = self._recv()
-            self.command("qmp_capabilities")
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _recv(self) -> dict[str, Any]:
-        while b"\n" not in self._buf:
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                raise TimeoutError(
-                    f"timed out after {self.timeout:.1f}s waiting for the monitor"
-                ) from None
-            if not chunk:
-                raise ConnectionError("monitor closed the connection")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def command(self, name: str, **arguments: Any) -> Any:
-        self._id += 1
-        cmd: dict[str, Any] = {"execute": name, "id": self._id}
-        if arguments:
-            cmd["arguments"] = arguments
-        self.sock.sendall(json.dumps(cmd).encode() + b"\n")
-        while True:
-            resp = self._recv()
-            if "event" in resp:
-                continue
-            if "error" in resp:
-                raise RuntimeError(f"monitor {name}: {resp['error']}")
-            return resp.get("return")
-
-    def journal(self, kinds: list[str] | None = None, since: int | None = None) -> list[dict]:
-        args: dict[str, Any] = {}
-        if kinds is not None:
-            args["kinds"] = kinds
-        if since is not None:
-            args["since"] = since
-        result = self.command("query-journal", **args)
-        return result["entries"] if isinstance(result, dict) else result
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> MonitorClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# ------------------------------------------------------------------------------------------
-# the backend in-process, its loop in a thread
-# ------------------------------------------------------------------------------------------
-class BackendThread:
-    """The backend wired by :mod:`backends.process`, its event loop in a daemon thread.
-
-    The device model is single-threaded: inspect it only through :meth:`call`, which runs a
-    function on the loop thread and returns its result.
-    """
-
-    def __init__(self, socket_path: str, **options: Any) -> None:
-        from backends.process import Backend, BackendOptions
-
-        self.backend = Backend(BackendOptions(socket=socket_path, **options))
-        self.socket_path = socket_path
-        self._calls: queue.Queue[tuple[Callable[[], Any], queue.Queue]] = queue.Queue()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.backend.loop.add_reader(self._wake_r, self._run_calls)
-        self._thread = threading.Thread(target=self.backend.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def _run_calls(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 4096)
-        while True:
-            try:
-                fn, reply = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                reply.put((True, fn()))
-            except BaseException as e:
-                reply.put((False, e))
-
-    def call(self, fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
-        reply: queue.Queue = queue.Queue()
-        self._calls.put((fn, reply))
-        os.write(self._wake_w, b"x")
-        try:
-            ok, value = reply.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"timed out after {timeout}s waiting for the backend loop") from None
-        if not ok:
-            raise value
-        return value
-
-    @property
-    def journal(self):
-        return self.backend.journal
-
-    def query(self, kinds: list[str] | None = None, since: int | None = None) -> list[dict]:
-        return self.call(lambda: self.backend.journal.query(kinds, since))
-
-    def mark(self) -> int:
-        return self.call(self.backend.journal.mark)
-
-    def wait_journal(
-        self, kind: str, since: int, timeout: float = TIMEOUT, count: int = 1
-    ) -> list[dict]:
-        return wait_for(
-            lambda: (e := self.query([kind], since)) and len(e) >= count and e,
-            timeout,
-            f"{count} journal entr{'y' if count == 1 else 'ies'} of kind {kind!r}",
-        )
-
-    def frontend(self, timeout: float = TIMEOUT) -> Frontend:
-        return Frontend(self.socket_path, timeout=timeout)
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            with contextlib.suppress(TimeoutError):
-                self.call(self.backend.loop.stop)
-            self._thread.join(TIMEOUT)
-        self.backend.loop.remove_reader(self._wake_r)
-        self.backend.close()
-        close_fds([self._wake_r, self._wake_w])
 
 
 @contextlib.contextmanager

@@ -8,27 +8,29 @@ built from plain ints, strings, lists and dicts, so it always serialises.
 :func:`journal_event` turns a journal entry into a QMP event (or ``None``): the monitor learns
 about state changes only by subscribing to the device's :class:`~backends.vdpa.journal.Journal`.
 
-The protocol itself (greeting, negotiation, framing, ids) is :mod:`backends.monitor`.
+The protocol itself (greeting, negotiation, framing, ids) is :mod:`.server`; the argument
+checks :mod:`.schema`, the events :mod:`.events`.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from backends.net import config as net_config
 from backends.vdpa.faults import FAULTS
-from backends.vdpa.features import VHOST_LEVEL_FEATURES, Status, feature_names
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.journal import json_safe
-from backends.vhost_user.messages import (
-    VHOST_F_LOG_ALL,
-    VHOST_USER_F_PROTOCOL_FEATURES,
-    ProtocolFeature,
+from backends.virtio.features import VHOST_LEVEL_FEATURES, Status
+
+from .names import describe_features, protocol_feature_names, status_names
+from .schema import (
+    CAPABILITIES_COMMAND,
+    Arg,
+    ArgType,
+    Command,
+    CommandError,
+    check_arguments,
 )
 
 if TYPE_CHECKING:
@@ -36,107 +38,6 @@ if TYPE_CHECKING:
     from backends.vdpa.device import VdpaDevice
 
 log = logging.getLogger(__name__)
-
-CAPABILITIES_COMMAND = "qmp_capabilities"
-U64_MAX = (1 << 64) - 1
-
-
-class CommandError(Exception):
-    """A command failed; ``error_class`` / ``desc`` go into the QMP error reply."""
-
-    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.desc = desc
-        self.error_class = error_class
-
-
-# -- argument schema ----------------------------------------------------------------------------
-class ArgType(enum.Enum):
-    STR = "string"
-    BOOL = "boolean"
-    UINT = "integer"  # 0 .. 2**64-1
-    STR_LIST = "array"
-
-
-@dataclass(frozen=True, slots=True)
-class Arg:
-    name: str
-    type: ArgType
-    optional: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    name: str
-    handler: Callable[[dict[str, Any]], object]
-    args: tuple[Arg, ...] = ()
-    help: str = ""
-
-
-def _check_value(name: str, kind: ArgType, value: object) -> None:
-    def bad(expected: str) -> CommandError:
-        return CommandError(f"Invalid parameter type for '{name}', expected: {expected}")
-
-    if kind is ArgType.STR:
-        if not isinstance(value, str):
-            raise bad("string")
-    elif kind is ArgType.BOOL:
-        if not isinstance(value, bool):
-            raise bad("boolean")
-    elif kind is ArgType.UINT:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("integer")
-        if not 0 <= value <= U64_MAX:
-            raise CommandError(f"Parameter '{name}' expects uint64")
-    elif kind is ArgType.STR_LIST:
-        if not isinstance(value, list):
-            raise bad("array")
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise CommandError(f"Invalid parameter type for '{name}[{i}]', expected: string")
-
-
-def check_arguments(args: tuple[Arg, ...], arguments: dict[str, Any]) -> None:
-    """Raise CommandError as QAPI would for missing, mistyped or unexpected arguments."""
-    for arg in args:
-        if arg.name in arguments:
-            _check_value(arg.name, arg.type, arguments[arg.name])
-        elif not arg.optional:
-            raise CommandError(f"Parameter '{arg.name}' is missing")
-    known = {a.name for a in args}
-    for key in arguments:
-        if key not in known:
-            raise CommandError(f"Parameter '{key}' is unexpected")
-
-
-# -- names of bits ------------------------------------------------------------------------------
-@cache
-def _device_feature_extra() -> dict[int, str]:
-    """Names of the non-transport feature bits: virtio-net's, and vhost's LOG_ALL / PROTOCOL."""
-    names = {
-        value: attr.removeprefix("VIRTIO_NET_F_")
-        for attr, value in vars(net_config).items()
-        if attr.startswith("VIRTIO_NET_F_") and isinstance(value, int)
-    }
-    names[VHOST_F_LOG_ALL] = "LOG_ALL"
-    names[VHOST_USER_F_PROTOCOL_FEATURES] = "PROTOCOL_FEATURES"
-    return names
-
-
-def describe_features(bits: int) -> dict[str, Any]:
-    return {"bits": bits, "names": feature_names(bits, _device_feature_extra())}
-
-
-def status_names(status: int) -> list[str]:
-    names = [s.name for s in Status if status & s.value and s.name]
-    rest = status & ~sum(s.value for s in Status)
-    names += [f"bit {n}" for n in range(8) if rest >> n & 1]
-    return names
-
-
-def protocol_feature_names(bits: int) -> list[str]:
-    known = {int(f): f.name for f in ProtocolFeature}
-    return [known.get(n, f"bit {n}") for n in range(64) if bits >> n & 1]
 
 
 def _attr(obj: object, *names: str, default: Any = None) -> Any:
@@ -152,42 +53,6 @@ def _attr(obj: object, *names: str, default: Any = None) -> Any:
                 continue
         return value
     return default
-
-
-# -- events -------------------------------------------------------------------------------------
-EVENTS: dict[str, str] = {
-    "MEM_TABLE_CHANGED": "a host memory region was added/removed or the IOTLB was set as a whole",
-    "IOTLB_MISS": "a queue is parked on an IOVA the IOTLB does not map (MISS sent to QEMU)",
-    "VRING_STARTED": "a virtqueue started processing",
-    "VRING_STOPPED": "a virtqueue stopped (GET_VRING_BASE)",
-    "DEVICE_ERROR": "the device detected an error (journal kind error.*)",
-    "STATUS_CHANGED": "the driver wrote the device status",
-    "SHUTDOWN": "the backend is quitting (quit command)",
-}
-
-_EVENT_BY_KIND = {
-    "mem.add": "MEM_TABLE_CHANGED",
-    "mem.remove": "MEM_TABLE_CHANGED",
-    "dma.set_map": "MEM_TABLE_CHANGED",
-    "iotlb.miss": "IOTLB_MISS",
-    "vq.start": "VRING_STARTED",
-    "vq.stop": "VRING_STOPPED",
-    "status.set": "STATUS_CHANGED",
-}
-
-
-def journal_event(entry: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The QMP event (name, data) a journal entry announces, or None. Data = the entry."""
-    kind = str(entry.get("kind", ""))
-    name = _EVENT_BY_KIND.get(kind)
-    if name is None and kind.startswith("error."):
-        name = "DEVICE_ERROR"
-    if name is None:
-        return None
-    data = json_safe(entry)
-    if name == "STATUS_CHANGED" and isinstance(data.get("new"), int):
-        data["status_names"] = status_names(data["new"])
-    return name, data
 
 
 # -- the commands -------------------------------------------------------------------------------
@@ -580,7 +445,7 @@ def _int_or_none(value: object) -> int | None:
 
 def _perm_name(perm: object) -> str:
     try:
-        return Perm(perm).name
+        return str(Perm(perm).name) if isinstance(perm, int) else str(perm)
     except ValueError:
         return str(perm)
 
@@ -590,12 +455,3 @@ def _known_faults(faults: Any) -> dict[str, str]:
     if isinstance(known, dict):
         return {str(k): str(v) for k, v in known.items()}
     return dict(FAULTS)
-
-
-__all__ = [
-    "CAPABILITIES_COMMAND",
-    "EVENTS",
-    "CommandError",
-    "MonitorCommands",
-    "journal_event",
-]

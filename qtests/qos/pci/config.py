@@ -1,0 +1,78 @@
+"""PCI configuration space: register offsets, bits and capability IDs (the ``PCI_*`` names of
+Linux ``include/uapi/linux/pci_regs.h``), and the error every PCI module raises."""
+
+from __future__ import annotations
+
+# config space offsets (type 0 and common)
+PCI_VENDOR_ID = 0x00
+PCI_DEVICE_ID = 0x02
+PCI_COMMAND = 0x04
+PCI_STATUS = 0x06
+PCI_REVISION_ID = 0x08
+PCI_CLASS_PROG = 0x09
+PCI_HEADER_TYPE = 0x0E
+PCI_BASE_ADDRESS_0 = 0x10
+PCI_SUBSYSTEM_VENDOR_ID = 0x2C
+PCI_SUBSYSTEM_ID = 0x2E
+PCI_CAPABILITY_LIST = 0x34
+PCI_INTERRUPT_LINE = 0x3C
+PCI_INTERRUPT_PIN = 0x3D
+
+PCI_COMMAND_IO = 0x1
+PCI_COMMAND_MEMORY = 0x2
+PCI_COMMAND_MASTER = 0x4
+PCI_COMMAND_INTX_DISABLE = 0x400
+PCI_STATUS_CAP_LIST = 0x10
+PCI_STATUS_INTERRUPT = 0x08
+
+PCI_BASE_ADDRESS_SPACE_IO = 0x1
+PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x4
+PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
+
+# type 1 (bridge) header
+PCI_PRIMARY_BUS = 0x18
+PCI_SECONDARY_BUS = 0x19
+PCI_SUBORDINATE_BUS = 0x1A
+PCI_IO_BASE = 0x1C
+PCI_IO_LIMIT = 0x1D
+PCI_MEMORY_BASE = 0x20
+PCI_MEMORY_LIMIT = 0x22
+PCI_PREF_MEMORY_BASE = 0x24
+PCI_PREF_MEMORY_LIMIT = 0x26
+PCI_PREF_BASE_UPPER32 = 0x28
+PCI_PREF_LIMIT_UPPER32 = 0x2C
+PCI_IO_BASE_UPPER16 = 0x30
+PCI_IO_LIMIT_UPPER16 = 0x32
+PCI_HEADER_TYPE_BRIDGE = 1
+
+# capability IDs
+PCI_CAP_ID_PM = 0x01
+PCI_CAP_ID_MSI = 0x05
+PCI_CAP_ID_VNDR = 0x09
+PCI_CAP_ID_EXP = 0x10
+PCI_CAP_ID_MSIX = 0x11
+
+# MSI-X capability / table layout
+PCI_MSIX_FLAGS = 2
+PCI_MSIX_FLAGS_QSIZE = 0x07FF
+PCI_MSIX_FLAGS_MASKALL = 0x4000
+PCI_MSIX_FLAGS_ENABLE = 0x8000
+PCI_MSIX_TABLE = 4
+PCI_MSIX_PBA = 8
+PCI_MSIX_BIR_MASK = 0x7
+PCI_MSIX_ENTRY_SIZE = 16
+PCI_MSIX_ENTRY_LOWER_ADDR = 0
+PCI_MSIX_ENTRY_UPPER_ADDR = 4
+PCI_MSIX_ENTRY_DATA = 8
+PCI_MSIX_ENTRY_VECTOR_CTRL = 12
+PCI_MSIX_ENTRY_CTRL_MASKBIT = 1
+
+#: Marker written by MSI-X vector N into its RAM word: 0x4d53 ("MS") << 16 | N.
+
+
+class PciError(Exception):
+    """Enumeration/config/resource problem, naming the device."""
+
+
+def bdf_str(bdf: tuple[int, int, int]) -> str:
+    return f"{bdf[0]:02x}:{bdf[1]:02x}.{bdf[2]}"
