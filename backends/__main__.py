@@ -20,6 +20,7 @@ from backends.net.config import parse_mac
 from backends.net.wire import WIRE_SPECS
 from backends.process import Backend, BackendOptions
 from backends.vdpa.faults import FAULTS
+from backends.virtio.features import TRANSPORT_FEATURE_NAMES
 
 log = logging.getLogger("backends")
 
@@ -32,6 +33,15 @@ def _fault(name: str) -> str:
             f"unknown fault {name!r}; known faults: {', '.join(sorted(FAULTS))}"
         )
     return name
+
+
+def _transport_feature(name: str) -> int:
+    bits = {v: k for k, v in TRANSPORT_FEATURE_NAMES.items()}
+    if name not in bits:
+        raise argparse.ArgumentTypeError(
+            f"unknown feature {name!r}; known: {', '.join(sorted(bits))}"
+        )
+    return bits[name]
 
 
 def _mac(text: str) -> str:
@@ -84,6 +94,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-mem-slots", action="store_true", help="withhold CONFIGURE_MEM_SLOTS")
     p.add_argument("--no-iommu", action="store_true", help="withhold ACCESS_PLATFORM")
     p.add_argument("--no-log", action="store_true", help="withhold LOG_SHMFD and LOG_ALL")
+    p.add_argument(
+        "--withhold-feature",
+        type=_transport_feature,
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="do not offer this virtio transport feature (repeatable), e.g. INDIRECT_DESC, "
+        "RING_PACKED: what QEMU's shadow virtqueues (x-svq=on) refuse",
+    )
     p.add_argument("--log", metavar="FILE", help="log file (default: stderr)")
     p.add_argument("--journal-file", metavar="FILE", help="write the journal (JSON lines) at exit")
     p.add_argument("--mac", type=_mac, metavar="MAC", help="MAC address (52:54:00:12:34:56)")
@@ -137,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         offer_mem_slots=not args.no_mem_slots,
         offer_iommu=not args.no_iommu,
         offer_log=not args.no_log,
+        withhold_features=sum(1 << b for b in set(args.withhold_feature)),
         mac=args.mac,
         journal_file=args.journal_file,
         transport=args.transport,

@@ -35,6 +35,8 @@ class BackendOptions:
     offer_mem_slots: bool = True
     offer_iommu: bool = True
     offer_log: bool = True
+    #: virtio feature bits the device does not offer (--withhold-feature)
+    withhold_features: int = 0
     mac: str | None = None
     journal_file: str | None = None
     reconnect: bool = True
@@ -60,7 +62,12 @@ class Backend:
         self.wire = make_wire(options.wire)
         try:
             self.net = NetDevice(
-                self.wire, queue_pairs=options.queues, mac=mac, faults=self.faults, loop=self.loop
+                self.wire,
+                queue_pairs=options.queues,
+                mac=mac,
+                faults=self.faults,
+                loop=self.loop,
+                withhold=options.withhold_features,
             )
             self.device = VdpaDevice(self.net, self.journal, self.faults)
             self.server: VhostUserServer | VduseTransport

@@ -1,479 +1,53 @@
-"""Scenario 1: memory hotplug map diffs, end to end (real QEMU 10 + the real backend process).
+"""Scenario 1: memory hotplug map diffs, end to end (real QEMU 10 + the real backend process),
+on every memory path: vhost-user with mem slots (``slots``), vhost-user with full tables
+(``table``) and vhost-vdpa through VDUSE (``iotlb``, in the vdpa lane). The scenarios and what
+they assert live in :mod:`qtests.qos.hotplug_scenarios`; the meta-tests run them against a
+backend with a fault (``remap-all``, ``keep-stale-map``, ``ignore-rem-mem-reg``,
+``mem-table-full-replace``, ``stale-region-offset``) and expect that failure.
 
-The qtest driver is the guest: it plugs DIMMs through QMP, acts as the ACPI OSPM to unplug them
-(`qos.acpi_memhp`), drives virtio-mem (`qos.virtio_mem`) and moves its rings and packet buffers
-into hotplugged memory (`qos.memory_devices.PlacementAllocator`). What the backend must do:
-
-* apply every change as a diff: one ADD_MEM_REG / REM_MEM_REG (or, with ``--no-mem-slots``, a
-  full SET_MEM_TABLE whose set_map diff adds 1 / removes 1) touches exactly the changed region;
-  every other region and IOTLB mapping keeps its id;
-* keep its map equal to QEMU's: base RAM (as the first table had it) plus the memory devices
-  ``query-memory-devices`` reports;
-* keep traffic flowing across the change (frames posted before a plug, delivered after it) and
-  use the new memory byte-exact (buffers, then whole rings, inside the DIMM);
-* reject a descriptor that points into removed memory cleanly (journal ``error.*``,
-  NEEDS_RESET, no access, backend alive, usable after a driver reset).
-
-Every scenario is a plain function raising AssertionError; the meta-tests run the same function
-against a backend with a fault (``remap-all``, ``ignore-rem-mem-reg``,
-``mem-table-full-replace``) and expect that failure.
-
-QEMU 10 behaviour these tests pin down (see the report for the message sequences):
-pc-dimm plug sends one ADD_MEM_REG (NEED_REPLY) at device_add, no guest action needed; unplug
-waits for the OSPM's eject, which sends one REM_MEM_REG from within the eject I/O write; without
-CONFIGURE_MEM_SLOTS each of them is a full SET_MEM_TABLE; the rings are never stopped for it.
-virtio-mem with dynamic-memslots=on maps 1 GiB memslots as they gain their first plugged block
-and unmaps them when their last block goes, provided the backend reports >= 509 memory slots.
+QEMU 10 behaviour these tests pin down: pc-dimm plug sends one ADD_MEM_REG (NEED_REPLY) at
+device_add, no guest action needed; unplug waits for the OSPM's eject, which sends one
+REM_MEM_REG from within the eject I/O write; without CONFIGURE_MEM_SLOTS each of them is a
+full SET_MEM_TABLE; the rings are never stopped for it. Over vhost-vdpa the same change is an
+IOTLB batch that VDUSE hands the device as UPDATE_IOTLB of the whole range, and a driver reset
+unmaps everything (the listener goes with the device's start). virtio-mem with
+dynamic-memslots=on maps 1 GiB memslots as they gain their first plugged block and unmaps them
+when their last block goes, provided a vhost-user backend reports >= 509 memory slots.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import random
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
-from qtests.qos.acpi_memhp import (
-    OST_EVENT_DEVICE_CHECK,
-    OST_EVENT_EJECT_REQUEST,
-    AcpiMemoryHotplug,
+from qtests.qos.hotplug_scenarios import (
+    IOTLB,
+    SEED,
+    SLOTS,
+    TABLE,
+    add_virtio_mem,
+    offset_dimm_scenario,
+    plug_unplug_scenario,
+    random_sequence_scenario,
+    start,
+    virtio_mem_scenario,
+    virtio_mem_testbed,
 )
-from qtests.qos.alloc import GuestAllocator, MemRange
-from qtests.qos.frames import make_frame
-from qtests.qos.machine import QemuMachine
-from qtests.qos.memory_devices import (
-    DimmHotplug,
-    MemoryDevice,
-    PlacementAllocator,
-    is_buffer_tag,
-    is_ring_tag,
-    query_memory_devices,
-)
+from qtests.qos.machine import QemuLaunchError, QemuMachine
 from qtests.qos.qmp import QmpTimeout
 from qtests.qos.testbed import Testbed
-from qtests.qos.virtio_mem import (
-    STATE_MIXED,
-    STATE_PLUGGED,
-    STATE_UNPLUGGED,
-    VirtioMemDriver,
-)
-from qtests.qos.virtio_net import NET_HDR_SIZE, VirtioNetDriver, VirtioNetHdr
 from qtests.qos.waiting import poll_until
 
 pytestmark = pytest.mark.qemu
 
-MiB = 1 << 20
-GiB = 1 << 30
-DIMM_SIZE = 128 * MiB
-SLOTS = "slots"  # CONFIGURE_MEM_SLOTS: ADD_MEM_REG / REM_MEM_REG
-TABLE = "table"  # --no-mem-slots: a full SET_MEM_TABLE per change
-MEM_REQUESTS = ("ADD_MEM_REG", "REM_MEM_REG", "SET_MEM_TABLE")
-#: A memory change must not stop or re-program the rings.
-RING_REQUESTS = ("GET_VRING_BASE", "SET_VRING_BASE", "SET_VRING_ADDR")
-#: Fills all four slots, unplugs DIMMs in the middle, re-plugs into the holes.
-SEED = int(os.environ.get("QOS_HOTPLUG_SEED", "7"), 0)
-RANDOM_STEPS = 8
-TX_VQ = 1
-#: Upper bound for a memory change's ``duration_us`` (mmap + host memory + IOTLB).
-MAX_APPLY_US = 2_000_000
-
-Key = tuple[int, int]  # (guest-physical address, size)
+#: The memory paths; the vhost-vdpa one runs in the vdpa lane.
+VDPA_IOTLB = pytest.param(IOTLB, id="vhost-vdpa", marks=pytest.mark.vdpa_lane)
+MODES = [SLOTS, TABLE, VDPA_IOTLB]
 
 
-# ---------------------------------------------------------------------------- observation
-@dataclass(frozen=True)
-class BackendMap:
-    """The backend's memory map: host regions and IOTLB mappings, (gpa, size) -> id."""
-
-    regions: dict[Key, int]
-    mappings: dict[Key, int]
-
-    @classmethod
-    def read(cls, tb: Testbed) -> BackendMap:
-        b = tb.backend
-        assert b is not None
-        regions = {(r["gpa"], r["size"]): r["id"] for r in b.cmd("query-mem-table")["regions"]}
-        maps = b.cmd("query-iotlb")["mappings"]
-        return cls(regions, {(m["iova"], m["size"]): m["id"] for m in maps})
-
-
-def check_untouched(
-    before: BackendMap, after: BackendMap, *, added: set[Key], removed: set[Key]
-) -> None:
-    """Exactly ``added`` appeared and ``removed`` went; everything else kept its id."""
-    for what, old, new in (
-        ("region", before.regions, after.regions),
-        ("IOTLB mapping", before.mappings, after.mappings),
-    ):
-        want = (set(old) - removed) | added
-        assert set(new) == want, (
-            f"backend {what}s {_keys(new)} after the change, expected {_keys(want)}"
-        )
-        changed = {k: (old[k], new[k]) for k in set(old) - removed if old[k] != new[k]}
-        assert not changed, (
-            f"{what}s the change did not touch were replaced (id before -> after): "
-            + ", ".join(f"{k[0]:#x}+{k[1]:#x}: {a} -> {b}" for k, (a, b) in changed.items())
-        )
-
-
-def check_duration(entry: dict[str, Any]) -> None:
-    """The transport's memory-change entries say how long the change took to apply."""
-    d = entry.get("duration_us")
-    assert isinstance(d, int | float) and 0 < d < MAX_APPLY_US, (
-        f"{entry['kind']} entry has duration_us={d!r}, expected 0 < us < {MAX_APPLY_US}: {entry}"
-    )
-
-
-def _keys(keys: Iterable[Key]) -> str:
-    return "[" + ", ".join(f"{g:#x}+{s:#x}" for g, s in sorted(keys)) + "]"
-
-
-def assert_map_matches_qemu(tb: Testbed, base: set[Key]) -> None:
-    """Backend regions == IOTLB entries == base RAM + QEMU's memory devices."""
-    want = set(base) | {(d.addr, d.size) for d in query_memory_devices(tb.qmp) if d.size}
-    now = BackendMap.read(tb)
-    assert set(now.regions) == want, (
-        f"backend map {_keys(now.regions)} != QEMU's base RAM + memory devices {_keys(want)}"
-    )
-    assert set(now.mappings) == want, (
-        f"backend IOTLB {_keys(now.mappings)} != QEMU's base RAM + memory devices {_keys(want)}"
-    )
-
-
-def mem_messages(tb: Testbed, since: int, requests: tuple[str, ...] = MEM_REQUESTS) -> list[str]:
-    """The memory-table requests (or other ``requests``) QEMU sent since ``since``."""
-    assert tb.backend is not None
-    return [
-        e["request"] for e in tb.backend.journal(["vhost.msg"], since) if e["request"] in requests
-    ]
-
-
-def expect_one_change(
-    tb: Testbed, mode: str, since: int, before: BackendMap, *, key: Key, plug: bool
-) -> None:
-    """The journal since ``since`` holds exactly one memory request adding (plug) or removing
-    the region ``key``, applied as a diff; the maps show nothing else changed."""
-    assert tb.backend is not None
-    b = tb.backend
-    verb = "ADD_MEM_REG" if plug else "REM_MEM_REG"
-    request = verb if mode == SLOTS else "SET_MEM_TABLE"
-    msgs = mem_messages(tb, since, MEM_REQUESTS + RING_REQUESTS)
-    assert msgs == [request], f"QEMU sent {msgs}, expected exactly [{request}]"
-    adds = b.journal(["mem.add"], since)
-    removes = b.journal(["mem.remove"], since)
-    mine, other = (adds, removes) if plug else (removes, adds)
-    got = [(e["gpa"], e["size"], e.get("request")) for e in mine]
-    assert got == [(*key, request)], (
-        f"backend {'mem.add' if plug else 'mem.remove'} entries {got}, expected one for "
-        f"{key[0]:#x}+{key[1]:#x} caused by {request}"
-    )
-    assert not other, f"backend also {'removed' if plug else 'added'} regions: {other}"
-    for e in mine:
-        check_duration(e)
-    if mode == TABLE:
-        (diff,) = b.journal(["dma.set_map"], since)
-        check_duration(diff)
-        want = (1, 0) if plug else (0, 1)
-        assert (diff["added"], diff["removed"]) == want, f"set_map diff {diff}, expected {want}"
-        assert diff["kept"] == len(before.mappings) - want[1], f"set_map kept {diff['kept']}"
-        (table,) = b.journal(["mem.table"], since)
-        untouched = sorted(v for k, v in before.regions.items() if k != key)
-        assert sorted(table["kept"]) == untouched, (
-            f"SET_MEM_TABLE kept regions {table['kept']}, expected {untouched}"
-        )
-    after = BackendMap.read(tb)
-    check_untouched(before, after, added={key} if plug else set(), removed=set() if plug else {key})
-
-
-# ---------------------------------------------------------------------------- traffic
-class Traffic:
-    """Numbered frames both ways through the backend, checked byte-exact."""
-
-    def __init__(self, tb: Testbed, stream: int) -> None:
-        self.tb = tb
-        self.stream = stream
-        self.seq = 0
-
-    def frames(self, n: int, size: int = 200) -> list[bytes]:
-        out = []
-        for _ in range(n):
-            self.seq += 1
-            out.append(make_frame(self.seq, size + 37 * (self.seq % 7), stream=self.stream))
-        return out
-
-    def tx(self, net: VirtioNetDriver, n: int = 4) -> None:
-        sent = self.frames(n)
-        net.send_burst(sent)
-        got = self.tb.peer.recv_n(n)
-        assert got == sent, "guest TX frames arrived changed, lost or reordered"
-
-    def rx(self, net: VirtioNetDriver, n: int = 4) -> None:
-        sent = self.frames(n)
-        for f in sent:
-            self.tb.peer.send(f)
-        got = [net.recv(0).data for _ in sent]
-        assert got == sent, "frames to the guest arrived changed, lost or reordered"
-
-    def both(self, net: VirtioNetDriver, n: int = 4) -> None:
-        self.tx(net, n)
-        self.rx(net, n)
-
-    def stage_tx(self, net: VirtioNetDriver, n: int) -> list[bytes]:
-        """Publish ``n`` TX chains without notifying the device: in flight until a kick.
-
-        Token ``("alloc", addr)`` is the driver's own for separately allocated frames, so
-        ``net.wait_tx`` reclaims them."""
-        vq = net.txq[0]
-        frames = self.frames(n)
-        writes = []
-        for f in frames:
-            data = VirtioNetHdr().pack() + f
-            addr = net.alloc.alloc(len(data), tag="tx0 big frame")
-            writes.append((addr, data))
-            vq.add([(addr, NET_HDR_SIZE), (addr + NET_HDR_SIZE, len(f))], (), ("alloc", addr))
-        net.qt.write_many(writes)
-        vq.publish()
-        return frames
-
-
-def tx_packets(tb: Testbed) -> int:
-    assert tb.backend is not None
-    return int(tb.backend.vring(TX_VQ)["packets"])
-
-
-def reinit_net(
-    tb: Testbed, old: VirtioNetDriver | None, alloc: GuestAllocator, **init_kw: Any
-) -> VirtioNetDriver:
-    """Driver full reset, then init with everything allocated from ``alloc``."""
-    assert tb.bus is not None
-    if old is not None:
-        old.close()
-    net = VirtioNetDriver.find(tb.bus, alloc)
-    net.init(**init_kw)
-    return net
-
-
-def placed(machine: QemuMachine, dimm: MemRange, *, rings: bool) -> PlacementAllocator:
-    """Base RAM + the DIMM (GuestAllocator.add_range); packet buffers always in the DIMM,
-    rings (and MSI-X words, everything else) too when ``rings``."""
-    ranges = machine.make_allocator().ranges()
-    alloc = PlacementAllocator(ranges, [(is_buffer_tag, dimm.name)])
-    alloc.add_range(dimm.start, dimm.size, dimm.name)
-    if rings:
-        alloc.rules.append((lambda tag: True, dimm.name))
-    return alloc
-
-
-def check_placement(alloc: PlacementAllocator, dimm: MemRange, *, rings: bool) -> None:
-    live = alloc.live()
-    bufs = [a for a in live if is_buffer_tag(a.tag)]
-    assert bufs and all(a.range == dimm.name for a in bufs), "packet buffers outside the DIMM"
-    ring_allocs = [a for a in live if is_ring_tag(a.tag)]
-    assert ring_allocs and all((a.range == dimm.name) == rings for a in ring_allocs), (
-        f"rings {'outside' if rings else 'inside'} the DIMM: "
-        + ", ".join(f"{a.tag}@{a.addr:#x}" for a in ring_allocs)
-    )
-
-
-def check_backend_rings_in(tb: Testbed, dimm: MemRange) -> None:
-    assert tb.backend is not None
-    for vr in tb.backend.vrings()[:2]:
-        for field in ("desc", "avail", "used"):
-            assert dimm.contains(vr[field]), (
-                f"backend vring {vr['index']} {field} at {vr[field]:#x} is not in {dimm}"
-            )
-
-
-# ---------------------------------------------------------------------------- stale descriptors
-def wait_error(tb: Testbed, since: int, what: str) -> dict[str, Any]:
-    assert tb.backend is not None
-    b = tb.backend
-    return poll_until(
-        lambda: (b.journal(["error."], since) or [None])[0],
-        5.0,
-        f"the backend's error.* journal entry for {what}",
-    )
-
-
-def check_rejected(tb: Testbed, since: int, addr: int, what: str) -> None:
-    """The backend journalled an error for the descriptor at ``addr``, set NEEDS_RESET and
-    is still alive and answering."""
-    assert tb.backend is not None
-    err = wait_error(tb, since, what)
-    assert err["kind"] in ("error.translate", "error.vq"), f"{what}: unexpected {err}"
-    assert f"{addr:#x}" in str(err.get("detail", "")), f"{what}: {err} does not name {addr:#x}"
-    status = tb.backend.cmd("query-status")
-    assert "NEEDS_RESET" in status["status_names"], f"{what}: device status {status}"
-    assert tb.backend.running, f"{what}: the backend died"
-
-
-def stale_descriptor_scenario(
-    tb: Testbed, net: VirtioNetDriver, gone: MemRange, traffic: Traffic
-) -> VirtioNetDriver:
-    """TX (device reads) and RX (device writes) descriptors into removed memory are rejected
-    without access; the driver resets and traffic works again. Returns the new driver."""
-    assert tb.alloc is not None and tb.machine is not None and tb.backend is not None
-    addr = gone.start + 0x1000
-    # TX: device-readable buffer in removed memory
-    packets = tx_packets(tb)
-    mark = tb.backend.mark()
-    frame = make_frame(0xDEAD, 120, stream=traffic.stream)
-    net.txq[0].add([(addr, NET_HDR_SIZE + len(frame))], (), ("stale", addr))
-    net.txq[0].kick()
-    check_rejected(tb, mark, addr, "a TX descriptor into removed memory")
-    assert tx_packets(tb) == packets, "the backend transmitted from removed memory"
-    net = reinit_net(tb, net, tb.machine.make_allocator())
-    traffic.both(net, 2)
-    # RX: device-writable buffer in removed memory, the only one posted
-    net = reinit_net(tb, net, tb.machine.make_allocator(), post_rx=False)
-    mark = tb.backend.mark()
-    net.rxq[0].add((), [(addr, 2048)], 0)
-    net.rxq[0].kick()
-    tb.peer.send(make_frame(0xBEEF, 120, stream=traffic.stream))
-    check_rejected(tb, mark, addr, "an RX descriptor into removed memory")
-    assert net.rxq[0].pending_used() == 0, "the backend completed an RX buffer in removed memory"
-    net = reinit_net(tb, net, tb.machine.make_allocator())
-    traffic.both(net, 2)
-    return net
-
-
-# ---------------------------------------------------------------------------- DIMM scenarios
-def start(
-    make_testbed: Callable[..., Testbed], mode: str, faults: Iterable[str] = (), **kw: Any
-) -> Testbed:
-    args = ["--no-mem-slots"] if mode == TABLE else []
-    return make_testbed(faults=list(faults), backend_args=args, **kw).start()
-
-
-def hotplug_for(tb: Testbed) -> DimmHotplug:
-    assert tb.machine is not None
-    return DimmHotplug(tb.qmp, AcpiMemoryHotplug(tb.machine.qtest, tb.machine.slots))
-
-
-def plug_unplug_scenario(tb: Testbed, mode: str) -> None:
-    """Plug with traffic in flight, use the DIMM for buffers and then whole rings, unplug
-    through the OSPM, then prove removed memory is out of reach."""
-    assert tb.backend is not None and tb.machine is not None
-    b, machine = tb.backend, tb.machine
-    dimms = hotplug_for(tb)
-    traffic = Traffic(tb, stream=1)
-    base = set(BackendMap.read(tb).regions)
-    net = tb.net
-    traffic.both(net)
-
-    # -- plug, with TX posted (not kicked) and RX backlogged in the suspended backend
-    staged = traffic.stage_tx(net, 4)
-    b.cmd("suspend")
-    rx_frames = traffic.frames(3)
-    for f in rx_frames:
-        tb.peer.send(f)
-    poll_until(
-        lambda: b.cmd("query-wire")["backlog"][0] == len(rx_frames),
-        5.0,
-        "the suspended backend to hold the RX frames",
-    )
-    before, mark = BackendMap.read(tb), b.mark()
-    packets = tx_packets(tb)
-    dev = dimms.plug(DIMM_SIZE)
-    key = (dev.addr, dev.size)
-    expect_one_change(tb, mode, mark, before, key=key, plug=True)
-    assert_map_matches_qemu(tb, base)
-    assert tx_packets(tb) == packets, "TX posted before the plug went out before its kick"
-    b.cmd("resume")
-    net.txq[0].kick()
-    net.wait_tx()
-    assert tb.peer.recv_n(len(staged)) == staged, "TX in flight across the plug"
-    assert [net.recv(0).data for _ in rx_frames] == rx_frames, "RX in flight across the plug"
-
-    # -- packet buffers in the DIMM, rings in base RAM
-    plugged, mark = BackendMap.read(tb), b.mark()
-    dimm = dev.range(f"dimm:{dev.id}")
-    alloc = placed(machine, dimm, rings=False)
-    net = reinit_net(tb, net, alloc)
-    check_placement(alloc, dimm, rings=False)
-    traffic.both(net, 8)
-    # -- whole rings (and buffers, MSI-X words) in the DIMM
-    alloc = placed(machine, dimm, rings=True)
-    net = reinit_net(tb, net, alloc)
-    check_placement(alloc, dimm, rings=True)
-    check_backend_rings_in(tb, dimm)
-    traffic.both(net, 8)
-    # driver resets restart the rings: QEMU resends the table only without mem slots, and
-    # a resend of the same table must leave every region and mapping as it was
-    resent = mem_messages(tb, mark)
-    assert set(resent) <= ({"SET_MEM_TABLE"} if mode == TABLE else set()), resent
-    assert not b.journal(["mem.add", "mem.remove"], mark), "a resent table changed the map"
-    check_untouched(plugged, BackendMap.read(tb), added=set(), removed=set())
-
-    # -- back to base RAM, unplug
-    net = reinit_net(tb, net, machine.make_allocator())
-    before, mark = BackendMap.read(tb), b.mark()
-    tb.qmp.clear_events()  # the plug's DEVICE_CHECK _OST must not satisfy the wait below
-    dimms.unplug(dev.id)
-    # the OSPM's _OST for the eject request, reported by QEMU for this DIMM
-    tb.qmp.wait_event(
-        "ACPI_DEVICE_OST",
-        1.0,
-        match=lambda e: (
-            (e["data"]["info"]["source"], e["data"]["info"].get("device"))
-            == (OST_EVENT_EJECT_REQUEST, dev.id)
-        ),
-    )
-    checks = [
-        e
-        for e in tb.qmp.get_events("ACPI_DEVICE_OST")
-        if e["data"]["info"]["source"] == OST_EVENT_DEVICE_CHECK
-    ]
-    assert not checks, f"a DEVICE_CHECK _OST during the unplug: {checks}"
-    assert_map_matches_qemu(tb, base)
-    expect_one_change(tb, mode, mark, before, key=key, plug=False)
-    traffic.both(net)
-    stale_descriptor_scenario(tb, net, dimm, traffic)
-    assert not b.journal(["error.protocol"]), "the backend refused a QEMU request"
-
-
-def random_sequence_scenario(tb: Testbed, mode: str, seed: int, steps: int = RANDOM_STEPS) -> None:
-    """DIMMs plugged and unplugged in a seeded random order; after every step the backend's
-    map equals QEMU's, only the changed region moved, and traffic flows."""
-    assert tb.backend is not None and tb.machine is not None
-    b, machine = tb.backend, tb.machine
-    rng = random.Random(seed)
-    dimms = hotplug_for(tb)
-    traffic = Traffic(tb, stream=2)
-    base = set(BackendMap.read(tb).regions)
-    room = (machine.maxmem or 0) - machine.ram_size
-    plugged: list[MemoryDevice] = []
-    history: list[str] = []
-    for step in range(steps):
-        used = sum(d.size for d in plugged)
-        sizes = [s * MiB for s in (64, 128, 256) if used + s * MiB <= room]
-        can_plug = len(plugged) < machine.slots and sizes
-        before, mark = BackendMap.read(tb), b.mark()
-        if plugged and (not can_plug or rng.random() < 0.4):
-            dev = plugged.pop(rng.randrange(len(plugged)))
-            history.append(f"unplug {dev.id}")
-            dimms.unplug(dev.id)
-            plug = False
-        else:
-            dev = dimms.plug(rng.choice(sizes))
-            history.append(f"plug {dev.id} {dev.size // MiB}M@{dev.addr:#x}")
-            plugged.append(dev)
-            plug = True
-        where = f"step {step} of seed {seed:#x} ({'; '.join(history)})"
-        try:
-            assert_map_matches_qemu(tb, base)
-            expect_one_change(tb, mode, mark, before, key=(dev.addr, dev.size), plug=plug)
-        except AssertionError as e:
-            raise AssertionError(f"{where}: {e}") from e
-        traffic.both(tb.net, 2)
-    assert {d.id for d in query_memory_devices(tb.qmp)} == {d.id for d in plugged}
-
-
-@pytest.mark.parametrize("mode", [SLOTS, TABLE])
+@pytest.mark.parametrize("mode", MODES)
 def test_dimm_plug_and_unplug(make_testbed: Callable[..., Testbed], mode: str) -> None:
     plug_unplug_scenario(start(make_testbed, mode), mode)
 
@@ -483,64 +57,34 @@ def test_random_plug_unplug_sequence(make_testbed: Callable[..., Testbed], mode:
     random_sequence_scenario(start(make_testbed, mode), mode, SEED)
 
 
-# ---------------------------------------------------------------------------- mmap offsets
-OFFSET_DIMM = 64 * MiB
-FILE_OFFSET = 32 * MiB
-
-
-def offset_dimm_scenario(tb: Testbed) -> None:
-    """A DIMM whose region does not start at offset 0 of its fd (memory-backend-file with
-    ``offset=``: QEMU sends mmap_offset = that offset in ADD_MEM_REG) carries packet buffers
-    byte-exact. Rings and everything else live in a second, plain memfd DIMM, so nothing but
-    the offset DIMM depends on the backend honouring a non-zero mmap_offset -- in base RAM the
-    region above 1 MiB has one too (mmap_offset 1 MiB), so the scenario sends no traffic
-    before its driver lives in the DIMMs."""
-    assert tb.backend is not None and tb.machine is not None and tb.run_dir is not None
-    b, machine = tb.backend, tb.machine
-    dimms = hotplug_for(tb)
-    traffic = Traffic(tb, stream=4)
-    base = set(BackendMap.read(tb).regions)
-    rings_dev = dimms.plug(OFFSET_DIMM)
-    mark = b.mark()
-    path = tb.run_dir / "offset-dimm.mem"
-    file_props = {"qom-type": "memory-backend-file", "mem-path": str(path), "offset": FILE_OFFSET}
-    bufs_dev = dimms.plug(OFFSET_DIMM, memdev_props=file_props)
-    (add,) = b.journal(["mem.add"], mark)
-    assert (add["gpa"], add["size"], add["mmap_offset"]) == (
-        bufs_dev.addr,
-        bufs_dev.size,
-        FILE_OFFSET,
-    ), f"QEMU's region for the offset DIMM: {add}"
-    check_duration(add)
-    assert_map_matches_qemu(tb, base)
-    rings, bufs = rings_dev.range("dimm:rings"), bufs_dev.range("dimm:bufs")
-    alloc = PlacementAllocator(machine.make_allocator().ranges(), [(is_buffer_tag, bufs.name)])
-    for r in (rings, bufs):
-        alloc.add_range(r.start, r.size, r.name)
-    alloc.rules.append((lambda tag: True, rings.name))
-    net = reinit_net(tb, tb.net, alloc)
-    assert {a.range for a in alloc.live() if is_buffer_tag(a.tag)} == {bufs.name}
-    check_backend_rings_in(tb, rings)
-    traffic.both(net, 8)
-    written = {r["gpa"]: r["written"] for r in b.cmd("query-mem-table")["regions"]}
-    assert written[bufs.start] > 0, f"no RX data written into the offset DIMM: {written}"
-    net = reinit_net(tb, net, machine.make_allocator())
-    for dev in (bufs_dev, rings_dev):
-        dimms.unplug(dev.id)
-    assert_map_matches_qemu(tb, base)
-    traffic.both(net)
-
-
 def test_dimm_with_mmap_offset(make_testbed: Callable[..., Testbed]) -> None:
     offset_dimm_scenario(start(make_testbed, SLOTS))
 
 
 # ---------------------------------------------------------------------------- meta-tests
-@pytest.mark.parametrize("mode", [SLOTS, TABLE])
+#: How remap-all shows: vhost-user keeps the regions and remaps the IOTLB (new ids); over
+#: vhost-vdpa the device also unmaps and maps every entry for a change that added one.
+REMAP_ALL = {
+    SLOTS: "the change did not touch were replaced",
+    TABLE: "the change did not touch were replaced",
+    IOTLB: r"the set_map diffs mapped \[0x0\+0xc0000, .* and unmapped \[0x0\+0xc0000",
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_remap_all_is_caught(make_testbed: Callable[..., Testbed], mode: str) -> None:
     tb = start(make_testbed, mode, faults=["remap-all"])
-    with pytest.raises(AssertionError, match="the change did not touch were replaced"):
+    with pytest.raises(AssertionError, match=REMAP_ALL[mode]):
         plug_unplug_scenario(tb, mode)
+
+
+@pytest.mark.parametrize("mode", [VDPA_IOTLB])
+def test_keep_stale_map_is_caught(make_testbed: Callable[..., Testbed], mode: str) -> None:
+    """The device answers UPDATE_IOTLB without fetching the table: the DIMM never reaches its
+    map, which no longer equals QEMU's."""
+    tb = start(make_testbed, mode, faults=["keep-stale-map"])
+    with pytest.raises(AssertionError, match="set_map diffs mapped \\[\\] and unmapped"):
+        plug_unplug_scenario(tb, IOTLB)
 
 
 def test_ignore_rem_mem_reg_is_caught(make_testbed: Callable[..., Testbed]) -> None:
@@ -564,85 +108,6 @@ def test_mem_table_full_replace_is_caught(make_testbed: Callable[..., Testbed]) 
 
 
 # ---------------------------------------------------------------------------- virtio-mem
-VMEM_SIZE = 2 * GiB  # two memslots of 1 GiB (QEMU's minimum memslot size)
-VMEM_BLOCK = 2 * MiB
-
-
-def add_virtio_mem(m: QemuMachine) -> QemuMachine:
-    """virtio-mem-pci ``vm0`` on a shared 2 GiB memfd, nothing plugged, dynamic memslots."""
-    m.add_object("memory-backend-memfd", id="vmem0", size=VMEM_SIZE, share=True)
-    props = {"id": "vm0", "memdev": "vmem0", "requested-size": 0, "dynamic-memslots": True}
-    return m.add_device("virtio-mem-pci", props, **{"block-size": VMEM_BLOCK})
-
-
-def virtio_mem_testbed(make_testbed: Callable[..., Testbed], faults: Iterable[str] = ()) -> Testbed:
-    tb = make_testbed(faults=list(faults), maxmem="4G")
-    tb.start_backend()
-    tb.start_qemu(add_virtio_mem(tb.build_machine()))
-    tb.init_net()
-    return tb
-
-
-def virtio_mem_scenario(tb: Testbed) -> None:
-    """Blocks plugged into two memslots: one ADD_MEM_REG per memslot that gains its first
-    block, none for more blocks in it, one REM_MEM_REG when its last block goes; buffers and
-    rings in plugged blocks carry traffic byte-exact; unplugged memory is out of reach."""
-    assert tb.backend is not None and tb.machine is not None
-    assert tb.bus is not None and tb.alloc is not None
-    b, machine = tb.backend, tb.machine
-    traffic = Traffic(tb, stream=3)
-    base = set(BackendMap.read(tb).regions)
-    vmem = VirtioMemDriver.find(tb.bus, tb.alloc)
-    vmem.init()
-    tb.qmp.command("qom-set", path="vm0", property="requested-size", value=GiB)
-    cfg = vmem.config()
-    assert (cfg.block_size, cfg.region_size, cfg.requested_size) == (VMEM_BLOCK, VMEM_SIZE, GiB)
-    assert cfg.usable_region_size > GiB, cfg  # the second memslot is reachable
-    slot0, slot1 = (cfg.addr, GiB), (cfg.addr + GiB, GiB)
-
-    def step(action: Callable[[], None], change: Key | None, plug: bool) -> None:
-        before, mark = BackendMap.read(tb), b.mark()
-        action()
-        if change is None:
-            assert mem_messages(tb, mark) == [], "a block change inside a live memslot"
-            check_untouched(before, BackendMap.read(tb), added=set(), removed=set())
-        else:
-            expect_one_change(tb, SLOTS, mark, before, key=change, plug=plug)
-
-    step(lambda: vmem.plug(cfg.block_addr(0), 2), slot0, True)
-    step(lambda: vmem.plug(cfg.block_addr(8)), None, True)
-    blk = GiB // VMEM_BLOCK
-    step(lambda: vmem.plug(cfg.block_addr(blk)), slot1, True)
-    assert vmem.config().plugged_size == 4 * VMEM_BLOCK
-    assert vmem.state(cfg.block_addr(0), 2) == STATE_PLUGGED
-    assert vmem.state(cfg.block_addr(0), 4) == STATE_MIXED
-    (dev,) = query_memory_devices(tb.qmp)
-    assert dev.size == 4 * VMEM_BLOCK
-
-    # buffers in memslot 0's blocks, rings in memslot 1's block
-    bufs = MemRange("vmem:bufs", cfg.block_addr(0), 2 * VMEM_BLOCK)
-    rings = MemRange("vmem:rings", cfg.block_addr(blk), VMEM_BLOCK)
-    alloc = PlacementAllocator(machine.make_allocator().ranges(), [(is_buffer_tag, bufs.name)])
-    for r in (bufs, rings):
-        alloc.add_range(r.start, r.size, r.name)
-    alloc.rules.append((is_ring_tag, rings.name))
-    net = reinit_net(tb, tb.net, alloc)
-    assert {a.range for a in alloc.live() if is_buffer_tag(a.tag)} == {bufs.name}
-    assert {a.range for a in alloc.live() if is_ring_tag(a.tag)} == {rings.name}
-    check_backend_rings_in(tb, rings)
-    traffic.both(net, 8)
-    net = reinit_net(tb, net, machine.make_allocator())
-
-    step(lambda: vmem.unplug(cfg.block_addr(blk)), slot1, False)
-    step(lambda: vmem.unplug(cfg.block_addr(8)), None, False)
-    step(lambda: vmem.unplug(cfg.block_addr(0), 2), slot0, False)
-    assert set(BackendMap.read(tb).regions) == base
-    assert vmem.state(cfg.block_addr(0), 2) == STATE_UNPLUGGED
-    traffic.both(net)
-    stale_descriptor_scenario(tb, net, bufs, traffic)
-    vmem.close()
-
-
 def test_virtio_mem_dynamic_memslots(make_testbed: Callable[..., Testbed]) -> None:
     virtio_mem_scenario(virtio_mem_testbed(make_testbed))
 
@@ -651,6 +116,16 @@ def test_virtio_mem_remap_all_is_caught(make_testbed: Callable[..., Testbed]) ->
     tb = virtio_mem_testbed(make_testbed, faults=["remap-all"])
     with pytest.raises(AssertionError, match="the change did not touch were replaced"):
         virtio_mem_scenario(tb)
+
+
+@pytest.mark.parametrize("mode", [VDPA_IOTLB])
+def test_virtio_mem_refused_with_vhost_vdpa(
+    make_testbed: Callable[..., Testbed], mode: str
+) -> None:
+    """QEMU's refusal: vhost-vdpa pins guest memory and disables RAM discard
+    (ram_block_discard_disable), which virtio-mem needs: QEMU exits at start."""
+    with pytest.raises(QemuLaunchError, match="Discarding RAM is disabled"):
+        virtio_mem_testbed(make_testbed, mode)
 
 
 def test_virtio_mem_refuses_a_later_backend_with_few_memslots(

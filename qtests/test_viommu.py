@@ -37,15 +37,22 @@ import pytest
 from qtests.qos.frames import make_frame
 from qtests.qos.iova import PAGE_SIZE
 from qtests.qos.testbed import Testbed
+from qtests.qos.transports import BOTH, VHOST_VDPA
 from qtests.qos.viommu_scenarios import (
     WINDOW_HI,
     WINDOW_LO,
     consumed_mappings,
+    covers,
     journal,
+    missed_in,
     scenario_dynamic,
+    scenario_iotlb_follows_guest_maps,
+    scenario_permissions_vdpa,
+    scenario_stale_mapping,
     stalled,
+    tx_from,
 )
-from qtests.qos.viommu_testbed import ViommuTestbed
+from qtests.qos.viommu_testbed import IntelIommuTestbed, ViommuTestbed
 from qtests.qos.virtio_iommu import (
     FAULT_R_MAPPING,
     MAP_F_READ,
@@ -62,11 +69,12 @@ pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture
-def make_vbed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
+def make_vbed(log_dir: Path, transport: str) -> Iterator[Callable[..., ViommuTestbed]]:
+    """ViommuTestbeds on the test's ``transport`` (qtests/conftest.py), all closed at the end."""
     beds: list[ViommuTestbed] = []
 
     def make(**kw: Any) -> ViommuTestbed:
-        tb = ViommuTestbed(log_dir, **kw)
+        tb = ViommuTestbed(log_dir, **{"transport": transport, **kw})
         beds.append(tb)
         return tb
 
@@ -79,16 +87,6 @@ def make_vbed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
 def assert_no_backend_errors(entries: list[dict[str, Any]]) -> None:
     errors = [e for e in entries if str(e["kind"]).startswith("error.")]
     assert not errors, f"the backend reported {len(errors)} error(s), first: {errors[0]}"
-
-
-def covers(e: dict[str, Any], iova: int) -> bool:
-    """Does the journalled range (dma.map/unmap, iotlb.update/invalidate) contain ``iova``?"""
-    return int(e["iova"]) <= iova < int(e["iova"]) + int(e["size"])
-
-
-def missed_in(e: dict[str, Any], iova: int, size: int) -> bool:
-    """Is the first missing IOVA of an ``iotlb.miss`` entry inside [iova, iova+size)?"""
-    return iova <= int(e["iova"]) < iova + size
 
 
 class HostMap:
@@ -196,27 +194,6 @@ def assert_alive(tb: ViommuTestbed) -> None:
     assert tb.qmp.command("query-status")["status"] == "running"
 
 
-def rx_into(tb: ViommuTestbed, iova: int, frame: bytes, timeout: float = 5.0) -> int:
-    """Post one premapped RX buffer at ``iova`` (one page), send ``frame`` from the wire,
-    wait for the used element; returns the length the device wrote."""
-    rxq = tb.net.rxq[0]
-    rxq.add((), [(iova, PAGE_SIZE)], "premapped", premapped=True)
-    rxq.kick(force=True)
-    tb.peer.send(frame)
-    try:
-        (used,) = rxq.wait_used(1, timeout)
-    except WaitTimeout as e:
-        raise stalled(tb, f"RX into IOVA {iova:#x}", e) from e
-    return used.length
-
-
-def tx_from(tb: ViommuTestbed, iova: int, length: int) -> None:
-    """Post one premapped TX chain of ``length`` bytes at ``iova`` and kick."""
-    txq = tb.net.txq[0]
-    txq.add([(iova, length)], (), "premapped", premapped=True)
-    txq.kick(force=True)
-
-
 # ----------------------------------------------------------------------------- scenarios
 def scenario_byte_exact(tb: ViommuTestbed, sizes: list[int], timeout: float = 10.0) -> None:
     """TX and RX frames byte-exact through IOVAs only; the journal shows MISS -> UPDATE for
@@ -255,47 +232,6 @@ def scenario_byte_exact(tb: ViommuTestbed, sizes: list[int], timeout: float = 10
     assert not cached, f"buffer IOVAs the backend could reach before the traffic: {cached[:3]}"
     faults = tb.iommu.poll_faults()
     assert not faults, f"the vIOMMU reported faults for mapped DMA: {[str(f) for f in faults]}"
-
-
-def scenario_stale_mapping(tb: ViommuTestbed) -> None:
-    """IOVA X -> page A, RX into X, UNMAP X (the INVALIDATE reaches the backend before the
-    UNMAP completes), remap X -> page B, RX into X again: the frame lands in B; A keeps what
-    the guest wrote into it after the unmap.  Needs a driver with no RX buffers posted."""
-    assert tb.backend is not None and tb.machine is not None and tb.alloc is not None
-    qt = tb.machine.qtest
-    a, b = tb.alloc.alloc(PAGE_SIZE, tag="page A"), tb.alloc.alloc(PAGE_SIZE, tag="page B")
-    x = tb.dma.iova.alloc(PAGE_SIZE)
-    qt.memset(a, PAGE_SIZE, 0xAA)
-    qt.memset(b, PAGE_SIZE, 0xBB)
-    tb.dma.map_pages(a, PAGE_SIZE, MAP_F_WRITE, iova=x)
-    f1 = make_frame(1, 300, stream=4)
-    n = rx_into(tb, x, f1)
-    assert n == NET_HDR_SIZE + len(f1), f"first RX wrote {n} bytes"
-    assert qt.read(a + NET_HDR_SIZE, len(f1)) == f1, "the first frame did not land in page A"
-    mark = tb.backend.mark()
-    tb.dma.unmap_pages(x)
-    assert any(covers(e, x) for e in journal(tb, mark, ["iotlb.invalidate"])), (
-        f"the UNMAP of IOVA {x:#x} completed before QEMU's INVALIDATE reached the backend"
-    )
-    qt.memset(a, PAGE_SIZE, 0x5A)  # the guest reuses page A for something else
-    tb.dma.map_pages(b, PAGE_SIZE, MAP_F_WRITE, iova=x)
-    f2 = make_frame(2, 400, stream=4)
-    n = rx_into(tb, x, f2)
-    assert qt.read(a, PAGE_SIZE) == b"\x5a" * PAGE_SIZE, (
-        f"the device wrote into page A through the stale translation of IOVA {x:#x}"
-    )
-    assert n == NET_HDR_SIZE + len(f2) and qt.read(b + NET_HDR_SIZE, len(f2)) == f2, (
-        "the second frame did not land in page B"
-    )
-    kinds = [
-        e["kind"]
-        for e in journal(tb, mark, ["iotlb.invalidate", "iotlb.miss", "dma.map"])
-        if (missed_in(e, x, PAGE_SIZE) if e["kind"] == "iotlb.miss" else covers(e, x))
-    ]
-    assert kinds[:3] == ["iotlb.invalidate", "iotlb.miss", "dma.map"], (
-        f"IOVA {x:#x} after the unmap: {kinds} (expected INVALIDATE, then MISS, then UPDATE)"
-    )
-    tb.dma.unmap_pages(x)
 
 
 def scenario_refused(tb: ViommuTestbed) -> None:
@@ -468,61 +404,51 @@ def test_dynamic_map_unmap_thousands(make_vbed: Callable[..., ViommuTestbed]) ->
     scenario_dynamic(tb, 2000)
 
 
+@pytest.mark.parametrize("transport", BOTH, indirect=True)
 def test_stale_mapping_never_reaches_the_old_page(make_vbed: Callable[..., ViommuTestbed]) -> None:
     tb = make_vbed().start(post_rx=False)
     scenario_stale_mapping(tb)
 
 
-def test_refused_access_is_not_performed_and_recovers(
-    make_vbed: Callable[..., ViommuTestbed],
+# ----------------------------------------------------------------------------- vhost-vdpa
+@pytest.mark.vdpa_lane
+@pytest.mark.parametrize("transport", [VHOST_VDPA], indirect=True)
+def test_vdpa_iotlb_follows_guest_maps(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    """Over vhost-vdpa the guest's MAP / UNMAP requests are pushed to the device (QEMU's
+    IOMMU notifier -> UPDATE_IOTLB): no MISS; the device's IOTLB is the domain."""
+    tb = make_vbed(strict=False).start()
+    stats = scenario_iotlb_follows_guest_maps(tb, [60, 61, 512, 1514] * 2)
+    print("vIOMMU over vhost-vdpa:", stats)
+    assert stats["update_iotlb_per_map"] >= 1 and stats["update_iotlb_per_unmap"] >= 1
+
+
+@pytest.mark.vdpa_lane
+@pytest.mark.parametrize("transport", [VHOST_VDPA], indirect=True)
+def test_vdpa_permissions(make_vbed: Callable[..., ViommuTestbed]) -> None:
+    tb = make_vbed(strict=False).start(post_rx=False)
+    scenario_permissions_vdpa(tb)
+
+
+@pytest.mark.vdpa_lane
+@pytest.mark.parametrize(
+    "caching_mode", [False, True], ids=["vhost-vdpa-no-caching-mode", "vhost-vdpa-caching-mode"]
+)
+def test_vdpa_intel_iommu_accepted(
+    log_dir: Path, request: pytest.FixtureRequest, caching_mode: bool
 ) -> None:
-    tb = make_vbed().start(post_rx=False)
-    scenario_refused(tb)
-
-
-def test_invalidate_while_a_miss_is_outstanding(make_vbed: Callable[..., ViommuTestbed]) -> None:
-    tb = make_vbed().start()
-    scenario_invalidate_during_miss(tb)
-    scenario_byte_exact(tb, [64, 1514])  # and the datapath is still fine
-
-
-def test_miss_while_stopped_and_access_fail_are_refused(
-    make_vbed: Callable[..., ViommuTestbed],
-) -> None:
-    tb = make_vbed().start()
-    assert tb.backend is not None and tb.machine is not None
-    warm = make_frame(1, 100, stream=8)
-    tb.net.send(warm)
-    assert tb.peer.recv() == warm
-    x = tb.net.txq[0].desc_dma  # mapped: only the stopped device makes QEMU refuse it
-    mark = tb.backend.mark()
-    tb.qmp.command("stop")
-    tb.machine.wait_for_status("paused")
-    wait_entry(tb, "vq.stop", mark, lambda e: True, "vhost to stop the rings", 5.0)
-    assert tb.backend.cmd("iotlb-request", iova=x, perm=1) == {"sent": True}
-    wait_refused(tb, mark, x)
-    assert tb.backend.cmd("iotlb-request", iova=x, perm=1, type="access-fail") == {"sent": True}
-    fail_ack = wait_entry(tb, "iotlb.access_fail_ack", mark, lambda e: True, "ACCESS_FAIL ack")
-    assert fail_ack["status"] != 0
-    assert not [e for e in journal(tb, mark, ["dma.map"]) if covers(e, x)]
-    tb.qmp.command("cont")
-    tb.machine.wait_for_status("running")
-    mark = tb.backend.mark()
-    assert tb.backend.cmd("iotlb-request", iova=x, perm=1, type="access-fail") == {"sent": True}
-    fail_ack = wait_entry(tb, "iotlb.access_fail_ack", mark, lambda e: True, "ACCESS_FAIL ack")
-    assert fail_ack["status"] != 0, "QEMU 10 accepted an ACCESS_FAIL"
-    # running again, the same MISS is served
-    assert tb.backend.cmd("iotlb-request", iova=x, perm=1) == {"sent": True}
-    ack = wait_entry(tb, "iotlb.miss_ack", mark, lambda e: e["iova"] == x, "MISS ack")
-    assert ack["status"] == 0, f"QEMU refused a MISS for the mapped ring page {x:#x}"
-    err = tb.machine.stderr_text()
-    assert "Unexpected IOTLB message when virtio device is stopped" in err
-    assert "Access failure IOTLB message type not supported" in err
-    again = make_frame(2, 1400, stream=8)
-    tb.net.send(again)
-    assert tb.peer.recv() == again
-    assert_alive(tb)
-    assert_no_backend_errors(journal(tb, 0))
+    """intel-iommu in front of a vhost-vdpa NIC: QEMU 10 accepts it with and without
+    caching-mode. The qtest guest does not enable DMA remapping, so the NIC's address space
+    has no IOMMU region, vhost-vdpa registers no IOMMU notifier (the one place intel-iommu
+    would demand caching-mode=on) and the device works on guest-physical addresses."""
+    tb = IntelIommuTestbed(log_dir, transport="vhost-vdpa", caching_mode=caching_mode)
+    request.addfinalizer(tb.close)
+    tb.start()
+    assert tb.backend is not None
+    maps = tb.backend.cmd("query-iotlb")["mappings"]
+    assert any(m["iova"] == 0 for m in maps), f"guest RAM at IOVA 0 (GPA) expected: {maps}"
+    frame = make_frame(1, 300, stream=9)
+    tb.net.send(frame, timeout=20)
+    assert tb.peer.recv(timeout=20) == frame
 
 
 # ----------------------------------------------------------------------------- meta-tests
@@ -535,11 +461,34 @@ def test_meta_stale_iotlb_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> 
         scenario_dynamic(tb2, 20)
 
 
+@pytest.mark.vdpa_lane
+@pytest.mark.parametrize("transport", [VHOST_VDPA], indirect=True)
+def test_meta_stale_iotlb_is_caught_over_vhost_vdpa(
+    make_vbed: Callable[..., ViommuTestbed],
+) -> None:
+    """The VDUSE device keeps the entries it cached across UPDATE_IOTLB: X still reaches A."""
+    tb = make_vbed(faults=["stale-iotlb"]).start(post_rx=False)
+    with pytest.raises(AssertionError, match="into page A through the stale translation"):
+        scenario_stale_mapping(tb)
+
+
 def test_meta_translate_by_gpa_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:
     tb = make_vbed(faults=["translate-by-gpa"]).start()
     # IOVAs read as GPAs point past the end of RAM: the device fails, nothing moves
     with pytest.raises(AssertionError, match="stalled: .*unmapped translation at 0x8"):
         scenario_byte_exact(tb, [60, 1514], timeout=2.0)
+
+
+@pytest.mark.vdpa_lane
+@pytest.mark.parametrize("transport", [VHOST_VDPA], indirect=True)
+def test_meta_translate_by_gpa_is_caught_over_vhost_vdpa(
+    make_vbed: Callable[..., ViommuTestbed],
+) -> None:
+    """The VDUSE device reads IOVAs as guest-physical addresses (offsets in the guest's RAM
+    file): the window far above RAM reaches nothing, traffic stalls on an error there."""
+    tb = make_vbed(strict=False, faults=["translate-by-gpa"]).start()
+    with pytest.raises(AssertionError, match=r"stalled: .*unmapped translation at 0x8"):
+        scenario_iotlb_follows_guest_maps(tb, [60, 1514], timeout=5.0)
 
 
 def test_meta_no_miss_is_caught(make_vbed: Callable[..., ViommuTestbed]) -> None:

@@ -142,7 +142,10 @@ class NetDevice:
         backlog: int = RX_BACKLOG,
         tx_budget: int = TX_BUDGET,
         rx_budget: int = RX_BUDGET,
+        withhold: int = 0,
     ) -> None:
+        #: feature bits not offered (e.g. what QEMU's shadow virtqueues refuse)
+        self.withhold = withhold
         if queue_pairs < 1:
             raise ValueError(f"queue_pairs must be >= 1, got {queue_pairs}")
         if backlog < 1 or tx_budget < 1 or rx_budget < 1:
@@ -180,7 +183,7 @@ class NetDevice:
 
     # -- DevicePersonality -----------------------------------------------------------------
     def device_features(self) -> int:
-        return NET_FEATURES
+        return NET_FEATURES & ~self.withhold
 
     def config_space(self) -> bytes:
         return self.config.pack()

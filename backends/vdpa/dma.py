@@ -13,7 +13,7 @@ mode or fault change bumps the generation and drops the window.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .access import Access, TranslationError
 from .dirty_log import DirtyLog
@@ -45,6 +45,9 @@ class DmaSpace:
         self.journal = journal
         self.faults = faults
         self.dirty_log: DirtyLog | None = None
+        #: How the fault 'translate-by-gpa' reads guest-physical addresses: the host memory's
+        #: GPA view by default; a transport whose regions carry no GPAs (VDUSE) installs its own.
+        self.gpa_lookup: Callable[[int, int, Access], list[Piece]] | None = None
         self._iommu = False
         self._mode = 0
         self._window: _Window | None = None
@@ -97,7 +100,7 @@ class DmaSpace:
                     cache[(iova, length)] = p
             return [p]
         if self.iommu and self._fault("translate-by-gpa"):
-            return self.host.lookup_gpa(iova, length, access)
+            return (self.gpa_lookup or self.host.lookup_gpa)(iova, length, access)
         stale = self._fault("stale-translation-cache")
         if stale and (hit := self._stale_hit(iova, length, access)) is not None:
             return [hit]  # the fault: a window from before an INVALIDATE / REM_MEM_REG

@@ -15,7 +15,9 @@ FAULTS: dict[str, str] = {
     "stale-iotlb": (
         "dma_unmap / IOTLB invalidate is journalled but the translation keeps working (a cached "
         "stale translation): the device still reaches memory the guest unmapped. Hook: "
-        "vdpa/iotlb.py IOTLB.dma_unmap. Caught by the vIOMMU suite (qtests/test_viommu.py "
+        "vdpa/iotlb.py IOTLB.dma_unmap; on VDUSE vduse/iotlb_mirror.py IotlbMirror._update "
+        "(cached entries survive UPDATE_IOTLB, new ones overlapping them are not taken, "
+        "caught by test_meta_stale_iotlb_is_caught_over_vhost_vdpa). Caught by the vIOMMU suite (qtests/test_viommu.py "
         "test_meta_stale_iotlb_is_caught: an RX into a remapped IOVA lands in the old page; "
         "per-packet map/unmap sends another packet's bytes)."
     ),
@@ -24,9 +26,27 @@ FAULTS: dict[str, str] = {
         "mapping with new ids, so regions in use are remapped. Caught by the memory hotplug "
         "suite (unchanged regions must keep their mapping id; no unmap of untouched regions)."
     ),
+    "keep-stale-map": (
+        "while the device runs (DRIVER_OK) the VDUSE transport answers UPDATE_IOTLB OK without "
+        "fetching the range again, as a device that reads the table only at start: it keeps "
+        "the table it had (new memory never mapped, removed memory still mapped). Hook: vduse/transport.py VduseTransport._update_iotlb. Caught by the memory "
+        "hotplug suite (qtests/test_memory_hotplug.py test_keep_stale_map_is_caught: the "
+        "set_map diffs must add exactly the plugged DIMM)."
+    ),
     "vring-base-off-by-one": (
         "get_vq_state / GET_VRING_BASE returns last_avail_idx + 1. Caught by the migration and "
-        "ring-state suites (the destination's SET_VRING_BASE / used idx no longer match)."
+        "ring-state suites (the destination's SET_VRING_BASE / used idx no longer match); on "
+        "VDUSE through the kernel's GET_VQ_STATE, which QEMU 10 never sends to a VDUSE device "
+        "(qtests/test_vdpa_migration.py test_vring_base_off_by_one_is_caught_over_vhost_vdpa)."
+    ),
+    "ignore-restored-base": (
+        "the VDUSE transport ignores the ring state the front-end set (VDUSE_VQ_GET_INFO at "
+        "DRIVER_OK: the split avail index, the packed indexes and wrap counters) and starts "
+        "every queue from the initial state. Hook: vduse/transport.py "
+        "VduseTransport._load_vqs. Caught by the vhost-vdpa migration suite "
+        "(qtests/test_vdpa_migration.py test_ignore_restored_base_is_caught: after stop / cont "
+        "QEMU restores the index from the guest ring and the device sends old chains again). "
+        "Under x-svq=on the restored shadow index is always 0, so only stop / cont shows it."
     ),
     "skip-dirty-log": (
         "packet data and header writes are not marked in the dirty log (used ring writes still "
@@ -38,7 +58,9 @@ FAULTS: dict[str, str] = {
     ),
     "translate-by-gpa": (
         "with a vIOMMU (ACCESS_PLATFORM) the device treats IOVAs as guest-physical addresses "
-        "instead of translating them through the IOTLB. Hook: vdpa/dma.py DmaSpace.translate. "
+        "instead of translating them through the IOTLB. Hook: vdpa/dma.py DmaSpace.translate "
+        "(on VDUSE, whose regions know no GPAs, the IOVA is read as an offset in the guest's "
+        "RAM file: vduse/iotlb_mirror.py IotlbMirror.lookup_offset). "
         "Caught by the vIOMMU suite (qtests/test_viommu.py test_meta_translate_by_gpa_is_caught: "
         "IOVAs far above RAM, no traffic and an unmapped-translation error)."
     ),

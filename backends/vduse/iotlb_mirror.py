@@ -23,11 +23,13 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from backends.vdpa.access import Access, TranslationError
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.iotlb import SetMapDiff
-from backends.vdpa.memory import HostRegion
+from backends.vdpa.memory import HostRegion, Piece
 
 from .kernel import VduseKernel
 from .uapi import IotlbEntry
@@ -154,14 +156,19 @@ class IotlbMirror:
         fetched = self._walk(start, last)
         new_regions: list[HostRegion] = []
         try:
+            # the fault 'stale-iotlb': cached entries survive the update, new ones that
+            # overlap them are not taken (the device keeps translating the old way)
+            stale = self.device.faults.active("stale-iotlb")
             table: dict[Key, MirrorEntry] = {
                 k: e
                 for k, e in self.entries.items()
-                if e.entry.last < start or e.entry.start > last  # outside the range: kept
+                if stale or e.entry.last < start or e.entry.start > last  # outside: kept
             }
             for entry, fd in fetched:
                 key = self._key(entry, fd)
                 old = self.entries.get(key)
+                if stale and old is None and _overlaps(entry, table.values()):
+                    continue
                 if old is None:
                     region = self._map(entry, fd)
                     new_regions.append(region)
@@ -226,8 +233,22 @@ class IotlbMirror:
             m.region.close()
         self.entries = {}
 
+    def lookup_offset(self, addr: int, length: int, access: Access) -> list[Piece]:
+        """Guest memory by file offset: what a device reaches that takes an IOVA for a
+        guest-physical address (for the guest's RAM file, offset == GPA below 4 GiB). The
+        fault 'translate-by-gpa' on VDUSE, where regions know no GPAs."""
+        for m in self.entries.values():
+            off, size = m.entry.offset, m.entry.size
+            if off <= addr and addr + length <= off + size:
+                return [m.region.piece(addr - off, length)]
+        raise TranslationError("unmapped", addr, length, access)
+
     def to_list(self) -> list[dict[str, int]]:
         return [m.to_dict() for m in sorted(self.entries.values(), key=lambda m: m.entry.start)]
+
+
+def _overlaps(entry: IotlbEntry, kept: Iterable[MirrorEntry]) -> bool:
+    return any(m.entry.start <= entry.last and entry.start <= m.entry.last for m in kept)
 
 
 def _close(fd: int) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 
 from backends.loop import EventLoop
 from backends.vdpa.device import VdpaDevice
+from backends.vdpa.virtqueue import VqState
 from backends.virtio.features import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_RING_PACKED,
@@ -160,6 +161,7 @@ class VduseTransport:
         self.vdpa_timeout = vdpa_timeout
         self.journal = device.journal
         self.mirror = IotlbMirror(kernel, device)
+        device.dma.gpa_lookup = self.mirror.lookup_offset  # fault 'translate-by-gpa'
         self.rings = [VduseQueue(i) for i in range(len(device.vqs))]
         self.path = ""  # /dev/vhost-vdpa-N once attached
         self.offered_features = 0
@@ -544,7 +546,10 @@ class VduseTransport:
             try:
                 dev.set_vq_num(q.index, info.num)
                 dev.set_vq_address(q.index, info.desc_addr, info.driver_addr, info.device_addr)
-                dev.set_vq_state(q.index, state_from_info(info, packed))
+                state = state_from_info(info, packed)
+                if dev.faults.active("ignore-restored-base"):
+                    state = VqState()  # the fault: start over, whatever the front-end set
+                dev.set_vq_state(q.index, state)
             except ValueError as e:
                 self._error("vq_info", f"vq {q.index}: {e}", vq=q.index)
                 continue
@@ -591,6 +596,9 @@ class VduseTransport:
     def _update_iotlb(self, req: Request) -> tuple[bytes, dict[str, Any]]:
         start, last = req.iova_range
         fields: dict[str, Any] = {"start": start, "last": last}
+        if self.device.faults.active("keep-stale-map") and self.device.get_status() & DRIVER_OK:
+            fields["fault"] = "keep-stale-map"  # the fault: OK, but nothing fetched
+            return b"", fields
         t0 = time.monotonic_ns()
         try:
             diff = self.mirror.update(start, last)

@@ -8,6 +8,9 @@ Modules: `qtest` (protocol client), `qmp` (QMP facade), `machine` (QEMU launch/t
 children), `backend_process` / `backend_thread` (the backend as a child process / in-process),
 `vhost_user_frontend` (a QEMU-like vhost-user front-end on the same rings, for unit tests).
 Virtio wire formats come from `backends.virtio`.
+Scenario libraries (plain functions raising AssertionError, run by the suites and their
+meta-tests on either transport): `hotplug_scenarios`, `viommu_scenarios`, `svq_migration`,
+`ring_restore`.
 """
 
 from backends.virtio.net_header import VirtioNetHdr

@@ -156,7 +156,7 @@ class DimmHotplug:
         self.qmp.command("device_del", id=ident)
         return dev
 
-    def unplug(self, ident: str, timeout: float = 5.0) -> MemoryDevice:
+    def unplug(self, ident: str, timeout: float = 20.0) -> MemoryDevice:
         """device_del, OSPM eject, DEVICE_DELETED, object-del of the backend."""
         dev = self.request_unplug(ident)
         if self.ospm is not None and dev.slot is not None:

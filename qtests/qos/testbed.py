@@ -50,6 +50,7 @@ class Testbed:
         slots: int = 4,
         reconnect_ms: int | None = None,
         net_props: dict[str, Any] | None = None,
+        netdev_props: dict[str, Any] | None = None,
         transport: str = "vhost-user",
         backend_mac: str = GUEST_MAC,
     ) -> None:
@@ -68,6 +69,8 @@ class Testbed:
         self.slots = slots
         self.reconnect_ms = reconnect_ms
         self.net_props = dict(net_props or {})
+        #: extra ``-netdev vhost-vdpa`` properties (``{"x-svq": True}``)
+        self.netdev_props = dict(netdev_props or {})
         self.peer = WirePeer()
         self.backend: BackendProcess | None = None
         #: Short private directory for the backend's unix sockets (a test's log dir can be too
@@ -110,7 +113,9 @@ class Testbed:
         self.add_platform(m)
         if self.transport == "vhost-vdpa":
             assert self.backend.vhost_vdpa is not None
-            m.add_vhost_vdpa_netdev(self.backend.vhost_vdpa, queues=self.queues)
+            m.add_vhost_vdpa_netdev(
+                self.backend.vhost_vdpa, queues=self.queues, **self.netdev_props
+            )
         else:
             m.add_vhost_user_netdev(
                 self.backend.socket, queues=self.queues, reconnect_ms=self.reconnect_ms
