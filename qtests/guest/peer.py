@@ -62,6 +62,7 @@ class UdpPeer:
         self.neighbors: dict[str, bytes] = {}  # learned from ARP
         self.streams: dict[int, udpseq.SeqStats] = {}  # by destination UDP port
         self.echo_requests: list[tuple[str, int, int]] = []  # (source ip, ident, seq)
+        self.echo_replies: list[tuple[str, int, int]] = []  # answers to ping(): (ip, ident, seq)
         #: per destination port: time.monotonic() at which datagram ``seq`` was sent
         self.sent_at: dict[int, array.array[float]] = {}
         self.frames_to: collections.Counter[tuple[str, int]] = collections.Counter()  # by remote
@@ -195,6 +196,9 @@ class UdpPeer:
                                              self._next_ident()))
                 )  # fmt: skip
                 self.counters["icmp_echo_replies_sent"] += 1
+            elif echo.type == frames.ICMP_ECHO_REPLY:
+                self.counters["icmp_echo_replies"] += 1
+                self.echo_replies.append((frames.ip_str(ip.src), echo.ident, echo.seq))
         elif ip.proto == frames.IPPROTO_UDP:
             seg = frames.parse_udp(ip)
             if seg is None:
@@ -286,6 +290,21 @@ class UdpPeer:
             if sent < count and self._stop.wait(max(0.0, t0 + sent / rate - time.monotonic())):
                 break  # peer closing
         return sent
+
+    def ping(self, dst_ip: str, ident: int, seq: int, timeout: float) -> None:
+        """Send one ICMP echo request to ``dst_ip`` and wait for its reply: a sentinel (the
+        wire is FIFO, so everything sent before it was delivered once the reply is here)."""
+        dst_mac = self.resolve(dst_ip, timeout)
+        dst = frames.ip_bytes(dst_ip)
+        body = frames.icmp_echo(frames.ICMP_ECHO_REQUEST, ident, seq, b"vdpa-sentinel")
+        packet = frames.ipv4(self._ip, dst, frames.IPPROTO_ICMP, body, self._next_ident())
+        want = (dst_ip, ident, seq)
+        with self._cond:
+            self._send(frames.ether(dst_mac, self.mac, frames.ETH_P_IP, packet))
+            if not self._cond.wait_for(lambda: want in self.echo_replies, timeout):
+                raise PeerTimeout(
+                    f"echo reply {ident}/{seq} from {dst_ip}", timeout, f"{dict(self.counters)}"
+                )
 
     # -- observation -------------------------------------------------------------------------
     def expect_stream(self, port: int, count: int) -> udpseq.SeqStats:

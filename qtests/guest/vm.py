@@ -48,7 +48,17 @@ class DgramNic:
     mac: str = DEFAULT_MAC
 
 
-Nic = VhostUserNic | DgramNic
+@dataclass(frozen=True)
+class VhostVdpaNic:
+    """virtio-net-pci backed by ``-netdev vhost-vdpa`` on ``/dev/vhost-vdpa-N`` (e.g. our VDUSE
+    device; guest RAM is the shared memfd the device maps). The guest reads the MAC from the
+    device's config space: ``mac`` should equal the backend's."""
+
+    vhostdev: str
+    mac: str = DEFAULT_MAC
+
+
+Nic = VhostUserNic | DgramNic | VhostVdpaNic
 
 
 @dataclass
@@ -117,6 +127,8 @@ def qemu_command(image: GuestImage, cfg: VmConfig, console: Path, qmp: Path) -> 
                      "-netdev", f"vhost-user,id=net{i},chardev=vu{i},queues={nic.queues}"]  # fmt: skip
             if nic.queues > 1:
                 device += f",mq=on,vectors={2 * nic.queues + 2}"
+        elif isinstance(nic, VhostVdpaNic):
+            args += ["-netdev", f"vhost-vdpa,id=net{i},vhostdev={nic.vhostdev}"]
         else:
             args += ["-netdev", f"dgram,id=net{i},local.type=inet,local.host={nic.host},"
                      f"local.port={nic.local_port},remote.type=inet,remote.host={nic.host},"
