@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from guest_images import udpseq
+from guest_images import GuestImage, udpseq
 from qtests.guest import frames
-from qtests.guest.peer import UdpPeer
+from qtests.guest.peer import PeerTimeout, UdpPeer
+from qtests.guest.vm import VhostVdpaNic, VmConfig, qemu_command
+from qtests.qos.machine import find_qemu
 
 GUEST_MAC = frames.mac_bytes("52:54:00:12:34:56")
 GUEST_IP = frames.ip_bytes("10.0.0.2")
@@ -104,3 +106,45 @@ def test_send_stream_resolves_then_sends(peer: UdpPeer, wire: socket.socket) -> 
         stats.add(u.payload)
     t.join(5)
     assert sent == [3] and stats.complete and stats.corrupt == 0
+
+
+def _learn_guest(peer: UdpPeer, wire: socket.socket) -> None:
+    """The guest announces itself (an ARP request): the peer learns its MAC, then answers."""
+    req = frames.arp(frames.ARP_REQUEST, GUEST_MAC, GUEST_IP, b"\0" * 6, PEER_IP)
+    wire.sendto(frames.ether(frames.BROADCAST, GUEST_MAC, frames.ETH_P_ARP, req), peer.address)
+    wire.recv(2048)  # the ARP reply
+
+
+def test_ping_sentinel_waits_for_its_reply(peer: UdpPeer, wire: socket.socket) -> None:
+    _learn_guest(peer, wire)
+    done: list[bool] = []
+    t = threading.Thread(target=lambda: done.append(peer.ping("10.0.0.2", 7, 1, 5.0) is None))
+    t.start()
+    ip = frames.parse_ipv4(frames.parse_ether(wire.recv(2048)).payload)  # type: ignore[union-attr]
+    assert ip is not None and ip.dst == GUEST_IP
+    req = frames.parse_icmp_echo(ip.payload)
+    assert req is not None and req.checksum_ok and (req.type, req.ident, req.seq) == (8, 7, 1)
+    assert not done, "ping() returned before the reply came"
+    wrong = frames.icmp_echo(frames.ICMP_ECHO_REPLY, 7, 2, bytes(req.data))  # not the sentinel
+    right = frames.icmp_echo(frames.ICMP_ECHO_REPLY, 7, 1, bytes(req.data))
+    for body in (wrong, right):
+        packet = frames.ipv4(GUEST_IP, PEER_IP, frames.IPPROTO_ICMP, body)
+        wire.sendto(frames.ether(peer.mac, GUEST_MAC, frames.ETH_P_IP, packet), peer.address)
+    t.join(5)
+    assert done == [True]
+    assert peer.echo_replies == [("10.0.0.2", 7, 2), ("10.0.0.2", 7, 1)]
+
+
+def test_ping_sentinel_times_out_naming_it(peer: UdpPeer, wire: socket.socket) -> None:
+    _learn_guest(peer, wire)
+    with pytest.raises(PeerTimeout, match="echo reply 7/1 from 10.0.0.2"):
+        peer.ping("10.0.0.2", 7, 1, 0.5)
+
+
+def test_vhost_vdpa_nic_command_line(tmp_path: Path) -> None:
+    image = GuestImage(tmp_path, {}, True)
+    cfg = VmConfig(nics=[VhostVdpaNic("/dev/vhost-vdpa-3", "02:00:00:00:00:07")], qemu=find_qemu())
+    cmd = qemu_command(image, cfg, tmp_path / "c.sock", tmp_path / "q.sock")
+    assert "vhost-vdpa,id=net0,vhostdev=/dev/vhost-vdpa-3" in cmd
+    assert "virtio-net-pci,id=nic0,netdev=net0,mac=02:00:00:00:00:07" in cmd
+    assert any(a.startswith("memory-backend-memfd,") and "share=on" in a for a in cmd)
