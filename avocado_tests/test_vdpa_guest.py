@@ -20,7 +20,7 @@ from qtests.lab.vm import LabError
 
 
 class VdpaGuest(VdpaGuestTest):
-    """:avocado: tags=vdpa,net,udp"""
+    """:avocado: tags=ci,vdpa,net,udp"""
 
     timeout = 1200
     FAULTS: tuple[str, ...] = ()
