@@ -60,10 +60,10 @@ lab-image: setup
 check-vdpa: setup lab-image
 	$(PY) -m pytest -m vdpa_lane $(PYTEST_ARGS)
 
-avocado: setup images
+avocado: setup images lab-image
 	$(PY) -m avocado_tests.run $(AVOCADO_ARGS)
 
-avocado-ci: setup images
+avocado-ci: setup images lab-image
 	$(PY) -m avocado_tests.run --ci $(AVOCADO_ARGS)
 
 shell: setup
