@@ -31,6 +31,7 @@ class _VdpaGuestRun(VdpaGuestTest):
         extra = str(self.params.get("backend_faults", default="") or "")
         faults = [*self.FAULTS, *(f for f in extra.split(",") if f)]
         self.facts["backend_faults"] = faults
+        self.facts["netdev"] = "vhost-vdpa (VDUSE, in the lab VM)"
         try:
             run = run_in_lab_l2(
                 self.image, Path(self.logdir) / "lab", faults=faults, qemu=self.qemu_binary
