@@ -33,13 +33,26 @@ OUT = "/tmp/udpseq-hotplug.out"
 
 
 class MemoryHotplugStream(VdpaGuestTest):
-    """:avocado: tags=ci,net,memory"""
+    """:avocado: tags=net,memory"""
 
     def online_blocks(self, vm: GuestVM) -> int:
         out = vm.run(f"cat {MEMORY_SYSFS}/memory*/state | grep -c '^online'")
         return int(out.strip().splitlines()[-1])
 
     def test_dimm_plug_unplug_during_stream(self) -> None:
+        """:avocado: tags=ci"""
+        self.dimm_plug_unplug_during_stream()
+
+    def test_ignore_rem_mem_reg_is_caught(self) -> None:
+        """The backend acknowledges REM_MEM_REG but keeps the DIMM mapped: the scenario's
+        check that the backend removed exactly the DIMM QEMU unplugged must fail.
+
+        :avocado: tags=fault
+        """
+        self.expect_caught("ignore-rem-mem-reg", self.dimm_plug_unplug_during_stream)
+
+    def dimm_plug_unplug_during_stream(self) -> None:
+        """The scenario: raises AssertionError (or a bounded wait's timeout) on what it catches."""
         self.require_udpseq()
         if self.netdev != "vhost-user":
             self.cancel("the scenario checks the vhost-user backend's memory table")

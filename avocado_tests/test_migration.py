@@ -83,7 +83,7 @@ class Side:
 
 
 class LiveMigration(VdpaGuestTest):
-    """:avocado: tags=ci,net,migration"""
+    """:avocado: tags=net,migration"""
 
     timeout = 240
 
@@ -95,9 +95,7 @@ class LiveMigration(VdpaGuestTest):
         rundir.mkdir()
         logdir.mkdir()
         wire_port = free_udp_port()
-        faults = [
-            f for f in str(self.params.get("backend_faults", default="") or "").split(",") if f
-        ]
+        faults = self.backend_faults()
         backend = BackendProcess(logdir, name="backend", run_dir=rundir,
                                  wire=f"udp:127.0.0.1:{wire_port}:{self.peer.port}",
                                  faults=faults, mac=self.GUEST_MAC, log=self.log)  # fmt: skip
@@ -122,6 +120,19 @@ class LiveMigration(VdpaGuestTest):
             raise AssertionError(f"{backend.log_path.parent.name} backend exited with {rc}")
 
     def test_udp_streams_across_migrations(self) -> None:
+        """:avocado: tags=ci"""
+        self.udp_streams_across_migrations()
+
+    def test_ignore_set_vring_base_is_caught(self) -> None:
+        """Each destination backend ignores SET_VRING_BASE: it starts its rings at 0 and
+        sends TX chains again (or none), which the guest -> peer stream must notice.
+
+        :avocado: tags=fault
+        """
+        self.expect_caught("ignore-set-vring-base", self.udp_streams_across_migrations)
+
+    def udp_streams_across_migrations(self) -> None:
+        """The scenario: raises AssertionError (or a bounded wait's timeout) on what it catches."""
         self.require_udpseq()
         if self.netdev != "vhost-user":
             self.cancel("the hand-over checks need the vhost-user backend")
