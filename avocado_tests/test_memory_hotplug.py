@@ -191,8 +191,8 @@ class KernelMemoryDimm(VdpaGuestTest):
             dimm_written_at_plug=written_at_plug, dimm_written=written,
         )  # fmt: skip
         self.assertEqual(
-            (rx_report["unique"], rx_report["dups"], rx_report["corrupt"]),
-            (KERNEL_COUNT, 0, 0),
+            (rx_report["unique"], rx_report["dups"], rx_report["corrupt"], rx_report["end"]),
+            (KERNEL_COUNT, 0, 0, 1),
             rx_report,
         )
         self.assertEqual((tx_report["sent"], tx_report["errors"]), (KERNEL_COUNT, 0), tx_report)

@@ -67,7 +67,9 @@ class UdpStream(VdpaGuestTest):
 
         self.facts["peer_to_guest"] = report
         self.assertEqual(
-            (report["unique"], report["dups"], report["corrupt"]), (COUNT, 0, 0), result.output
+            (report["unique"], report["dups"], report["corrupt"], report["end"]),
+            (COUNT, 0, 0, 1),
+            result.output,
         )
         self.assertEqual(result.rc, 0, result.output)
         if self.netdev == "vhost-user":

@@ -127,7 +127,9 @@ class ViommuUdpStream(VdpaGuestTest):
         report = udpseq.parse_report(result.output, "recv")
         self.facts["peer_to_guest"] = report
         self.assertEqual(
-            (report["unique"], report["dups"], report["corrupt"]), (COUNT, 0, 0), result.output
+            (report["unique"], report["dups"], report["corrupt"], report["end"]),
+            (COUNT, 0, 0, 1),
+            result.output,
         )
         self.assertEqual(result.rc, 0, result.output)
 
