@@ -72,6 +72,17 @@ class ViommuUdpStream(VdpaGuestTest):
 
     def test_streams_through_virtio_iommu(self) -> None:
         """:avocado: tags=ci"""
+        self.streams_through_virtio_iommu()
+
+    def test_translate_by_gpa_is_caught_behind_virtio_iommu(self) -> None:
+        """The same fault behind the virtio-iommu (plain UNMAP notifications, no ATS).
+
+        :avocado: tags=fault
+        """
+        self.expect_caught("translate-by-gpa", self.streams_through_virtio_iommu)
+
+    def streams_through_virtio_iommu(self) -> None:
+        """The scenario: raises AssertionError (or a bounded wait's timeout) on what it catches."""
         vm = self.boot_behind_iommu(VIRTIO_IOMMU_KERNEL_ARGS, [], VIRTIO_IOMMU_PRE_NIC_ARGS)
         # the IOMMU the guest registered is the virtio-iommu's virtio device (no DMAR unit)
         units = vm.run("ls /sys/class/iommu").split()
