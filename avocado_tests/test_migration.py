@@ -238,6 +238,14 @@ class LiveMigration(VdpaGuestTest):
         stats = MigrationStats.from_query(src.vm.qmp.command("query-migrate"))
         self.assertEqual(end["data"]["status"], "completed", f"hop {index}: {stats.raw}")
         dst.vm.qmp.wait_event("RESUME", 30)
+        # QEMU sends RESUME before its run-state handlers start vhost (vm_prepare_start): wait
+        # for the destination backend to start every ring the source stopped
+        stopped_vqs = {e["vq"] for e in src.backend.journal(["vq.get_state"])}
+        poll_until(
+            lambda: {e["vq"] for e in dst.backend.journal(["vq.start"])} >= stopped_vqs,
+            15,
+            f"hop {index}: the destination backend to start rings {sorted(stopped_vqs)}",
+        )
         hop: dict[str, Any] = {
             "hop": index,
             "downtime_ms": stats.downtime_ms,
