@@ -6,6 +6,8 @@
 # Kernel command line:
 #   lab.share=PATH   (required) the host path of the writable share; it is mounted at the same
 #                    path inside the chroot, so a path means the same file on both sides
+#   lab.keep=P1,P2   host paths under /tmp, /run or /var/tmp (a checkout, a venv, a QEMU build)
+#                    that stay visible (read-only) through L1's own tmpfs on those directories
 # The command is PATH/command.sh, run by /bin/sh inside the chroot with stdin /dev/null,
 # stdout to PATH/stdout, stderr to PATH/stderr; its exit code goes to PATH/rc and the kernel
 # log to PATH/dmesg.txt. Environment: PATH, HOME=/tmp/home, LANG=C.UTF-8, TMPDIR=/tmp,
@@ -37,9 +39,11 @@ fail() {
 }
 
 share=""
+keep=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     lab.share=*) share=${arg#*=} ;;
+    lab.keep=*) keep=${arg#*=} ;;
     esac
 done
 [ -n "$share" ] || fail "no lab.share= on the kernel command line"
@@ -57,9 +61,24 @@ mount -t devtmpfs devtmpfs "$R/dev" || fail "mount devtmpfs in the host root fai
 mkdir -p "$R/dev/pts" "$R/dev/shm"
 mount -t devpts devpts "$R/dev/pts"
 mount -t tmpfs -o mode=1777 tmpfs "$R/dev/shm"
+# the host's /tmp, /run and /var/tmp, before L1's own tmpfs hides them: lab.keep binds from here
+for d in tmp run var/tmp; do
+    [ -d "$R/$d" ] || continue
+    mkdir -p "/hostdirs/$d"
+    mount -o bind "$R/$d" "/hostdirs/$d" || fail "bind of the host's /$d failed"
+done
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp" || fail "mount tmpfs on /tmp failed"
 mount -t tmpfs -o mode=755 tmpfs "$R/run" || fail "mount tmpfs on /run failed"
 [ -d "$R/var/tmp" ] && mount -t tmpfs -o mode=1777 tmpfs "$R/var/tmp"
+for p in $(echo "$keep" | tr ',' ' '); do
+    case "$p" in
+    /tmp/*|/run/*|/var/tmp/*) ;;
+    *) fail "lab.keep=$p is not under /tmp, /run or /var/tmp" ;;
+    esac
+    [ -d "/hostdirs$p" ] || fail "lab.keep=$p: no such directory on the host"
+    mkdir -p "$R$p"
+    mount -o bind "/hostdirs$p" "$R$p" || fail "bind of the host's $p failed"
+done
 # mkdir: a share under /tmp, /run or /var/tmp needs its mount point in the tmpfs just mounted
 [ -d "$R$share" ] || mkdir -p "$R$share"
 mount -t 9p -o "$p9,rw" out "$R$share" || fail "mount of the writable share (9p tag out) on $share failed"

@@ -149,3 +149,26 @@ def test_lane_inner_command_runs_exactly_the_given_tests() -> None:
     assert "'qtests/t.py::test_a[x y]' qtests/t.py::test_b" in script
     assert "-p qtests.lab.inner_report" in script and "-p no:cacheprovider" in script
     assert 'QOS_LOG_DIR="$VDPA_LAB_SHARE/test-logs"' in script
+
+
+def test_kept_host_paths_name_what_l1s_tmpfs_would_hide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout, venv or QEMU under /tmp, /run or /var/tmp is passed as lab.keep= (L1 mounts
+    its own tmpfs there, a clean clone in /tmp would be invisible); anything elsewhere is not;
+    a parent covers its children."""
+    from guest_images.builder import GuestImage
+    from qtests.lab import vm
+
+    assert str(tmp_path.resolve()).startswith(vm.L1_TMPFS_DIRS), "pytest's tmp_path is in /tmp"
+    monkeypatch.setattr(vm, "REPO_ROOT", tmp_path / "checkout")
+    qemu = tmp_path / "qemu" / "build" / "qemu-system-x86_64"
+    kept = vm.kept_host_paths(str(qemu), extra=(tmp_path / "checkout" / "sub",))
+    root = str(tmp_path.resolve())
+    assert f"{root}/checkout" in kept and f"{root}/qemu/build" in kept, kept
+    assert f"{root}/checkout/sub" not in kept, "covered by its parent"
+    assert vm.kept_host_paths(str(qemu), extra=(tmp_path,))[-1] == root
+    img = GuestImage(directory=tmp_path, manifest={}, cached=True)
+    argv = vm.qemu_command(str(qemu), img, tmp_path / "share", 512, [])
+    append = argv[argv.index("-append") + 1]
+    assert f"lab.keep={','.join(vm.kept_host_paths(str(qemu)))}" in append.split(), append

@@ -40,7 +40,6 @@ running with its rings intact and traffic exactly once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import struct
@@ -72,14 +71,21 @@ from qtests.qos.inflight_migration import (
 )
 from qtests.qos.machine import QemuMachine
 from qtests.qos.memory_devices import DimmHotplug
-from qtests.qos.migration import MigrationPair, MigrationStats, PrecopyHold, set_capabilities
+from qtests.qos.migration import (
+    DriverErrors,
+    MigrationPair,
+    MigrationStats,
+    PrecopyHold,
+    invariant,
+    set_capabilities,
+)
 from qtests.qos.packed_virtqueue import PackedVirtqueue
 from qtests.qos.sentinel import post_tx_sentinel
 from qtests.qos.testbed import GUEST_MAC, Testbed
 from qtests.qos.viommu_testbed import ViommuTestbed
-from qtests.qos.virtio_net import VirtioNetDriver, VirtioNetError, VirtioNetHdr
-from qtests.qos.virtqueue import DESC, U16, VirtqueueError
-from qtests.qos.waiting import WaitTimeout, poll_until
+from qtests.qos.virtio_net import VirtioNetDriver, VirtioNetHdr
+from qtests.qos.virtqueue import DESC, U16
+from qtests.qos.waiting import poll_until
 from qtests.qos.wire_peer import WirePeer, WirePeerTimeout
 
 pytestmark = pytest.mark.qemu
@@ -98,17 +104,6 @@ DIMM_SIZE = 64 << 20
 VIOMMU_DOMAIN = 1
 #: Pages `PrecopyHold` keeps dirty (4 MiB: 0.5 s per precopy iteration at its pass bandwidth).
 SCRATCH_PAGES = 1024
-
-DriverErrors = (VirtqueueError, VirtioNetError, WaitTimeout, WirePeerTimeout)
-
-
-@contextlib.contextmanager
-def invariant(what: str) -> Iterator[None]:
-    """Driver or wire trouble while checking ``what`` is a broken invariant, not an error."""
-    try:
-        yield
-    except DriverErrors as e:
-        raise AssertionError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 def tx_frame(seq: int) -> bytes:

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from typing import IO
 from guest_images import lab as image
 from guest_images.apt import AptError
 from guest_images.builder import BuildError, GuestImage
+from qtests.qos.backend_process import REPO_ROOT
 from qtests.qos.machine import find_qemu
 from qtests.qos.processes import die_with_parent, stop_process
 
@@ -159,10 +161,44 @@ def accelerator() -> list[str]:
     return ["-accel", "tcg", "-cpu", "max"]
 
 
+#: The host directories L1 mounts its own tmpfs on: host paths below them are hidden in L1
+#: unless named in ``lab.keep=`` (guest_images/lab_init.sh).
+L1_TMPFS_DIRS = ("/tmp/", "/run/", "/var/tmp/")
+
+
+def kept_host_paths(qemu: str, extra: tuple[Path, ...] = ()) -> list[str]:
+    """The host directories L1 must still see through its own /tmp, /run and /var/tmp: the
+    checkout, the Python running us and its venv, the QEMU binary's directory (a clone in
+    /tmp, a QEMU built in /tmp/qemu/build, ...), and ``extra``."""
+    candidates = [
+        REPO_ROOT,
+        Path(sys.prefix),
+        Path(sys.base_prefix),
+        Path(sys.executable).resolve().parent,
+        Path(qemu).resolve().parent,
+        *extra,
+    ]
+    kept: list[str] = []
+    for c in candidates:
+        path = str(c.resolve())
+        if not path.startswith(L1_TMPFS_DIRS) or any(
+            path == k or path.startswith(k + "/") for k in kept
+        ):
+            continue
+        if re.search(r"[\s,]", path):
+            raise LabError(f"{path} contains white space or a comma (kernel command line)")
+        kept = [k for k in kept if not k.startswith(path + "/")] + [path]
+    return kept
+
+
 def qemu_command(
     qemu: str, img: GuestImage, share: Path, memory_mb: int, kernel_args: list[str]
 ) -> list[str]:
-    append = " ".join([*KERNEL_ARGS, f"lab.share={share}", *kernel_args])
+    keep = kept_host_paths(qemu)
+    append = " ".join(
+        [*KERNEL_ARGS, f"lab.share={share}", *([f"lab.keep={','.join(keep)}"] if keep else []),
+         *kernel_args]
+    )  # fmt: skip
     return [
         qemu, *accelerator(), "-smp", os.environ.get("VDPA_LAB_SMP", "1"), "-m", str(memory_mb),
         "-nodefaults", "-display", "none", "-no-reboot", "-monitor", "none",

@@ -27,8 +27,9 @@ between the source's last ring stop and the destination's first ring start 7-25 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,13 +37,28 @@ from .machine import QemuMachine
 from .qmp import QmpClient
 from .qtest import QTest
 from .testbed import Testbed
-from .virtio_net import VirtioNetDriver
-from .waiting import poll_until
+from .virtio_net import VirtioNetDriver, VirtioNetError
+from .virtqueue import VirtqueueError
+from .waiting import WaitTimeout, poll_until
+from .wire_peer import WirePeerTimeout
 
 MIGRATION_END = frozenset({"completed", "failed", "cancelled"})
 #: QEMU's defaults (migration/options.c): 128 MiB/s, 300 ms.
 DEFAULT_MAX_BANDWIDTH = 128 << 20
 DEFAULT_DOWNTIME_MS = 300
+
+
+#: What the driver and the wire peer raise when a migration scenario's invariant breaks.
+DriverErrors = (VirtqueueError, VirtioNetError, WaitTimeout, WirePeerTimeout)
+
+
+@contextlib.contextmanager
+def invariant(what: str) -> Iterator[None]:
+    """Driver or wire trouble while checking ``what`` is a broken invariant, not an error."""
+    try:
+        yield
+    except DriverErrors as e:
+        raise AssertionError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 class MigrationError(RuntimeError):

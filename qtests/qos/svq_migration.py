@@ -22,18 +22,16 @@ Needs a device that offers nothing SVQ refuses (INDIRECT_DESC, RING_PACKED: back
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .frames import PEER_MAC, mac_bytes, make_frame, parse_frame
-from .migration import MigrationPair, PrecopyHold
+from .migration import DriverErrors, MigrationPair, PrecopyHold, invariant
 from .testbed import GUEST_MAC, Testbed
-from .virtio_net import VirtioNetDriver, VirtioNetError
-from .virtqueue import VirtqueueError
-from .waiting import WaitTimeout, poll_until
+from .virtio_net import VirtioNetDriver
+from .waiting import poll_until
 from .wire_peer import WirePeer, WirePeerTimeout
 
 RX_VQ, TX_VQ = 0, 1
@@ -44,16 +42,6 @@ SVQ_NETDEV = {"x-svq": True}
 SVQ_WITHHOLD = ["--withhold-feature", "INDIRECT_DESC", "--withhold-feature", "RING_PACKED"]
 SCRATCH_PAGES = 1024
 TIMEOUT = 30.0  # nested TCG, two L2 QEMUs on one vCPU
-DriverErrors = (VirtqueueError, VirtioNetError, WaitTimeout, WirePeerTimeout)
-
-
-@contextlib.contextmanager
-def invariant(what: str) -> Iterator[None]:
-    """Driver or wire trouble while checking ``what`` is a broken invariant, not an error."""
-    try:
-        yield
-    except DriverErrors as e:
-        raise AssertionError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 def tx_frame(seq: int) -> bytes:
