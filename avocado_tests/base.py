@@ -28,6 +28,7 @@ from typing import Any
 from avocado import Test
 
 import guest_images
+from backends.vdpa.faults import FAULTS
 from guest_images import udpseq
 from qtests.guest.peer import UdpPeer
 from qtests.guest.ports import free_udp_port
@@ -43,6 +44,7 @@ from qtests.guest.vm import (
 )
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.machine import QemuError, find_qemu, require_qemu
+from qtests.qos.waiting import WaitTimeout
 
 DRIVER_OK = 0x4
 #: longest wait for the guest test before this one (at most one runs per checkout)
@@ -100,6 +102,8 @@ class VdpaGuestTest(Test):
         self.vm: GuestVM | None = None
         self.facts: dict[str, Any] = {"netdev": self.netdev, "accel": self.accel}
         self.facts["waited_for_guest_slot_s"] = round(waited, 1)
+        #: faults every backend this test starts gets (set by expect_caught)
+        self.injected_faults: list[str] = []
 
     def _pick_accel(self) -> str:
         want = str(self.params.get("accel", default="tcg"))
@@ -131,11 +135,38 @@ class VdpaGuestTest(Test):
         if not self.image.has_udpseq:
             self.cancel(f"guest has no udpseq tool: {self.image.manifest.get('udpseq')}")
 
+    def backend_faults(self) -> list[str]:
+        """Faults for every backend: the ``backend_faults`` parameter + ``expect_caught``'s."""
+        extra = str(self.params.get("backend_faults", default="") or "")
+        return [*(f for f in extra.split(",") if f), *self.injected_faults]
+
+    def expect_caught(self, fault: str, scenario: Callable[[], object]) -> None:
+        """Run ``scenario`` (the very checks of a normal test) with every backend started with
+        ``--fault fault``: the scenario must fail its own checks (an AssertionError, which the
+        harness's bounded waits -- PeerTimeout, ConsoleError -- also are, or a WaitTimeout),
+        and the backend must really have run with the fault."""
+        if fault not in FAULTS:
+            self.error(f"unknown fault {fault!r}")
+        if self.netdev != "vhost-user":
+            self.cancel("faults are injected into the vhost-user backend")
+        self.injected_faults = [fault]
+        try:
+            scenario()
+        except (AssertionError, WaitTimeout) as exc:
+            verdict = f"{type(exc).__name__}: {exc}"
+        else:
+            self.fail(f"the scenario passed with --fault {fault}: it does not catch it")
+        self.log.info("--fault %s caught: %s", fault, verdict)
+        self.facts["fault_caught"] = {"fault": fault, "verdict": verdict[:2000]}
+        self.assertIsNotNone(self.backend, f"no backend ran with --fault {fault}")
+        assert self.backend is not None
+        active = [e["name"] for e in self.backend.journal(["fault.set"])]
+        self.assertIn(fault, active, f"the backend did not journal fault.set {fault}")
+
     def start_backend(
         self, queues: int = 1, wire: str = "null", faults: Iterable[str] = (), **kw: Any
     ) -> BackendProcess:
-        extra = str(self.params.get("backend_faults", default="") or "")
-        faults = [*faults, *(f for f in extra.split(",") if f)]
+        faults = [*faults, *self.backend_faults()]
         self.facts["backend_faults"] = faults
         backend = BackendProcess(self.artifacts, run_dir=self.rundir, queues=queues, wire=wire,
                                  faults=faults, mac=self.GUEST_MAC, log=self.log, **kw)  # fmt: skip

@@ -13,9 +13,21 @@ PORTS = (5011, 5012)
 
 
 class MultiQueue(VdpaGuestTest):
-    """:avocado: tags=ci,net,mq"""
+    """:avocado: tags=net,mq"""
 
     def test_two_queue_pairs(self) -> None:
+        """:avocado: tags=ci"""
+        self.two_queue_pairs()
+
+    def test_drop_tx_is_caught(self) -> None:
+        """The backend completes TX chains of both queues without sending the frames.
+
+        :avocado: tags=fault
+        """
+        self.expect_caught("drop-tx", self.two_queue_pairs)
+
+    def two_queue_pairs(self) -> None:
+        """The scenario: raises AssertionError (or a bounded wait's timeout) on what it catches."""
         self.require_udpseq()
         if self.netdev != "vhost-user":
             self.cancel("multiqueue needs the vhost-user backend")

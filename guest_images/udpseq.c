@@ -4,16 +4,21 @@
  *       COUNT datagrams of SIZE bytes to HOST:PORT (IPv4). RATE packets/s (0 = as fast as
  *       possible), CPU pins the sender (-1 = no pinning; pinning picks the virtio-net TX
  *       queue through XPS). Transmit-queue drops come back as ENOBUFS (IP_RECVERR) and are
- *       retried, so what leaves the guest is exactly COUNT datagrams.
+ *       retried, so what leaves the guest is exactly COUNT datagrams, then the end-of-stream
+ *       sentinel (not counted in sent=).
  *       Prints: udpseq send: sent=N bytes=B retries=R errors=E elapsed_us=T
  *   udpseq recv PORT COUNT TIMEOUT
- *       Receives until COUNT distinct sequence numbers arrived or TIMEOUT seconds passed.
+ *       Receives until the end-of-stream sentinel arrived (or TIMEOUT seconds passed): every
+ *       datagram before it is counted, duplicates included, so "no duplicate" rests on the
+ *       sentinel, not on a quiet spell after the last datagram.
  *       Prints "udpseq recv: listening port=P count=N" once bound, then
- *       udpseq recv: received=N unique=U dups=D ooo=O corrupt=C lost=L bytes=B elapsed_us=T
- *       Exit status 0 only if nothing was lost, duplicated or corrupted.
+ *       udpseq recv: received=N unique=U dups=D ooo=O corrupt=C lost=L bytes=B elapsed_us=T end=E
+ *       (end=1: the sentinel arrived). Exit status 0 only if the sentinel arrived and nothing
+ *       was lost, duplicated or corrupted.
  *
  * Payload (SIZE >= 8): u64 sequence number, big-endian, then p[i] = (uint8_t)(seq * 31 + i)
- * for 8 <= i < SIZE. guest_images/udpseq.py is the Python side of this layout.
+ * for 8 <= i < SIZE. The sentinel is exactly 8 bytes, the sequence number 2^64 - 1 (no stream
+ * datagram has it: COUNT < 2^32). guest_images/udpseq.py is the Python side of this layout.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -30,6 +35,7 @@
 #include <unistd.h>
 
 #define HDR 8
+#define END_SEQ UINT64_MAX /* the end-of-stream sentinel's sequence number (HDR bytes long) */
 #define MAX_PAYLOAD 65507
 #define STUCK_NS (10ULL * 1000000000ULL) /* give up when ENOBUFS persists this long */
 
@@ -71,8 +77,35 @@ static void fill(uint8_t *buf, uint64_t seq, size_t size)
 static int usage(void)
 {
 	fprintf(stderr, "usage: udpseq send HOST PORT COUNT SIZE [RATE [CPU]]\n"
-			"       udpseq recv PORT COUNT TIMEOUT [IDLE_MS]\n");
+			"       udpseq recv PORT COUNT TIMEOUT\n");
 	return 2;
+}
+
+/* Send one datagram, retrying transmit-queue drops (ENOBUFS); 0 when sent, -1 on error. */
+static int send_one(int fd, const uint8_t *buf, size_t size, uint64_t *retries)
+{
+	uint64_t stuck_since = 0;
+	for (;;) {
+		ssize_t n = send(fd, buf, size, 0);
+		if (n == (ssize_t)size)
+			return 0;
+		if (n < 0 && (errno == ENOBUFS || errno == EAGAIN || errno == EINTR ||
+			      errno == ECONNREFUSED)) {
+			/* ECONNREFUSED reports an earlier ICMP error; the datagram was not sent */
+			uint64_t t = now_ns();
+			if (!stuck_since)
+				stuck_since = t;
+			if (t - stuck_since > STUCK_NS) {
+				fprintf(stderr, "udpseq: send stuck: %s\n", strerror(errno));
+				return -1;
+			}
+			(*retries)++;
+			sleep_until(t + 200000);
+			continue;
+		}
+		perror("udpseq: send");
+		return -1;
+	}
 }
 
 static int do_send(int argc, char **argv)
@@ -111,7 +144,7 @@ static int do_send(int argc, char **argv)
 	static uint8_t buf[MAX_PAYLOAD];
 	uint64_t sent = 0, bytes = 0, retries = 0, errors = 0;
 	uint64_t interval = rate ? 1000000000ULL / rate : 0;
-	uint64_t start = now_ns(), next = start, stuck_since = 0;
+	uint64_t start = now_ns(), next = start;
 
 	while (sent < count) {
 		if (interval) {
@@ -119,51 +152,31 @@ static int do_send(int argc, char **argv)
 			next += interval;
 		}
 		fill(buf, sent, size);
-		for (;;) {
-			ssize_t n = send(fd, buf, size, 0);
-			if (n == (ssize_t)size) {
-				stuck_since = 0;
-				sent++;
-				bytes += (uint64_t)n;
-				break;
-			}
-			if (n < 0 && (errno == ENOBUFS || errno == EAGAIN || errno == EINTR ||
-				      errno == ECONNREFUSED)) {
-				/* ECONNREFUSED reports an earlier ICMP error; the datagram was not sent */
-				uint64_t t = now_ns();
-				if (!stuck_since)
-					stuck_since = t;
-				if (t - stuck_since > STUCK_NS) {
-					fprintf(stderr, "udpseq: send stuck: %s\n", strerror(errno));
-					errors++;
-					goto out;
-				}
-				retries++;
-				sleep_until(t + 200000);
-				continue;
-			}
-			perror("udpseq: send");
+		if (send_one(fd, buf, size, &retries)) {
 			errors++;
-			goto out;
+			break;
 		}
+		sent++;
+		bytes += size;
 	}
-out:
+	if (sent == count) { /* the end of the stream: the receiver counts up to here */
+		fill(buf, END_SEQ, HDR);
+		if (send_one(fd, buf, HDR, &retries))
+			errors++;
+	}
 	printf("udpseq send: sent=%llu bytes=%llu retries=%llu errors=%llu elapsed_us=%llu\n",
 	       (unsigned long long)sent, (unsigned long long)bytes, (unsigned long long)retries,
 	       (unsigned long long)errors, (unsigned long long)((now_ns() - start) / 1000));
 	close(fd);
-	return sent == count ? 0 : 1;
+	return sent == count && !errors ? 0 : 1;
 }
 
 static int do_recv(int argc, char **argv)
 {
-	uint64_t port, count, timeout, idle_ms = 0;
+	uint64_t port, count, timeout;
 
-	/* IDLE_MS: also stop once nothing arrived for that long after the first datagram (a
-	 * stream with losses then ends without waiting for TIMEOUT); 0 = never */
-	if ((argc != 3 && argc != 4) || parse_u64(argv[0], 65535, &port) ||
-	    parse_u64(argv[1], UINT32_MAX, &count) || parse_u64(argv[2], 86400, &timeout) ||
-	    (argc == 4 && parse_u64(argv[3], 86400000, &idle_ms)))
+	if (argc != 3 || parse_u64(argv[0], 65535, &port) ||
+	    parse_u64(argv[1], UINT32_MAX, &count) || parse_u64(argv[2], 86400, &timeout))
 		return usage();
 
 	int fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -192,14 +205,11 @@ static int do_recv(int argc, char **argv)
 
 	uint64_t received = 0, unique = 0, dups = 0, ooo = 0, corrupt = 0, bytes = 0;
 	uint64_t max_seq = 0, first = 0, last = 0;
-	int have_max = 0;
+	int have_max = 0, ended = 0;
 	uint64_t deadline = now_ns() + timeout * 1000000000ULL;
-	uint64_t linger_end = 0; /* after the last new datagram, watch briefly for duplicates */
 
-	for (;;) {
-		uint64_t t = now_ns(), end = linger_end ? linger_end : deadline;
-		if (idle_ms && received && last + idle_ms * 1000000ULL < end)
-			end = last + idle_ms * 1000000ULL;
+	while (!ended) {
+		uint64_t t = now_ns(), end = deadline;
 		if (t >= end)
 			break;
 		struct pollfd pfd = { .fd = fd, .events = POLLIN };
@@ -212,6 +222,15 @@ static int do_recv(int argc, char **argv)
 		ssize_t n = recv(fd, buf, sizeof(buf), 0);
 		if (n < 0)
 			continue;
+		if (n == HDR) {
+			uint64_t seq = 0;
+			for (int i = 0; i < HDR; i++)
+				seq = (seq << 8) | buf[i];
+			if (seq == END_SEQ) {
+				ended = 1;
+				continue;
+			}
+		}
 		last = now_ns();
 		if (!received)
 			first = last;
@@ -243,18 +262,16 @@ static int do_recv(int argc, char **argv)
 		if (!have_max || seq > max_seq)
 			max_seq = seq;
 		have_max = 1;
-		if (unique == count && !linger_end)
-			linger_end = now_ns() + 200000000ULL;
 	}
 	printf("udpseq recv: received=%llu unique=%llu dups=%llu ooo=%llu corrupt=%llu lost=%llu "
-	       "bytes=%llu elapsed_us=%llu\n",
+	       "bytes=%llu elapsed_us=%llu end=%d\n",
 	       (unsigned long long)received, (unsigned long long)unique, (unsigned long long)dups,
 	       (unsigned long long)ooo, (unsigned long long)corrupt,
 	       (unsigned long long)(count - unique), (unsigned long long)bytes,
-	       (unsigned long long)((last - first) / 1000));
+	       (unsigned long long)((last - first) / 1000), ended);
 	free(seen);
 	close(fd);
-	return unique == count && !dups && !corrupt ? 0 : 1;
+	return ended && unique == count && !dups && !corrupt ? 0 : 1;
 }
 
 int main(int argc, char **argv)

@@ -1,7 +1,9 @@
 """The host side of the udpseq payload (layout defined in udpseq.c, mirrored here).
 
 Payload: u64 big-endian sequence number, then byte i (8 <= i < size) = (seq * 31 + i) & 0xff.
-Also parses the one-line reports the guest tool prints.
+After the stream the sender sends :data:`END`, the end-of-stream sentinel (8 bytes, sequence
+number 2^64 - 1): the receiver counts everything up to it, duplicates included, so "nothing
+duplicated" never rests on a quiet spell. Also parses the one-line reports the guest tool prints.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import struct
 from dataclasses import dataclass, field
 
 HEADER = struct.Struct(">Q")
+#: the end-of-stream sentinel: a bare header with sequence number 2^64 - 1
+END = HEADER.pack(2**64 - 1)
 MAX_PAYLOAD = 65507
 # 0..255 repeated: any pattern run is one slice of it (no per-byte Python loop).
 _CYCLE = bytes(range(256)) * ((MAX_PAYLOAD + 511) // 256)
@@ -22,6 +26,11 @@ def payload(seq: int, size: int) -> bytes:
         raise ValueError(f"udpseq payload size {size} outside 8..{MAX_PAYLOAD}")
     start = (seq * 31 + HEADER.size) & 0xFF
     return HEADER.pack(seq) + _CYCLE[start : start + size - HEADER.size]
+
+
+def is_end(data: bytes | memoryview) -> bool:
+    """Is ``data`` the end-of-stream sentinel?"""
+    return len(data) == HEADER.size and bytes(data) == END
 
 
 def check(data: bytes | memoryview) -> int | None:
@@ -47,12 +56,17 @@ class SeqStats:
     corrupt: int = 0
     bytes: int = 0
     max_seq: int = -1
+    #: the end-of-stream sentinel arrived: every datagram before it has been counted
+    ended: bool = False
     _seen: bytearray = field(default_factory=bytearray, repr=False)
 
     def __post_init__(self) -> None:
         self._seen = bytearray(self.count // 8 + 1)
 
     def add(self, data: bytes | memoryview) -> None:
+        if is_end(data):
+            self.ended = True
+            return
         self.received += 1
         self.bytes += len(data)
         seq = check(data)
@@ -87,6 +101,7 @@ class SeqStats:
             "corrupt": self.corrupt,
             "lost": self.lost,
             "bytes": self.bytes,
+            "end": int(self.ended),
         }
 
 

@@ -78,12 +78,21 @@ def test_arp_and_ping(peer: UdpPeer, wire: socket.socket) -> None:
 
 def test_stream_accounting(peer: UdpPeer, wire: socket.socket) -> None:
     peer.expect_stream(5001, 4)
-    for seq in (0, 1, 1, 3, 2):
-        seg = frames.udp(GUEST_IP, PEER_IP, 40000, 5001, udpseq.payload(seq, 200))
+
+    def send(data: bytes) -> None:
+        seg = frames.udp(GUEST_IP, PEER_IP, 40000, 5001, data)
         packet = frames.ipv4(GUEST_IP, PEER_IP, frames.IPPROTO_UDP, seg)
         wire.sendto(frames.ether(peer.mac, GUEST_MAC, frames.ETH_P_IP, packet), peer.address)
+
+    for seq in (0, 1, 1, 3, 2):
+        send(udpseq.payload(seq, 200))
+    # complete but not ended: the duplicate after the last new datagram must still count
+    with pytest.raises(PeerTimeout, match="end-of-stream sentinel"):
+        peer.wait_stream(5001, timeout=0.5)
+    send(udpseq.payload(3, 200))
+    send(udpseq.END)
     stats = peer.wait_stream(5001, timeout=5)
-    assert (stats.unique, stats.dups, stats.ooo, stats.corrupt) == (4, 1, 1, 0)
+    assert (stats.unique, stats.dups, stats.ooo, stats.corrupt, stats.ended) == (4, 2, 1, 0, True)
 
 
 def test_send_stream_resolves_then_sends(peer: UdpPeer, wire: socket.socket) -> None:
@@ -95,7 +104,7 @@ def test_send_stream_resolves_then_sends(peer: UdpPeer, wire: socket.socket) -> 
     rep = frames.arp(frames.ARP_REPLY, GUEST_MAC, GUEST_IP, peer.mac, PEER_IP)
     wire.sendto(frames.ether(peer.mac, GUEST_MAC, frames.ETH_P_ARP, rep), peer.address)
     stats = udpseq.SeqStats(3)
-    while stats.received < 3:
+    while not stats.ended:
         eth = frames.parse_ether(wire.recv(2048))
         if eth is None or eth.ethertype != frames.ETH_P_IP:
             continue  # a repeated ARP request
@@ -105,7 +114,7 @@ def test_send_stream_resolves_then_sends(peer: UdpPeer, wire: socket.socket) -> 
         assert u is not None and u.checksum_ok and u.dport == 6000
         stats.add(u.payload)
     t.join(5)
-    assert sent == [3] and stats.complete and stats.corrupt == 0
+    assert sent == [3] and stats.complete and stats.corrupt == 0 and stats.received == 3
 
 
 def _learn_guest(peer: UdpPeer, wire: socket.socket) -> None:

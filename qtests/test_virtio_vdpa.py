@@ -171,7 +171,7 @@ def test_udp_stream_wire_to_netdev(netdev: Netdev) -> None:
                 recv.kill()
     report = udpseq.parse_report(out, "recv")
     assert report["unique"] == COUNT, report
-    assert (report["corrupt"], report["dups"]) == (0, 0), report
+    assert (report["corrupt"], report["dups"], report["end"]) == (0, 0, 1), report
 
 
 def test_meta_stream_catches_drop_tx(netdev: Netdev) -> None:

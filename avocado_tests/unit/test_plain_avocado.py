@@ -54,8 +54,12 @@ def expected_tests() -> dict[str, set[str]]:
                 m = TAGS.search(klass.__dict__.get("__doc__") or "")
                 tags |= set(m.group(1).split(",")) if m else set()
             for method in dir(cls):
-                if method.startswith("test") and callable(getattr(cls, method)):
-                    found[f"avocado_tests/{path.name}:{name}.{method}"] = tags
+                fn = getattr(cls, method)
+                if method.startswith("test") and callable(fn):
+                    # and the tags of the method's own docstring (also an inherited method's)
+                    m = TAGS.search(fn.__doc__ or "")
+                    own = set(m.group(1).split(",")) if m else set()
+                    found[f"avocado_tests/{path.name}:{name}.{method}"] = tags | own
     return found
 
 
@@ -90,6 +94,10 @@ def test_tags_as_avocado_documents_them_and_ci_intersects() -> None:
     both = avocado_list(*filters)
     assert both == having("ci", "selfcheck") and both, both  # not every ci test: both tags
     assert avocado_list("-t", "viommu", "-t", "boot") == having("viommu") | having("boot")
+    # method tags: the fault variants run under `make avocado`, never in the CI subset
+    faults = avocado_list("-t", "fault")
+    assert faults == having("fault") and faults, faults
+    assert not faults & avocado_list("-t", "ci"), faults
 
 
 def test_parameters_reach_the_tests(tmp_path: Path) -> None:

@@ -111,14 +111,21 @@ def test_udpseq_payload_check_and_stats() -> None:
     s.add(b"short")
     s.add(udpseq.payload(7, 64))  # out of range
     assert (s.unique, s.dups, s.ooo, s.corrupt, s.lost, s.complete) == (3, 1, 1, 2, 0, True)
+    assert not s.ended and s.as_dict()["end"] == 0
+    s.add(udpseq.END)  # the sentinel ends the stream, counted as nothing else
+    assert (s.ended, s.received, s.corrupt) == (True, 6, 2)
+    assert udpseq.is_end(udpseq.END) and not udpseq.is_end(udpseq.payload(0, 8))
+    assert udpseq.check(udpseq.END) is not None  # well-formed, but only ever seen as the end
 
 
 def test_udpseq_report_parsing() -> None:
     text = (
         "udpseq recv: listening port=5 count=3\r\n"
-        "udpseq recv: received=3 unique=3 dups=0 ooo=0 corrupt=0 lost=0 bytes=9 elapsed_us=1\n"
+        "udpseq recv: received=3 unique=3 dups=0 ooo=0 corrupt=0 lost=0 bytes=9 elapsed_us=1 "
+        "end=1\n"
     )
-    assert udpseq.parse_report(text, "recv")["unique"] == 3
+    report = udpseq.parse_report(text, "recv")
+    assert (report["unique"], report["end"]) == (3, 1)
     with pytest.raises(ValueError):
         udpseq.parse_report(text, "send")
 

@@ -271,7 +271,8 @@ class UdpPeer:
         rate: float = 0.0,
         src_port: int = 40000,
     ) -> int:
-        """Send ``count`` udpseq datagrams (``rate`` per second, 0 = flat out); returns sent."""
+        """Send ``count`` udpseq datagrams (``rate`` per second, 0 = flat out), then the
+        end-of-stream sentinel (not counted); returns how many stream datagrams were sent."""
         dst_mac = self.resolve(dst_ip)
         dst = frames.ip_bytes(dst_ip)
         t0 = time.monotonic()
@@ -289,6 +290,11 @@ class UdpPeer:
                     sent += 1
             if sent < count and self._stop.wait(max(0.0, t0 + sent / rate - time.monotonic())):
                 break  # peer closing
+        if sent == count:
+            with self._cond:
+                seg = frames.udp(self._ip, dst, src_port, dst_port, udpseq.END)
+                packet = frames.ipv4(self._ip, dst, frames.IPPROTO_UDP, seg, self._next_ident())
+                self._send(frames.ether(dst_mac, self.mac, frames.ETH_P_IP, packet))
         return sent
 
     def ping(self, dst_ip: str, ident: int, seq: int, timeout: float) -> None:
@@ -313,12 +319,14 @@ class UdpPeer:
             return stats
 
     def wait_stream(self, port: int, timeout: float) -> udpseq.SeqStats:
-        """Wait until the stream to ``port`` is complete; PeerTimeout shows what arrived."""
+        """Wait for the end-of-stream sentinel of the stream to ``port``: then everything the
+        sender sent before it has been counted (duplicates too). PeerTimeout shows what
+        arrived. Whether the stream is complete is the caller's check."""
         with self._cond:
             stats = self.streams[port]
-            if not self._cond.wait_for(lambda: stats.complete, timeout):
+            if not self._cond.wait_for(lambda: stats.ended, timeout):
                 raise PeerTimeout(
-                    f"udpseq stream to port {port}",
+                    f"the end-of-stream sentinel of the udpseq stream to port {port}",
                     timeout,
                     f"{stats.as_dict()}, peer counters {dict(self.counters)}",
                 )

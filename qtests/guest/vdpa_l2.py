@@ -238,10 +238,18 @@ def run_l2_guest(
             }
             if sent != count:
                 s.error = f"peer sent {sent} of {count}"
-            if (report["unique"], report["dups"], report["corrupt"]) != (count, 0, 0):
+            if (report["unique"], report["dups"], report["corrupt"], report.get("end")) != (
+                count,
+                0,
+                0,
+                1,
+            ):
                 s.error += f" guest received {report}"
-            if arrived != count:
-                s.error += f" the guest's UDP layer saw {arrived} datagrams, not {count}"
+            if arrived != count + 1:  # the stream and its end-of-stream datagram
+                s.error += (
+                    f" the guest's UDP layer saw {arrived} datagrams, not {count} + the "
+                    "end-of-stream one"
+                )
             if done.rc != 0:
                 s.error += f" udpseq recv exited {done.rc}"
 
