@@ -49,3 +49,24 @@ def test_watchdog_bounds_a_write_that_blocks_after_the_poll(
     assert eventfd.signal(blocking_fd) is False
     assert time.monotonic() - started < 5.0  # bounded by the 50 ms watchdog (+ a loaded box)
     assert os.eventfd_read(blocking_fd) == FULL
+
+
+def test_a_watchdog_that_fires_while_the_counter_has_room_writes_again(
+    blocking_fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a loaded machine the watchdog can fire before a write that would not block (this
+    process was not scheduled): that is no full counter, the interrupt is written."""
+    real_write = os.write
+    calls: list[int] = []
+
+    def write_late(fd: int, data: bytes) -> int:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise eventfd._WriteTimedOut()  # the alarm, before anything was written
+        return real_write(fd, data)
+
+    monkeypatch.setattr(eventfd.os, "write", write_late)
+    assert eventfd.signal(blocking_fd)
+    assert len(calls) == 2
+    monkeypatch.setattr(eventfd.os, "write", real_write)
+    assert eventfd.drain(blocking_fd) == 1
