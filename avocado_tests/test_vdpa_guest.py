@@ -69,10 +69,17 @@ class VdpaGuest(_VdpaGuestRun):
             (COUNT, 0, 0),
         )
         self.assertEqual(
-            (w2g["receiver"]["unique"], w2g["receiver"]["dups"], w2g["receiver"]["corrupt"]),
-            (COUNT, 0, 0),
+            (
+                w2g["receiver"]["unique"],
+                w2g["receiver"]["dups"],
+                w2g["receiver"]["corrupt"],
+                w2g["receiver"]["end"],
+            ),
+            (COUNT, 0, 0, 1),
         )
-        self.assertEqual(w2g["udp_arrived"], COUNT)
+        self.assertEqual(g2w["receiver"]["end"], 1, "guest -> wire: no end-of-stream datagram")
+        # the stream and its end-of-stream datagram, nothing after it
+        self.assertEqual(w2g["udp_arrived"], COUNT + 1)
         self.assertEqual(r["backend_errors"], [])
 
 
