@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 
 from backends.virtio.features import STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEATURES_OK
-from qtests.fuzz.target import FuzzStats, rss_kib
+from qtests.fuzz.target import FuzzStats, fuzz_settings, rss_kib
 from qtests.qos.frames import make_frame, parse_frame
 from qtests.qos.testbed import Testbed
 from qtests.qos.virtio_pci import (
@@ -392,18 +392,6 @@ class DescriptorBench:
             tb.close()
 
 
-def _settings(examples: int, ci: bool) -> settings:
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=ci,
-        database=None,
-        phases=[Phase.explicit, Phase.generate],
-        suppress_health_check=list(HealthCheck),
-        print_blob=False,
-    )
-
-
 def _fuzz_layout(
     bench: DescriptorBench,
     budget: int,
@@ -419,7 +407,7 @@ def _fuzz_layout(
     layout = "packed" if bench.packed else "split"
     strategy = packed_tables(bench.size) if bench.packed else split_tables(bench.size)
 
-    @_settings(min(chunk, budget), ci)
+    @fuzz_settings(min(chunk, budget), ci=ci)
     @given(table=strategy)
     def one(table: Table) -> None:
         verdict = bench.run_table(table)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hypothesis import HealthCheck, Phase, settings
+
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.vhost_user_frontend import Frontend
 
@@ -173,3 +175,19 @@ class BackendTarget:
         self.stop()
         if self._own_dir and not keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def fuzz_settings(examples: int, *, ci: bool, steps: int = 40) -> settings:
+    """What every fuzzer runs hypothesis with: no deadline (real processes), derandomized
+    under CI, no example database, explicit (corpus) then generated cases; ``steps`` is the
+    stateful fuzzer's rule count per case."""
+    return settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        derandomize=ci,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        print_blob=False,
+    )

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -42,7 +41,7 @@ from backends.vhost_user import messages as m
 from backends.vhost_user.framing import close_fds
 from backends.vhost_user.messages import Request as R
 from backends.vhost_user.offer import Offer
-from qtests.fuzz.target import BackendTarget, FuzzStats
+from qtests.fuzz.target import BackendTarget, FuzzStats, fuzz_settings
 from qtests.qos.guest_memory import UADDR_BASE, SharedGuestMemory
 from qtests.qos.vhost_user_frontend import Frontend
 
@@ -673,19 +672,6 @@ class VhostUserMachine(RuleBasedStateMachine):
         stats.cases += 1
         verdict = self.target.check(f"case {stats.cases}")
         type(self).on_case(self.s.ops, verdict)
-
-
-def fuzz_settings(examples: int, *, ci: bool, steps: int = 40) -> settings:
-    return settings(
-        max_examples=examples,
-        stateful_step_count=steps,
-        deadline=None,
-        derandomize=ci,
-        database=None,
-        phases=[Phase.explicit, Phase.generate],
-        suppress_health_check=list(HealthCheck),
-        print_blob=False,
-    )
 
 
 def run(
