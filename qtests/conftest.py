@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from qtests.qos.testbed import Testbed
+from qtests.qos.viommu_testbed import ViommuTestbed
 
 
 def _safe_name(nodeid: str) -> str:
@@ -49,6 +50,21 @@ def make_testbed(log_dir: Path, transport: str) -> Iterator[Callable[..., Testbe
 
     def make(**kw: Any) -> Testbed:
         tb = Testbed(log_dir, **{"transport": transport, **kw})
+        beds.append(tb)
+        return tb
+
+    yield make
+    for tb in reversed(beds):
+        tb.close()
+
+
+@pytest.fixture
+def make_vbed(log_dir: Path, transport: str) -> Iterator[Callable[..., ViommuTestbed]]:
+    """Factory for vIOMMU testbeds on the test's ``transport``, all closed at teardown."""
+    beds: list[ViommuTestbed] = []
+
+    def make(**kw: Any) -> ViommuTestbed:
+        tb = ViommuTestbed(log_dir, **{"transport": transport, **kw})
         beds.append(tb)
         return tb
 

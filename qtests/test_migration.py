@@ -44,7 +44,7 @@ import json
 import signal
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -609,26 +609,13 @@ def test_after_dimm_hotplug(make_testbed: Callable[..., Testbed]) -> None:
     assert any(r["gpa"] == dimm["addr"] and r["size"] == DIMM_SIZE for r in regions), regions
 
 
-@pytest.fixture
-def make_viommu_bed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
-    beds: list[ViommuTestbed] = []
-
-    def make(**kw: Any) -> ViommuTestbed:
-        beds.append(ViommuTestbed(log_dir, **kw))
-        return beds[-1]
-
-    yield make
-    for tb in reversed(beds):
-        tb.close()
-
-
 def viommu_pair(
-    make_viommu_bed: Callable[..., ViommuTestbed],
+    make_vbed: Callable[..., ViommuTestbed],
     faults: tuple[str, ...] = (),
     dst_faults: tuple[str, ...] = (),
 ) -> MigrationPair:
     """A pair whose device sits behind a virtio-iommu on both sides."""
-    pair = MigrationPair(make_viommu_bed, src_faults=faults, dst_faults=dst_faults, memory=MEMORY)
+    pair = MigrationPair(make_vbed, src_faults=faults, dst_faults=dst_faults, memory=MEMORY)
     pair.start_source()
     src = pair.src
     assert isinstance(src, ViommuTestbed)
@@ -637,10 +624,10 @@ def viommu_pair(
     return pair
 
 
-def test_with_viommu(make_viommu_bed: Callable[..., ViommuTestbed]) -> None:
+def test_with_viommu(make_vbed: Callable[..., ViommuTestbed]) -> None:
     """The device behind a virtio-iommu on both sides: A and B translate IOVAs through their
     IOTLBs (B learns them by MISS after the switchover); the dirty log still carries GPAs."""
-    pair = viommu_pair(make_viommu_bed)
+    pair = viommu_pair(make_vbed)
     src = pair.src
     assert isinstance(src, ViommuTestbed)
     a, b = src.backend, pair.dst.backend
@@ -789,7 +776,7 @@ def restart_destination(pair: MigrationPair) -> None:
 def variant_pair(
     variant: str,
     make_testbed: Callable[..., Testbed],
-    make_viommu_bed: Callable[..., ViommuTestbed],
+    make_vbed: Callable[..., ViommuTestbed],
     faults: tuple[str, ...] = (),
     dst_faults: tuple[str, ...] = (),
 ) -> MigrationPair:
@@ -798,7 +785,7 @@ def variant_pair(
     if variant == "dimm":
         return dimm_pair(make_testbed, faults, dst_faults)[0]
     if variant == "viommu":
-        return viommu_pair(make_viommu_bed, faults, dst_faults)
+        return viommu_pair(make_vbed, faults, dst_faults)
     net_props, init_kw = RING_LAYOUTS[variant]
     return start_pair(make_testbed, faults=faults, dst_faults=dst_faults, net_props=net_props,
                       **init_kw)  # fmt: skip
@@ -863,7 +850,7 @@ PRECOPY_RX = r"RX (on the destination|frame 0 \(written by A during precopy\))"
 )
 def test_variant_fault(
     make_testbed: Callable[..., Testbed],
-    make_viommu_bed: Callable[..., ViommuTestbed],
+    make_vbed: Callable[..., ViommuTestbed],
     variant: str,
     fault: str,
     on: str,
@@ -874,7 +861,7 @@ def test_variant_fault(
     pair = variant_pair(
         variant,
         make_testbed,
-        make_viommu_bed,
+        make_vbed,
         faults=(fault,) if on == "src" else (),
         dst_faults=(fault,) if on == "dst" else (),
     )

@@ -28,7 +28,7 @@ against a backend with a fault and expect that failure.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +66,6 @@ from qtests.qos.waiting import WaitTimeout, poll_until
 from qtests.qos.wire_peer import WirePeerTimeout
 
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture
-def make_vbed(log_dir: Path, transport: str) -> Iterator[Callable[..., ViommuTestbed]]:
-    """ViommuTestbeds on the test's ``transport`` (qtests/conftest.py), all closed at the end."""
-    beds: list[ViommuTestbed] = []
-
-    def make(**kw: Any) -> ViommuTestbed:
-        tb = ViommuTestbed(log_dir, **{"transport": transport, **kw})
-        beds.append(tb)
-        return tb
-
-    yield make
-    for tb in reversed(beds):
-        tb.close()
 
 
 # ----------------------------------------------------------------------------- helpers

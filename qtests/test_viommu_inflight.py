@@ -6,8 +6,7 @@ starts the testbeds and runs the meta-tests against a backend with a fault.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,19 +20,6 @@ from qtests.qos.packed_virtqueue import PackedVirtqueue
 from qtests.qos.viommu_testbed import ViommuTestbed
 
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture
-def make_vbed(log_dir: Path) -> Iterator[Callable[..., ViommuTestbed]]:
-    beds: list[ViommuTestbed] = []
-
-    def make(**kw: Any) -> ViommuTestbed:
-        beds.append(ViommuTestbed(log_dir, **kw))
-        return beds[-1]
-
-    yield make
-    for tb in reversed(beds):
-        tb.close()
 
 
 def started(
