@@ -17,6 +17,7 @@ from backends.loop import EventLoop
 from backends.net.config import NetConfig
 from backends.net.datapath import NetDevice
 from backends.net.wire import LoopbackWire
+from backends.tests.capture_wire import CaptureWire
 from backends.vdpa import DirtyLog, Faults, HostRegion, Perm, VdpaDevice
 from backends.virtio.features import (
     VIRTIO_F_ACCESS_PLATFORM,
@@ -56,33 +57,6 @@ MRG = mask(VIRTIO_NET_F_MRG_RXBUF)
 def frame(n: int, seed: int = 0) -> bytes:
     """A deterministic, non-repeating-looking frame of n bytes."""
     return bytes(((i * 131) ^ (i >> 8) ^ seed) & 0xFF for i in range(n))
-
-
-class CaptureWire:
-    """A wire that records what the device sends; ``deliver`` plays a received frame."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, int]] = []
-        self.receiver: Any = None
-
-    def send(self, data: bytes, qp: int) -> None:
-        self.sent.append((data, qp))
-
-    def set_receiver(self, cb: Any) -> None:
-        self.receiver = cb
-
-    def attach(self, loop: EventLoop) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def counters(self) -> dict[str, int]:
-        return {"tx_frames": len(self.sent)}
-
-    def deliver(self, data: bytes, qp: int = 0) -> None:
-        assert self.receiver is not None
-        self.receiver(data, qp)
 
 
 class DriverVq:

@@ -13,6 +13,7 @@ from typing import Any
 
 from backends.loop import EventLoop
 from backends.net.datapath import NetDevice
+from backends.tests.capture_wire import CaptureWire
 from backends.tests.conftest import DriverRing
 from backends.vdpa.device import VdpaDevice
 from backends.vdpa.memory import HostRegion
@@ -33,33 +34,6 @@ FEATURES_OK = int(Status.FEATURES_OK)
 DRIVER_OK = int(Status.DRIVER_OK)
 #: What QEMU 10 acked in the lab: VERSION_1 | ACCESS_PLATFORM | STATUS
 DRIVER_FEATURES = mask(VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM, 16)
-
-
-class CaptureWire:
-    """Records what the device sends; :meth:`deliver` plays a frame arriving from the wire."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, int]] = []
-        self.receiver: Any = None
-
-    def send(self, data: bytes, qp: int) -> None:
-        self.sent.append((bytes(data), qp))
-
-    def set_receiver(self, cb: Any) -> None:
-        self.receiver = cb
-
-    def attach(self, loop: EventLoop) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def counters(self) -> dict[str, int]:
-        return {"tx_frames": len(self.sent)}
-
-    def deliver(self, data: bytes, qp: int = 0) -> None:
-        assert self.receiver is not None
-        self.receiver(data, qp)
 
 
 @dataclass
