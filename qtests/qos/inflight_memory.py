@@ -1,8 +1,10 @@
 """Memory changes that meet work in progress: the scenarios of issue 15, item 1.
 
-Each scenario is a plain function on a started `Testbed` (one queue pair, the vhost-user
-transport today; the transport is the testbed's business, so a vhost-vdpa testbed can run the
-same function) that raises AssertionError naming the first broken invariant.
+Each scenario is a plain function on a started `Testbed` of either transport (vhost-user, or
+vhost-vdpa through VDUSE in the lane) that raises AssertionError naming the first broken
+invariant. What differs per transport is only how a memory change reaches the device and how
+a ring in removed memory fails; those differences are small functions of their own
+(`memory_messages`, `expect_vdpa_diff`, `ring_unreachable`).
 
 "Untouched" is shown from outside the backend's own report: `memfd_mappings` reads
 ``/proc/PID/maps`` of the backend process, where the mmap of every memory-table region appears
@@ -24,6 +26,21 @@ chains (their used entries live in the ring, in kept memory) with what it had al
 never touch the removed pages again (the mmap is gone: /proc/PID/maps), keep every other
 mapping where it was, and serve a new DIMM plugged at the same guest-physical address through
 a fresh translation.
+
+Over vhost-vdpa the same unplug takes another road, with the same duty for the device. QEMU's
+vhost-vdpa memory listener (hw/virtio/vhost-vdpa.c ``vhost_vdpa_listener_region_del``) sends
+``VHOST_IOTLB_INVALIDATE`` for the DIMM's range inside an IOTLB batch (``BATCH_BEGIN`` once,
+``BATCH_END`` at the listener's commit); nothing stops the rings. The kernel's vhost-vdpa
+(drivers/vhost/vdpa.c ``vhost_vdpa_process_iotlb_msg``) drops the range from its IOTLB and, at
+``BATCH_END``, calls the bus op ``set_map`` with the whole table; VDUSE
+(drivers/vdpa/vdpa_user/vduse_dev.c ``vduse_vdpa_set_map``) installs it in its domain and sends
+the device ``VDUSE_UPDATE_IOTLB [0, ULLONG_MAX]``, waiting for the answer (``vduse_dev_msg_sync``,
+30 s default timeout, after which the device is marked broken). VDUSE is a VA device
+(``use_va``): the kernel pins nothing and revokes nothing -- the fd the device got from
+``VDUSE_IOTLB_GET_FD`` and its mmap stay valid after the entry is gone, so "never touch the
+removed memory again" is entirely the device's job (its set_map diff unmaps the DIMM's entry;
+/proc/PID/maps shows it). The held chains complete into the used ring, which lives in kept
+memory.
 """
 
 from __future__ import annotations
@@ -47,6 +64,10 @@ DIMM_SIZE = 64 * MiB
 TX_VQ = 1
 STREAM = 0x15  # frames of these scenarios carry this stream id
 SENTINEL_STREAM = 0x5E
+VDPA = "vhost-vdpa"
+#: vhost-user requests that carry a memory change, and those that stop or re-program a ring.
+MEM_REQUESTS = ("ADD_MEM_REG", "REM_MEM_REG", "SET_MEM_TABLE")
+RING_REQUESTS = ("GET_VRING_BASE", "SET_VRING_BASE", "SET_VRING_ADDR")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +126,103 @@ def check_kept(
 def hotplug_for(tb: Testbed) -> DimmHotplug:
     assert tb.machine is not None
     return DimmHotplug(tb.qmp, AcpiMemoryHotplug(tb.machine.qtest, tb.machine.slots))
+
+
+# ---------------------------------------------------------------------------- transports
+def memory_messages(tb: Testbed, since: int) -> tuple[list[str], list[str]]:
+    """What reached the device since journal mark ``since``: (memory-change messages, messages
+    that stop, reset or re-program a ring). vhost-user: ADD/REM_MEM_REG or SET_MEM_TABLE, and
+    GET/SET_VRING_BASE, SET_VRING_ADDR. vhost-vdpa: VDUSE's UPDATE_IOTLB, and every other
+    VDUSE message (SET_STATUS: a reset; GET_VQ_STATE: a ring stop)."""
+    assert tb.backend is not None
+    b = tb.backend
+    if tb.transport == VDPA:
+        types = [m["type"] for m in b.journal(["vduse.msg"], since)]
+        return [t for t in types if t == "UPDATE_IOTLB"], [t for t in types if t != "UPDATE_IOTLB"]
+    requests = [e["request"] for e in b.journal(["vhost.msg"], since)]
+    return [r for r in requests if r in MEM_REQUESTS], [r for r in requests if r in RING_REQUESTS]
+
+
+def expect_vdpa_diff(tb: Testbed, since: int, what: str, *, mapped: list[tuple[int, int]],
+                     unmapped: list[tuple[int, int]]) -> None:  # fmt: skip
+    """vhost-vdpa only: every UPDATE_IOTLB since ``since`` succeeded and the set_map diffs the
+    device applied mapped exactly ``mapped`` and unmapped exactly ``unmapped`` ((iova, size),
+    guest-physical here: no vIOMMU). VDUSE announces every change as UPDATE_IOTLB of the whole
+    range (``vduse_vdpa_set_map``: ``vduse_dev_update_iotlb(dev, 0ULL, ULLONG_MAX)``), so a
+    device that re-maps everything, or fetches nothing, shows here."""
+    assert tb.backend is not None
+    b = tb.backend
+    updates = [m for m in b.journal(["vduse.msg"], since) if m["type"] == "UPDATE_IOTLB"]
+    assert updates, f"{what}: no UPDATE_IOTLB reached the device"
+    assert all(m["result"] == "ok" for m in updates), f"{what}: UPDATE_IOTLB failed: {updates}"
+    maps = [(e["iova"], e["size"]) for e in b.journal(["dma.map"], since)]
+    unmaps = [(e["iova"], e["size"]) for e in b.journal(["dma.unmap"], since)]
+    assert (maps, unmaps) == (mapped, unmapped), (
+        f"{what}: the set_map diffs mapped {_ranges(maps)} and unmapped {_ranges(unmaps)}, "
+        f"expected {_ranges(mapped)} / {_ranges(unmapped)} ({len(updates)} UPDATE_IOTLB)"
+    )
+
+
+def _ranges(keys: list[tuple[int, int]]) -> str:
+    return "[" + ", ".join(f"{a:#x}+{n:#x}" for a, n in keys) + "]"
+
+
+def expect_memory_change(
+    tb: Testbed, since: int, what: str, *, vhost_user: tuple[str, ...], key: tuple[int, int],
+    plug: bool,
+) -> None:  # fmt: skip
+    """The change since ``since`` reached the device as a memory change (vhost-user: one of
+    ``vhost_user``; vhost-vdpa: UPDATE_IOTLB whose diff is exactly the DIMM ``key``) and
+    nothing stopped, reset or re-programmed a ring."""
+    mem, stops = memory_messages(tb, since)
+    if tb.transport == VDPA:
+        assert mem, f"{what}: no UPDATE_IOTLB reached the device"
+        expect_vdpa_diff(
+            tb, since, what, mapped=[key] if plug else [], unmapped=[] if plug else [key]
+        )
+    else:
+        assert set(vhost_user) & set(mem), f"{what}: no memory message for the change: {mem}"
+    assert not stops, f"{what}: QEMU stopped, reset or re-programmed the rings: {stops}"
+
+
+def ring_unreachable(tb: Testbed, since: int, ring: tuple[int, int], what: str) -> None:
+    """A kicked queue whose ring lives in [ring[0], ring[0]+ring[1]), memory the device no
+    longer maps, fails cleanly and the backend stays alive.
+
+    vhost-user: a translation error naming the ring, NEEDS_RESET in the device status.
+    vhost-vdpa: the device finds the ring's address in no IOTLB entry; VDUSE has no message to
+    ask the kernel or QEMU for one (no MISS: the only device-side query is
+    ``VDUSE_IOTLB_GET_FD``, which answers EINVAL for an address no entry covers), so the error
+    says so and the queue waits for the next UPDATE_IOTLB or a reset (the device cannot raise
+    NEEDS_RESET either: ``vduse_vdpa_get_status`` returns the kernel's copy of the status,
+    which only the driver writes)."""
+    assert tb.backend is not None
+    b = tb.backend
+    lo, size = ring
+    if tb.transport == VDPA:
+
+        def naming() -> list[dict[str, Any]]:
+            return [
+                e for e in b.journal(["error."], since) if lo <= int(e.get("iova", -1)) < lo + size
+            ]
+
+        try:
+            errors = poll_until(naming, 10.0, f"{what}: an error for an IOVA in the ring memory")
+        except WaitTimeout as e:
+            raise AssertionError(f"{what}: {e}; errors: {b.journal(['error.'], since)}") from e
+        err = errors[0]
+        assert (err["kind"], err.get("op")) == ("error.vduse", "iotlb_miss"), f"{what}: {err}"
+        assert "not in the VDUSE IOTLB" in str(err["detail"]), f"{what}: {err}"
+    else:
+        errors = poll_until(
+            lambda: b.journal(["error."], since) or [],
+            5.0,
+            "the backend's error for a ring in removed memory",
+        )
+        assert any("ring" in str(e.get("error", "")) for e in errors), errors
+        status = b.cmd("query-status")
+        assert "NEEDS_RESET" in status["status_names"], status
+    assert b.running, f"{what}: the backend died"
 
 
 class Frames:
@@ -228,6 +346,8 @@ def rem_with_held_chains(tb: Testbed, held_in_dimm: int = 3, held_in_kept: int =
         f"the plug should add one {DIMM_SIZE:#x}-byte memfd mapping, added "
         f"{[m for k, m in m1.items() if k[0] in new]}"
     )
+    if tb.transport == VDPA:
+        expect_vdpa_diff(tb, mark, "the plug", mapped=[(dev.addr, dev.size)], unmapped=[])
     dimm_alloc = GuestAllocator()
     dimm_alloc.add_range(dev.addr, dev.size, "dimm")
 
@@ -246,14 +366,16 @@ def rem_with_held_chains(tb: Testbed, held_in_dimm: int = 3, held_in_kept: int =
     )
 
     # -- the DIMM goes while the device holds chains popped from it
+    unplug_mark = b.mark()
     dimms.unplug(dev.id)
-    msgs = [e["request"] for e in b.journal(["vhost.msg"], mark)]
-    # REM_MEM_REG, or (without CONFIGURE_MEM_SLOTS) a whole table the backend diffs
-    assert {"REM_MEM_REG", "SET_MEM_TABLE"} & set(msgs), f"no memory message for the unplug: {msgs}"
-    stops = [r for r in msgs if r in ("GET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_BASE")]
-    assert not stops, f"QEMU stopped or re-programmed the rings for the unplug: {stops}"
     assert b.running, "the backend died on REM_MEM_REG with chains held"
     check_kept(m1, backend_mappings(tb), "after REM_MEM_REG with chains held", gone=new)
+    # REM_MEM_REG, or (without CONFIGURE_MEM_SLOTS) a whole table the backend diffs; over
+    # vhost-vdpa an UPDATE_IOTLB whose diff unmaps exactly the DIMM
+    expect_memory_change(
+        tb, unplug_mark, "the unplug with chains held",
+        vhost_user=("REM_MEM_REG", "SET_MEM_TABLE"), key=(dev.addr, dev.size), plug=False,
+    )  # fmt: skip
     assert net.txq[0].device_used_idx() == used_before, (
         "the device completed held chains before the hold was released"
     )
@@ -377,11 +499,12 @@ def plug_mid_stream(tb: Testbed, rounds: int = 12, burst: int = 4) -> None:
         f"the plug did not land inside the stream: {before} of {len(got_tx)} TX frames "
         "arrived before the backend's mem.add"
     )
-    msgs = [e["request"] for e in b.journal(["vhost.msg"], mark)]
-    assert {"ADD_MEM_REG", "SET_MEM_TABLE"} & set(msgs), f"no memory message for the plug: {msgs}"
-    assert "GET_VRING_BASE" not in msgs, f"QEMU stopped the rings for the plug: {msgs}"
-    assert not b.journal(["vq.stop", "device.suspend"], mark), "the device was paused"
     assert len(plugged) == 1, plugged
+    expect_memory_change(
+        tb, mark, "the plug mid-stream", vhost_user=("ADD_MEM_REG", "SET_MEM_TABLE"),
+        key=(plugged[0].addr, plugged[0].size), plug=True,
+    )  # fmt: skip
+    assert not b.journal(["vq.stop", "device.suspend"], mark), "the device was paused"
 
 
 def unplug_live_rings(tb: Testbed) -> None:
@@ -389,7 +512,10 @@ def unplug_live_rings(tb: Testbed) -> None:
 
     Observed with QEMU 10 (qtest OSPM ejecting regardless): QEMU does not refuse and does not
     stop the rings - device_del completes and the backend gets REM_MEM_REG while both rings
-    live in the DIMM (no GET_VRING_BASE). Protecting the rings is the guest's job: a Linux
+    live in the DIMM (no GET_VRING_BASE). Over vhost-vdpa the same: the listener's
+    region_del unmaps the DIMM (UPDATE_IOTLB whose diff removes it), no SET_STATUS, no
+    GET_VQ_STATE; QEMU's vhost_commit ring check (``vhost_verify_ring_mappings``) only
+    compares rings with regions that are still there, so a ring in a removed region passes. Protecting the rings is the guest's job: a Linux
     guest cannot offline the pages of a live ring (unmovable kernel memory), so it never
     ejects such a DIMM; a driver that wants the DIMM gone moves its rings first (a reset and
     re-init elsewhere, `plug_unplug_scenario` of test_memory_hotplug). What the backend must
@@ -401,8 +527,6 @@ def unplug_live_rings(tb: Testbed) -> None:
     b = tb.backend
     dimms = hotplug_for(tb)
     dev = dimms.plug(DIMM_SIZE)
-    m0 = backend_mappings(tb)
-    gone = {k[0] for k, m in m0.items() if m.size == DIMM_SIZE}
     ranges = tb.machine.make_allocator().ranges()
     alloc = PlacementAllocator(ranges, [(lambda tag: True, "dimm")])
     alloc.add_range(dev.addr, dev.size, "dimm")
@@ -410,6 +534,10 @@ def unplug_live_rings(tb: Testbed) -> None:
     tb.net.close()
     net = VirtioNetDriver.find(tb.bus, alloc)
     net.init()
+    # after the driver's reset: vhost-vdpa unmaps everything when the device stops and maps
+    # it again at the restart (hw/virtio/vhost-vdpa.c: the listener goes with dev_start)
+    m0 = backend_mappings(tb)
+    gone = {k[0] for k, m in m0.items() if m.size == DIMM_SIZE}
     for vr in b.vrings()[:2]:
         assert dev.addr <= vr["desc"] < dev.addr + dev.size, f"ring not in the DIMM: {vr}"
     frames = Frames()
@@ -418,20 +546,14 @@ def unplug_live_rings(tb: Testbed) -> None:
     assert tb.peer.recv() == f, "TX with rings in the DIMM"
     mark = b.mark()
     dimms.unplug(dev.id)  # the qtest OSPM ejects although the rings live there
-    msgs = [e["request"] for e in b.journal(["vhost.msg"], mark)]
-    assert "REM_MEM_REG" in msgs, f"QEMU refused or skipped the unplug: {msgs}"
-    assert "GET_VRING_BASE" not in msgs, f"QEMU stopped the rings for the unplug: {msgs}"
     check_kept(m0, backend_mappings(tb), "after ejecting the DIMM with live rings", gone=gone)
+    expect_memory_change(
+        tb, mark, "the unplug of the DIMM with live rings", vhost_user=("REM_MEM_REG",),
+        key=(dev.addr, dev.size), plug=False,
+    )  # fmt: skip
     # the next kick: the ring memory is gone
     net.txq[0].kick(force=True)
-    errors: list[dict[str, Any]] = poll_until(
-        lambda: b.journal(["error."], mark) or [],
-        5.0,
-        "the backend's error for a ring in removed memory",
-    )
-    assert any("ring" in str(e.get("error", "")) for e in errors), errors
-    status = b.cmd("query-status")
-    assert "NEEDS_RESET" in status["status_names"] and b.running, status
+    ring_unreachable(tb, mark, (dev.addr, dev.size), "a kick with the TX ring in removed memory")
     # the driver resets and puts its rings in base RAM: traffic again
     net.close()
     tb.init_net()  # the testbed's allocator: base RAM
