@@ -24,14 +24,19 @@ FAULTS: dict[str, str] = {
     "remap-all": (
         "every IOTLB change (map, unmap, batch commit, set_map) drops and recreates every "
         "mapping with new ids, so regions in use are remapped. Caught by the memory hotplug "
-        "suite (unchanged regions must keep their mapping id; no unmap of untouched regions)."
+        "suite (unchanged regions must keep their mapping id; no unmap of untouched regions; "
+        "over vhost-vdpa also qtests/test_memory_inflight.py "
+        "test_meta_held_chains_scenario_catches_over_vhost_vdpa[remap-all]: the plug's "
+        "set_map diff is the whole table)."
     ),
     "keep-stale-map": (
         "while the device runs (DRIVER_OK) the VDUSE transport answers UPDATE_IOTLB OK without "
         "fetching the range again, as a device that reads the table only at start: it keeps "
         "the table it had (new memory never mapped, removed memory still mapped). Hook: vduse/transport.py VduseTransport._update_iotlb. Caught by the memory "
         "hotplug suite (qtests/test_memory_hotplug.py test_keep_stale_map_is_caught: the "
-        "set_map diffs must add exactly the plugged DIMM)."
+        "set_map diffs must add exactly the plugged DIMM; qtests/test_memory_inflight.py "
+        "test_meta_held_chains_scenario_catches_over_vhost_vdpa[keep-stale-map]: the plug "
+        "adds no mmap)."
     ),
     "vring-base-off-by-one": (
         "get_vq_state / GET_VRING_BASE returns last_avail_idx + 1. Caught by the migration and "
@@ -162,7 +167,12 @@ FAULTS: dict[str, str] = {
         "test_meta_stale_translation_cache_is_caught, test_meta_race_in_traffic_catches_stale_"
         "translations: the old page's bytes, no MISS after the INVALIDATE) and the memory "
         "hotplug suite (qtests/test_memory_inflight.py test_meta_held_chains_scenario_catches"
-        "[stale-translation-cache]: TX from a DIMM re-plugged at the same address)."
+        "[stale-translation-cache]: TX from a DIMM re-plugged at the same address). Over "
+        "vhost-vdpa the remembered window survives the UPDATE_IOTLB and leads into the closed "
+        "mmap of the removed entry ('region closed' instead of the new page): "
+        "test_meta_held_chains_scenario_catches_over_vhost_vdpa[stale-translation-cache] and "
+        "qtests/test_viommu_inflight.py "
+        "test_meta_stale_translation_cache_is_caught_over_vhost_vdpa."
     ),
 }
 
