@@ -171,8 +171,9 @@ FAULTS: dict[str, str] = {
         "vhost-vdpa the remembered window survives the UPDATE_IOTLB and leads into the closed "
         "mmap of the removed entry ('region closed' instead of the new page): "
         "test_meta_held_chains_scenario_catches_over_vhost_vdpa[stale-translation-cache] and "
-        "qtests/test_viommu_inflight.py "
-        "test_meta_stale_translation_cache_is_caught_over_vhost_vdpa."
+        "qtests/test_viommu_inflight.py test_meta_*_catches_stale_translation_cache_over_"
+        "vhost_vdpa (held chain, ring unmap) and test_meta_race_in_traffic_catches_stale_"
+        "translations_over_vhost_vdpa."
     ),
 }
 

@@ -112,10 +112,17 @@ def _recv_unless_failed(tb: ViommuTestbed, since: int, timeout: float) -> bytes:
                 raise
 
 
-def _device_refused(tb: ViommuTestbed, since: int, iova: int, size: int) -> None:
+def _device_refused(
+    tb: ViommuTestbed, since: int, iova: int, size: int, *, tx_limit: int | None = None
+) -> None:
     """vhost-vdpa: the device looked for an address in [iova, iova+size) and found no IOTLB
     entry (its ``error.vduse`` ``iotlb_miss`` since ``since``, naming the address). There is
-    no MISS, so QEMU's virtio-iommu never sees the access and queues no fault event."""
+    no MISS, so QEMU's virtio-iommu never sees the access and queues no fault event.
+    ``tx_limit``: the TX queue's packet count the device may not exceed meanwhile (a chain
+    it sends without the entry went through a translation it kept)."""
+    assert tb.backend is not None
+    b, txq = tb.backend, tb.net.txq[0].index
+    stale = f"the device never looked for IOVA {iova:#x} after its unmap (it used a remembered "
 
     def found() -> list[dict[str, Any]]:
         errors = _journal(tb, since, ["error."])
@@ -124,20 +131,18 @@ def _device_refused(tb: ViommuTestbed, since: int, iova: int, size: int) -> None
             for e in errors
             if e.get("op") == "iotlb_miss" and iova <= int(e.get("iova", -1)) < iova + size
         ]
-        if errors and not mine:  # it reached for the ring some other way: through a
+        if errors and not mine:  # it reached the memory some other way: through a
             # translation it kept (the unmapped entry's mmap is closed)
-            raise AssertionError(
-                f"the device never looked for IOVA {iova:#x} after its unmap (it used a "
-                f"remembered translation): {errors[0]}"
-            )
+            raise AssertionError(f"{stale}translation): {errors[0]}")
+        if not mine and tx_limit is not None and (n := b.vring(txq)["packets"]) > tx_limit:
+            raise AssertionError(f"{stale}translation): it transmitted {n} > {tx_limit} frames")
         return mine
 
     try:
         poll_until(found, 10.0, f"the device's error for IOVA {iova:#x} (in no IOTLB entry)")
     except WaitTimeout as e:
         raise AssertionError(
-            f"the device never looked for IOVA {iova:#x} after its unmap (it used a "
-            f"remembered translation): {e}; errors: {_journal(tb, since, ['error.'])}"
+            f"{stale}translation): {e}; errors: {_journal(tb, since, ['error.'])}"
         ) from e
 
 
@@ -334,6 +339,7 @@ def invalidate_races_miss_in_traffic(tb: ViommuTestbed, rounds: int = 6, scratch
     b, qt, net = tb.backend, tb.machine.qtest, tb.net
     vdpa = _vdpa(tb)
     mark = b.mark()
+    packets = int(b.vring(net.txq[0].index)["packets"])
     expected: list[bytes] = []
     waited: list[int] = []
     seq = 0
@@ -354,7 +360,8 @@ def invalidate_races_miss_in_traffic(tb: ViommuTestbed, rounds: int = 6, scratch
         map_x: list[MapOp | UnmapOp] = [MapOp(t, PAGE, MAP_F_READ, iova=x)]
         unmaps: list[MapOp | UnmapOp] = [UnmapOp(i) for i in iovas]
         if vdpa:
-            _device_refused(tb, refused_mark, x, PAGE)  # the chain waits for an entry
+            # the chain waits for an entry: nothing beyond the stream may go out meanwhile
+            _device_refused(tb, refused_mark, x, PAGE, tx_limit=packets + len(expected))
             tb.dma.apply(unmaps + map_x)
         else:
             poll_until(
