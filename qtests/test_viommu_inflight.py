@@ -149,7 +149,7 @@ def test_unmaps_racing_a_waiting_chain_over_vhost_vdpa(
     """What corresponds over vhost-vdpa to an INVALIDATE racing an outstanding MISS: UNMAPs
     (UPDATE_IOTLBs) of other pages while a chain waits for its IOVA to be mapped."""
     tb = started(make_vbed, strict=True, post_rx=False)
-    during = invalidate_races_miss_in_traffic(tb, rounds=4)
+    during = invalidate_races_miss_in_traffic(tb, rounds=3, scratch=3)
     print(f"UPDATE_IOTLBs while a chain waited for its entry: {during}")
 
 
@@ -161,5 +161,5 @@ def test_meta_race_in_traffic_catches_stale_translations_over_vhost_vdpa(
     into the closed mmap of the old entry."""
     tb = started(make_vbed, strict=True, post_rx=False, faults=["stale-translation-cache"])
     with pytest.raises(AssertionError, match=VDPA_STALE_RACE) as caught:
-        invalidate_races_miss_in_traffic(tb, rounds=4)
+        invalidate_races_miss_in_traffic(tb, rounds=3, scratch=3)
     print(f"race: {caught.value}")
