@@ -101,7 +101,7 @@ ON_VDPA = pytest.mark.parametrize("transport", [VHOST_VDPA], indirect=True)
 
 
 #: Ring layouts over vhost-vdpa. No second queue pair: VDUSE refuses VIRTIO_NET_F_CTRL_VQ
-#: (vduse_dev.c, the net device's feature check) and a driver turns pairs on only through the
+#: (drivers/vdpa/vdpa_user/vduse_dev.c features_is_valid) and a driver turns pairs on only via the
 #: control queue (virtio 1.2, 5.1.6.5.5), so pair 1 of a two-pair device is never set up
 #: (qtests/test_vdpa_lane.py test_two_queue_pairs).
 VDPA_LAYOUTS = ["split", "packed"]
