@@ -164,6 +164,16 @@ FAULTS: dict[str, str] = {
         "hotplug suite (qtests/test_memory_inflight.py test_meta_held_chains_scenario_catches"
         "[stale-translation-cache]: TX from a DIMM re-plugged at the same address)."
     ),
+    "skip-shrink-guard": (
+        "the event loop's guard no longer fstat()s unsealed mem-table files before each "
+        "callback (sizes are checked only when a region is mapped), so a region the front-end "
+        "shrank is touched by the next ring access: only the SIGBUS guard "
+        "(vdpa/sigbus_guard.py) stands between it and the process, exactly as for a shrink "
+        "that lands inside one callback. Hook: vhost_user/memory_table.py "
+        "MemoryTable.check_backing. Caught by the hostile front-end suite "
+        "(qtests/test_hostile_memory.py test_meta_skip_shrink_guard_is_caught: 'the ring "
+        "access faulted'; the shrunk region must be found before any access)."
+    ),
 }
 
 
