@@ -20,7 +20,7 @@ from qtests.qos.hostile_memory import assert_found_before_access, shrink_then_po
 def start_backend(tmp_path: Path) -> Iterator[Callable[..., BackendProcess]]:
     started: list[BackendProcess] = []
 
-    def start(*faults: str) -> BackendProcess:
+    def start(faults: tuple[str, ...] = ()) -> BackendProcess:
         args = [a for f in faults for a in ("--fault", f)]
         where = tmp_path / f"b{len(started)}"
         where.mkdir()
@@ -44,7 +44,7 @@ def test_shrunk_unsealable_region_is_found_before_any_access(
 def test_meta_skip_shrink_guard_is_caught(
     start_backend: Callable[..., BackendProcess],
 ) -> None:
-    bp = start_backend("skip-shrink-guard")
+    bp = start_backend(faults=("skip-shrink-guard",))
     entry = shrink_then_poll(bp)  # survived: the SIGBUS guard caught the ring access
     with pytest.raises(AssertionError, match="the ring access faulted"):
         assert_found_before_access(entry)
