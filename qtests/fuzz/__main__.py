@@ -64,11 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "which",
         nargs="*",
-        default=["vhost-user", "descriptors"],
-        choices=["vhost-user", "descriptors"],
+        default=["vhost-user", "descriptors", "vduse"],
+        choices=["vhost-user", "descriptors", "vduse"],
     )
     p.add_argument("--messages", type=int, default=1_000_000, help="vhost-user messages to send")
     p.add_argument("--tables", type=int, default=100_000, help="descriptor tables to try")
+    p.add_argument(
+        "--vduse-cases",
+        type=int,
+        default=100_000,
+        help="VDUSE cases (misbehaving-kernel sequences, in-process) to try",
+    )
     p.add_argument("--duration", type=float, default=3600.0, help="seconds per fuzzer at most")
     p.add_argument(
         "--ci",
@@ -95,6 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             stats = vhost_user.run(
                 args.messages,
+                args.duration,
+                ci=args.ci,
+                progress=lambda line: print(line, flush=True),
+            )
+        elif which == "vduse":
+            from qtests.fuzz import vduse
+
+            stats = vduse.run(
+                args.vduse_cases,
                 args.duration,
                 ci=args.ci,
                 progress=lambda line: print(line, flush=True),
