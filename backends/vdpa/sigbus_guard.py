@@ -100,7 +100,7 @@ def _load() -> ctypes.CDLL | None:
         if path is None:
             return None
         lib = ctypes.CDLL(str(path))
-    except OSError as e:
+    except (OSError, subprocess.SubprocessError) as e:
         log.warning("sigbus_guard: cannot load the handler: %s", e)
         return None
     u64, uptr = ctypes.c_uint64, ctypes.c_size_t
