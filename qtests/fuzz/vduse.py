@@ -7,7 +7,7 @@ testing): raw messages of any length, unknown request types, GET_VQ_STATE for qu
 not exist or are not ready, SET_STATUS values in any order, UPDATE_IOTLB ranges that are empty,
 inverted, overflow or overlap, IOTLB_GET_FD answers with fds of the wrong kind (pipe, eventfd,
 socket, /dev/null) or the wrong size (a memfd shorter than the range, an offset past its end),
-ioctl errors, VQ_GET_INFO answers with addresses outside the IOTLB, sizes 0 / not a power of
+ioctl errors, driver features never offered (or the packed layout), VQ_GET_INFO answers with addresses outside the IOTLB, sizes 0 / not a power of
 two / above the maximum, an avail index far ahead, ready toggled, kicks for queues never set up.
 Messages are encoded with the one codec (:mod:`backends.vduse.uapi`).
 
@@ -28,10 +28,18 @@ from collections.abc import Callable
 import hypothesis.strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
-from backends.tests.vduse_rig import MEM_SIZE, RING_SPACING, Rig, make_rig, tx_chain
+from backends.tests.vduse_rig import (
+    DRIVER_FEATURES,
+    MEM_SIZE,
+    RING_SPACING,
+    Rig,
+    make_rig,
+    tx_chain,
+)
 from backends.vduse import uapi
 from backends.vduse.fake_kernel import ADDR_MAX
 from backends.vduse.uapi import IotlbEntry, Request
+from backends.virtio.features import VIRTIO_F_RING_PACKED
 from qtests.fuzz.target import FuzzStats, fuzz_settings, rss_kib
 
 PUMP_TIMEOUT_S = 10.0
@@ -112,6 +120,7 @@ class KernelSide:
         return fd
 
     def end_case(self) -> None:
+        self.rig.kernel.responses.clear()  # the fake keeps every reply; lookups scan them
         for fd in self.fds:
             os.close(fd)
         self.fds = []
@@ -250,6 +259,20 @@ class VduseMachine(RuleBasedStateMachine):
         k.setup_vq(index, num, desc, driver, device, avail)
         k.set_ready(index, ready)
 
+    @rule(
+        features=st.one_of(
+            st.sampled_from(
+                [0, DRIVER_FEATURES, DRIVER_FEATURES | 1 << VIRTIO_F_RING_PACKED, 1 << 32]
+            ),
+            st.integers(0, (1 << 64) - 1),
+        )
+    )
+    def driver_features(self, features: int) -> None:
+        """What VDUSE_DEV_GET_FEATURES answers at the next FEATURES_OK: bits never offered,
+        VERSION_1 missing, the packed layout."""
+        self._op(f"driver features {features:#x}")
+        self.rig.kernel.driver_features = features
+
     @rule(index=st.integers(0, 1), ready=st.booleans())
     def toggle_ready(self, index: int, ready: bool) -> None:
         self._op(f"ready {index} {ready}")
@@ -288,7 +311,8 @@ def run(
     """Fuzz until ``max_cases`` cases ran or ``max_seconds`` passed (checked between chunks).
     ``strict``: the first broken transport, fd leak or escaped exception fails (hypothesis
     then shrinks the case); otherwise it is counted and the rig rebuilt."""
-    stats = FuzzStats("vduse")
+    # RSS counts from here: the device's bounded journal (100,000 entries) is full by then
+    stats = FuzzStats("vduse", warmup_messages=50_000)
     tracebacks = _Tracebacks()
     backends_log = logging.getLogger("backends")
     backends_log.addHandler(tracebacks)
@@ -329,6 +353,8 @@ def run(
                 stats.fd_baseline = fds
             if stats.rss_first_kib is None:
                 stats.rss_first_kib = stats.rss_end_kib
+            if stats.rss_start_kib is None and stats.messages >= stats.warmup_messages:
+                stats.rss_start_kib = stats.rss_end_kib
             if verdict is not None:
                 stats.failures.append(f"{verdict} after {case}")
                 if strict:
