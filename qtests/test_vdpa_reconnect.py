@@ -26,5 +26,6 @@ def test_vdpa_reattach_mid_stream(make_testbed: Callable[..., Testbed], log_dir:
 
 def test_meta_reattach_from_vq_info_base_is_caught(make_testbed: Callable[..., Testbed]) -> None:
     tb = make_testbed(transport="vhost-vdpa").start()
-    with pytest.raises(AssertionError, match=r"lost, doubled|used entries lost or doubled"):
+    with pytest.raises(AssertionError, match=r"lost, doubled|used entries lost or doubled") as e:
         reattach_mid_stream(tb, faults_after=["reattach-from-vq-info-base"])
+    print("caught:", e.value)
