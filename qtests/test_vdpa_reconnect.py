@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qtests.qos.testbed import Testbed
-from qtests.qos.vdpa_reattach import reattach_mid_stream
+from qtests.qos.vdpa_reattach import reattach_in_running_stream, reattach_mid_stream
 
 pytestmark = [pytest.mark.qemu, pytest.mark.vdpa_lane]
 
@@ -22,6 +22,11 @@ def test_vdpa_reattach_mid_stream(make_testbed: Callable[..., Testbed], log_dir:
     numbers = reattach_mid_stream(tb)
     print("re-attach over vhost-vdpa:", numbers)
     (log_dir / "reattach.json").write_text(json.dumps(numbers, indent=1) + "\n")
+
+
+def test_vdpa_reattach_kill_in_a_running_tx_stream(make_testbed: Callable[..., Testbed]) -> None:
+    tb = make_testbed(transport="vhost-vdpa").start()
+    print("kill in a running stream:", reattach_in_running_stream(tb))
 
 
 def test_meta_reattach_from_vq_info_base_is_caught(make_testbed: Callable[..., Testbed]) -> None:

@@ -212,3 +212,61 @@ def reattach_mid_stream(
         "tx_posted": posted,
         "guest_mac": GUEST_MAC,
     }
+
+
+def reattach_in_running_stream(
+    tb: Testbed, *, total: int = 40, kill_at: int = 12, dead: int = 10
+) -> dict[str, Any]:
+    """A TX stream that does not stop for the kill: the driver posts one chain at a time
+    (kick each), the backend is SIGKILLed after ``kill_at`` were posted, ``dead`` more are
+    posted while no process serves the device, the replacement re-attaches, the rest follow.
+
+    Where the kill lands is up to the scheduler, so the assertion is the exact form of what
+    the device can promise: the dead process sent frames 0..S-1 in order; the replacement
+    resumes at the used index U it finds (the chains completed at the kill) and sends U..N-1.
+    So the wire carries 0..S-1 then U..N-1 with U <= S: nothing lost, and the only repeats are
+    the S - U chains the dead process had sent but not completed (in flight at the kill). The
+    used index ends at N exactly."""
+    old = tb.backend
+    assert old is not None
+    net, txq = tb.net, tb.net.txq[0]
+    used0 = txq.device_used_idx()
+    stream = frames(500, total, TX_STREAM)
+    for f in stream[:kill_at]:
+        net.send_burst([f], wait=False)
+    old.kill()
+    for f in stream[kill_at : kill_at + dead]:
+        net.send_burst([f], wait=False)  # kicks go to the dead process's eventfd
+    new = restart_reattached(tb, old, ())
+    (entry,) = new.journal(["vduse.reattach"])
+    resumed = {q["vq"]: q for q in entry["queues"]}
+    u = (resumed[TX_Q]["resumed_at"] - used0) & 0xFFFF
+    for f in stream[kill_at + dead :]:
+        net.send_burst([f], wait=False)
+    sentinel = make_frame(9, 64, stream=SENTINEL_STREAM)
+    try:
+        net.send_burst([sentinel], wait=False)
+        got = tb.peer.recv_until(sentinel, timeout=TIMEOUT)
+        net.wait_tx(0, TIMEOUT)
+    except Errors as e:
+        raise AssertionError(f"TX stream across the kill: {type(e).__name__}: {e}") from e
+    index = {f: i for i, f in enumerate(stream)}
+    seqs = [index.get(f, -1) for f in got]
+    tail = list(range(u, total))
+    fits = [s for s in range(u, total + 1) if seqs == list(range(s)) + tail]
+    s = fits[0] if fits else -1
+    assert fits, (
+        f"TX stream across the kill: the wire carried {seqs}, expected 0..S-1 then U..N-1 "
+        f"with U={u} (the used index at the re-attach) <= S: frames lost, doubled or reordered"
+    )
+    assert txq.device_used_idx() == (used0 + total + 1) & 0xFFFF, (
+        f"TX used idx {txq.device_used_idx()}, expected {(used0 + total + 1) & 0xFFFF}: "
+        "used entries lost or doubled"
+    )
+    rx = frames(600, 4, RX_STREAM)
+    for f in rx:
+        tb.peer.send(f)
+    rx_exactly(tb, rx, "RX after the re-attach", 10)
+    errors = new.journal(["error."])
+    assert not errors, f"the replacement journalled errors: {errors}"
+    return {"sent_by_dead_process": s, "resumed_at": u, "sent_twice": s - u, "total": total}
