@@ -215,10 +215,11 @@ def reattach_mid_stream(
 
 
 def reattach_in_running_stream(
-    tb: Testbed, *, total: int = 40, kill_at: int = 12, dead: int = 10
+    tb: Testbed, *, total: int = 40, kill_at: int = 20, burst: int = 12, dead: int = 10
 ) -> dict[str, Any]:
     """A TX stream that does not stop for the kill: the driver posts one chain at a time
-    (kick each), the backend is SIGKILLed after ``kill_at`` were posted, ``dead`` more are
+    (kick each), then ``burst`` chains with one kick, and the backend is SIGKILLed right
+    after (``kill_at`` chains posted in all, the burst maybe half done); ``dead`` more are
     posted while no process serves the device, the replacement re-attaches, the rest follow.
 
     Where the kill lands is up to the scheduler, so the assertion is the exact form of what
@@ -232,8 +233,9 @@ def reattach_in_running_stream(
     net, txq = tb.net, tb.net.txq[0]
     used0 = txq.device_used_idx()
     stream = frames(500, total, TX_STREAM)
-    for f in stream[:kill_at]:
+    for f in stream[: kill_at - burst]:
         net.send_burst([f], wait=False)
+    net.send_burst(stream[kill_at - burst : kill_at], wait=False)  # one kick, then the kill
     old.kill()
     for f in stream[kill_at : kill_at + dead]:
         net.send_burst([f], wait=False)  # kicks go to the dead process's eventfd
