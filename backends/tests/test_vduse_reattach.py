@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from backends.__main__ import parse_args
 from backends.loop import EventLoop
 from backends.net.datapath import NetDevice
 from backends.tests.capture_wire import CaptureWire
@@ -202,3 +203,13 @@ def test_reattach_before_features_waits_for_the_driver(rig: Rig) -> None:
         _close_replacement(new)
         for fd in old_fds:
             os.close(fd)
+
+
+def test_command_line_reattach_needs_the_vduse_transport(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = parse_args(["--transport", "vduse", "--name", "n0", "--vduse-reattach"])
+    assert args.vduse_reattach
+    with pytest.raises(SystemExit):
+        parse_args(["--socket", "/tmp/x.sock", "--vduse-reattach"])
+    assert "--vduse-reattach needs --transport vduse" in capsys.readouterr().err
