@@ -7,7 +7,8 @@
 #   make bench    benchmarks (JSON + plots under bench/results/)
 #   make soak     the scenario suites 10 runs in a row (SOAK_RUNS, SOAK_ARGS), stop at a failure
 #   make fuzz     hostile front-end + hostile descriptor tables against the real backend
-#                 (FUZZ_MESSAGES, FUZZ_TABLES, FUZZ_DURATION; figures printed at the end)
+#                 + a misbehaving VDUSE kernel in-process (FUZZ_MESSAGES, FUZZ_TABLES,
+#                 FUZZ_VDUSE, FUZZ_DURATION; figures printed at the end)
 #   make lint     ruff check + format check + mypy (strict on backends/ and qtests/qos/)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -82,10 +83,11 @@ soak: setup compiled lab-image
 # The full fuzz run (issue #12); a bounded slice of it runs in `make check` (qtests/test_fuzz.py).
 FUZZ_MESSAGES ?= 1000000
 FUZZ_TABLES ?= 100000
+FUZZ_VDUSE ?= 100000
 FUZZ_DURATION ?= 3600
 fuzz: setup
 	$(PY) -m qtests.fuzz --messages $(FUZZ_MESSAGES) --tables $(FUZZ_TABLES) \
-		--duration $(FUZZ_DURATION) --log-dir test-logs/fuzz $(FUZZ_ARGS)
+		--vduse-cases $(FUZZ_VDUSE) --duration $(FUZZ_DURATION) --log-dir test-logs/fuzz $(FUZZ_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache test-logs
