@@ -54,7 +54,7 @@ import collections
 import contextlib
 import logging
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backends.loop import EventLoop
 from backends.net.config import DEFAULT_MAC, NetConfig
@@ -412,7 +412,7 @@ class NetDevice:
                             f"vq {i}: TX chain {chain.head} carries {chain.out_len - hdr_len} "
                             f"bytes after the header, more than a frame ({MAX_TX_FRAME})",
                         )
-                    frame = _join_out(chain, hdr_len)
+                    frame = _frame_of(chain.out, hdr_len)
                     if hold:  # popped, not completed: stays in flight
                         self._held.setdefault(i, []).append((chain, frame))
                         continue
@@ -624,10 +624,19 @@ def _give_back(vq: Virtqueue) -> None:
         vq.rewind()
 
 
-def _join_out(chain: Chain, hdr_len: int) -> bytes:
+class _HasOut(Protocol):
+    @property
+    def out(self) -> list[Piece]: ...
+
+
+def _join_out(chain: _HasOut, hdr_len: int) -> bytes:
     """The driver-written bytes of ``chain`` after the first ``hdr_len``: one copy (slicing
     the region's mmap yields bytes directly; no memoryview is exported)."""
-    out = chain.out
+    return _frame_of(chain.out, hdr_len)
+
+
+def _frame_of(out: list[Piece], hdr_len: int) -> bytes:
+    """:func:`_join_out` of the pieces ``out`` (what the TX loop calls)."""
     if len(out) == 1:
         return _piece_bytes(out[0], hdr_len)
     skip = hdr_len
