@@ -389,7 +389,6 @@ class NetDevice:
         hold = self._tx_hold
         if not hold and self._held.get(i):
             self._complete_held(i)
-        push = vq.push
         try:
             vq.set_notification(False)
             while True:
@@ -416,7 +415,7 @@ class NetDevice:
                     if hold:  # popped, not completed: stays in flight
                         self._held.setdefault(i, []).append((chain, frame))
                         continue
-                    push(chain, 0)
+                    vq.push(chain, 0)
                     done += 1
                     if frame:
                         st.packets += 1

@@ -170,14 +170,14 @@ class SplitVirtqueue(Virtqueue):
         fast = desc.single  # the table is one host piece: descriptors read in place
         buf, base = desc._buf, desc._base
         popped = self._popped
-        window_piece = self.dma.window_piece
+        dma = self.dma
         taken = 0  # chains taken here and not yet counted in the queue's state
         try:
             for head in heads:
                 if fast and head < num and head not in popped:
                     addr, length, flags, _ = _unpack_desc(buf, base + (head << 4))
                     if length and flags == 0:
-                        p = window_piece(addr, length, _READ)
+                        p = dma.window_piece(addr, length, _READ)
                         if p is not None:
                             chains.append(Chain(head, [p], [], length, 0, last, 1, 1))
                             popped[head] = last
@@ -185,7 +185,7 @@ class SplitVirtqueue(Virtqueue):
                             taken += 1
                             continue
                     elif length and flags == VRING_DESC_F_WRITE:
-                        p = window_piece(addr, length, _WRITE)
+                        p = dma.window_piece(addr, length, _WRITE)
                         if p is not None:
                             chains.append(Chain(head, [], [p], 0, length, last, 1, 1))
                             popped[head] = last
