@@ -30,6 +30,7 @@ STAMP = OUT / "STAMP"
 #: checks (annotations are enforced at call boundaries).
 MODULES = (
     "backends/vdpa/access.py",
+    "backends/vdpa/faults.py",
     "backends/vdpa/iotlb.py",
     "backends/vdpa/memory.py",
     "backends/vdpa/dma.py",

@@ -54,7 +54,7 @@ import collections
 import contextlib
 import logging
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from backends.loop import EventLoop
 from backends.net.config import DEFAULT_MAC, NetConfig
@@ -101,7 +101,7 @@ RX_BACKLOG = 256
 #: 64 KiB GSO frame, a 65535-byte MTU, the 70000-byte frames the wire tests send). A longer
 #: chain is refused before a byte is copied (found by `make fuzz`: a descriptor of length
 #: 0x7fffffff inside guest RAM made the backend copy gigabytes, stalling it for seconds).
-MAX_TX_FRAME = 0x40000
+MAX_TX_FRAME: Final = 0x40000
 
 NET_FEATURES = mask(
     VIRTIO_F_VERSION_1,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import mmap
 import struct
 from collections.abc import Callable
+from typing import Final
 
 from backends.virtio.ring import (
     DESC_SIZE,
@@ -51,12 +52,13 @@ CHAIN_CHECKS = frozenset(
     }
 )
 
-_DESC = struct.Struct("<QIHH")  # both layouts: addr, len, then two u16 the layout names
-_unpack_from = _DESC.unpack_from
-_READ = Access.READ
-_WRITE = Access.WRITE
-_FLAGS_MASK = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT
-_INDIRECT_MAX_LEN = MAX_INDIRECT_ENTRIES * DESC_SIZE
+# Final: mypyc keeps these in C statics instead of looking them up in the module dict
+_DESC: Final = struct.Struct("<QIHH")  # both layouts: addr, len, then two u16 the layout names
+_unpack_from: Final = _DESC.unpack_from
+_READ: Final = Access.READ
+_WRITE: Final = Access.WRITE
+_FLAGS_MASK: Final = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT
+_INDIRECT_MAX_LEN: Final = MAX_INDIRECT_ENTRIES * DESC_SIZE
 
 #: Anything ``struct.unpack_from`` reads: a host buffer or a snapshot of a ring.
 Buffer = bytes | bytearray | memoryview | mmap.mmap

@@ -14,6 +14,7 @@ mode or fault change bumps the generation and drops the window.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from .access import Access, TranslationError
 from .dirty_log import DirtyLog
@@ -24,9 +25,10 @@ from .memory import HostMemory, HostRegion, Piece
 
 __all__ = ["DmaSpace"]
 
-_READ = Access.READ
-_WINDOW_PIECES = 4096  # Pieces remembered per window (a ring's worth of buffers, and more)
-_WRITE = Access.WRITE
+# Final: mypyc keeps these in C statics instead of looking them up in the module dict
+_READ: Final = Access.READ
+_WINDOW_PIECES: Final = 4096  # Pieces remembered per window (a ring's worth of buffers, and more)
+_WRITE: Final = Access.WRITE
 
 
 class _Window:

@@ -14,6 +14,7 @@ import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from backends.virtio.ring import (
     AVAIL_FLAGS,
@@ -42,9 +43,11 @@ from .virtqueue import RingArea, Virtqueue, VqState
 __all__ = ["SplitVirtqueue"]
 
 
-_READ = Access.READ
-_WRITE = Access.WRITE
-_unpack_desc = SPLIT_DESC.unpack_from
+# Final: mypyc keeps these in C statics instead of looking them up in the module dict
+_READ: Final = Access.READ
+_WRITE: Final = Access.WRITE
+_F_WRITE: Final = VRING_DESC_F_WRITE
+_unpack_desc: Final = SPLIT_DESC.unpack_from
 
 
 @functools.lru_cache(maxsize=512)
@@ -184,7 +187,7 @@ class SplitVirtqueue(Virtqueue):
                             last = (last + 1) & 0xFFFF
                             taken += 1
                             continue
-                    elif length and flags == VRING_DESC_F_WRITE:
+                    elif length and flags == _F_WRITE:
                         p = dma.window_piece(addr, length, _WRITE)
                         if p is not None:
                             chains.append(Chain(head, [], [p], 0, length, last, 1, 1))
