@@ -355,6 +355,11 @@ class NetDevice:
         if loop is None or vq_index in self._scheduled:
             return
         self._scheduled.add(vq_index)
+        self._call_soon(loop, vq_index)
+
+    def _call_soon(self, loop: EventLoop, vq_index: int) -> None:
+        # apart from _schedule, which runs per frame: compiled, a function holding a lambda
+        # builds the lambda's environment on every call, taken branch or not
         loop.call_soon(lambda: self._continue(vq_index))
 
     def _continue(self, vq_index: int) -> None:
@@ -461,10 +466,26 @@ class NetDevice:
             self._stalled[qp] = None
         done = 0
         pf = _Prefetch(vq)
+        ahead = pf.chains
+        dma = dev.dma
         try:
             while bl:
                 frame = bl[0]
                 need = hdr_len + len(frame)
+                if ahead and ahead[0].in_len >= need:
+                    # the common case, what _take_one / _take_mergeable return for it: the next
+                    # chain popped ahead holds header + frame
+                    chain = ahead.popleft()
+                    bl.popleft()
+                    done += 1
+                    vq.push(chain, dma.write_pieces(chain.inp, one_buffer + frame))
+                    st.packets += 1
+                    st.bytes += len(frame)
+                    if budget and done >= budget:
+                        if bl:
+                            self._schedule(i)
+                        break
+                    continue
                 pf.want = min(len(bl), budget - done) if budget else len(bl)
                 if mrg:
                     chains = self._take_mergeable(pf, need, hdr_len)
