@@ -5,8 +5,10 @@
 #   make shell    interactive QMP debugging session (QEMU + backend + both monitors)
 #   make check-vdpa  only the vhost-vdpa lane (in the lab VM L1 where the host lacks vduse)
 #   make bench    benchmarks (JSON + plots under bench/results/)
+#   make soak     the scenario suites 10 runs in a row (SOAK_RUNS, SOAK_ARGS), stop at a failure
 #   make fuzz     hostile front-end + hostile descriptor tables against the real backend
-#                 (FUZZ_MESSAGES, FUZZ_TABLES, FUZZ_DURATION; figures printed at the end)
+#                 + a misbehaving VDUSE kernel in-process (FUZZ_MESSAGES, FUZZ_TABLES,
+#                 FUZZ_VDUSE, FUZZ_DURATION; figures printed at the end)
 #   make lint     ruff check + format check + mypy (strict on backends/ and qtests/qos/)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -18,7 +20,7 @@ PYTEST_JOBS ?= auto
 AVOCADO_ARGS ?=
 
 .PHONY: check setup lint unit qtests avocado avocado-ci images shell bench fuzz clean format \
-	compiled check-vdpa lab-image
+	compiled check-vdpa lab-image soak
 
 setup:
 	@bash scripts/setup-host.sh
@@ -72,13 +74,20 @@ shell: setup
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
 
+# The scenario suites (both transports) N runs in a row: flakiness is a defect (issue #15).
+SOAK_RUNS ?= 10
+SOAK_ARGS ?=
+soak: setup compiled lab-image
+	$(PY) -m qtests.soak --runs $(SOAK_RUNS) $(SOAK_ARGS)
+
 # The full fuzz run (issue #12); a bounded slice of it runs in `make check` (qtests/test_fuzz.py).
 FUZZ_MESSAGES ?= 1000000
 FUZZ_TABLES ?= 100000
+FUZZ_VDUSE ?= 100000
 FUZZ_DURATION ?= 3600
 fuzz: setup
 	$(PY) -m qtests.fuzz --messages $(FUZZ_MESSAGES) --tables $(FUZZ_TABLES) \
-		--duration $(FUZZ_DURATION) --log-dir test-logs/fuzz $(FUZZ_ARGS)
+		--vduse-cases $(FUZZ_VDUSE) --duration $(FUZZ_DURATION) --log-dir test-logs/fuzz $(FUZZ_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache test-logs

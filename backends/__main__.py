@@ -78,6 +78,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--socket", metavar="PATH", help="vhost-user socket to listen on")
     p.add_argument("--name", metavar="NAME", help="VDUSE device name (--transport vduse)")
+    p.add_argument(
+        "--vduse-reattach",
+        action="store_true",
+        help="take over the existing VDUSE device NAME left by a backend that died (its rings "
+        "resume at the used index in guest memory) instead of creating one; fails when there is "
+        "no such device or another process holds it",
+    )
     p.add_argument("--monitor", metavar="PATH", help="QMP-compatible monitor socket")
     p.add_argument("--queues", type=_positive, default=1, metavar="N", help="queue pairs")
     p.add_argument(
@@ -112,6 +119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--socket is required with --transport vhost-user")
     if args.transport == "vduse" and not args.name:
         p.error("--name is required with --transport vduse")
+    if args.vduse_reattach and args.transport != "vduse":
+        p.error("--vduse-reattach needs --transport vduse")
     return args
 
 
@@ -161,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         journal_file=args.journal_file,
         transport=args.transport,
         name=args.name,
+        reattach=args.vduse_reattach,
     )
     try:
         backend = Backend(options)

@@ -169,4 +169,7 @@ def _clear(keep_log: bool = False) -> None:
 
 if __name__ == "__main__":
     build()  # a failed or impossible build is not an error: the interpreted code is used
+    from backends.vdpa import sigbus_guard
+
+    sigbus_guard.build()  # the native SIGBUS handler (built at first use otherwise)
     sys.exit(0)

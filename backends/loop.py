@@ -8,7 +8,8 @@ synchronisation.
 Guards (:meth:`EventLoop.add_guard`) run before every callback: the transport uses one to
 re-check shared memory a peer could have shrunk since the last callback, so no callback ever
 touches a mapping whose file has been truncated under it (see backends/README.md, "Hostile
-front-ends").
+front-ends"). Epilogues (:meth:`EventLoop.add_epilogue`) run after every callback: the
+transport uses one to notice at once that the SIGBUS guard caught a fault during it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class EventLoop:
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
         self._guards: list[Callback] = []
+        self._epilogues: list[Callback] = []
         self._soon: list[Callback] = []
         self._timers: list[tuple[float, int, Callback]] = []
         self._seq = itertools.count()
@@ -115,6 +117,16 @@ class EventLoop:
         except ValueError:
             pass
 
+    def add_epilogue(self, epilogue: Callback) -> None:
+        """Run ``epilogue()`` after every callback (cheap checks only)."""
+        self._epilogues.append(epilogue)
+
+    def remove_epilogue(self, epilogue: Callback) -> None:
+        try:
+            self._epilogues.remove(epilogue)
+        except ValueError:
+            pass
+
     # -- callbacks -------------------------------------------------------------------------
     def call_soon(self, cb: Callback) -> None:
         self._soon.append(cb)
@@ -142,6 +154,11 @@ class EventLoop:
             cb()
         except Exception:  # a callback must never take the process down
             log.exception("event loop callback %r failed", cb)
+        for epilogue in self._epilogues:
+            try:
+                epilogue()
+            except Exception:
+                log.exception("event loop epilogue %r failed", epilogue)
 
     def run_once(self, timeout: float | None = None) -> None:
         if self._soon:

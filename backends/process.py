@@ -45,6 +45,8 @@ class BackendOptions:
     transport: str = "vhost-user"
     name: str | None = None
     kernel: VduseKernel | None = None  # vduse: the kernel interface (default: the real one)
+    #: vduse: take over the existing device ``name`` (a backend that died) instead of creating it
+    reattach: bool = False
 
 
 class Backend:
@@ -80,6 +82,7 @@ class Backend:
                     options.kernel if options.kernel is not None else LinuxVduse(),
                     options.name,
                     queue_pairs=options.queues,
+                    reattach=options.reattach,
                 )
             elif options.transport != "vhost-user":
                 raise ValueError(f"unknown transport {options.transport!r}")

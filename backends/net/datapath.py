@@ -222,6 +222,19 @@ class NetDevice:
         self._rx_held = None
         self.config.status = VIRTIO_NET_S_LINK_UP
 
+    def device_resetting(self) -> None:
+        """Reset is about to drop every ring. Held RX buffers are simply forgotten (never
+        used: the driver, or QEMU's shadow virtqueue, still owns them); the fault
+        'complete-held-rx-on-reset' returns them as used with nothing written instead."""
+        dev = self._dev
+        if dev is None or not self._rx_held or not self._fault("complete-held-rx-on-reset"):
+            return
+        vq = dev.vqs[0]
+        for chain in self._rx_held:
+            vq.push(chain, 0)
+        self._rx_held = []
+        dev.notify_used(0)
+
     def queue_stopped(self, vq_index: int) -> None:
         """The ring stops (GET_VRING_BASE): drop held TX frames; the device rewinds their
         chains (VdpaDevice.stop_vq), so they are transmitted by whoever runs the ring next."""

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from backends.vdpa import sigbus_guard
 from backends.vhost_user import messages as m
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.guest_memory import SharedGuestMemory
+from qtests.qos.hostile_memory import shrink_then_poll
 from qtests.qos.vhost_user_frontend import Frontend, VhostUserRing
 from qtests.qos.waiting import poll_until
 
@@ -222,3 +224,22 @@ def test_replies_a_front_end_never_reads_do_not_freeze_the_backend(
         assert_still_serving(bp, None)
     finally:
         fe.close()
+
+
+def test_shrink_inside_one_callback_is_survived(tmp_path: Path) -> None:
+    """The remaining window of sequence 1: an unsealable region shrinks after the loop's size
+    check ran, before the ring access of the same callback. ``skip-shrink-guard`` turns that
+    check off, so the shrink made before the kick is exactly such a shrink, deterministically:
+    the ring access faults, the SIGBUS guard maps zero pages and records it, and after the
+    callback the region is dropped with ``error.mem`` ``region-shrunk`` + NEEDS_RESET; the
+    process and a fresh connection keep working."""
+    if not sigbus_guard.available():
+        pytest.skip("no C compiler: the SIGBUS guard is not built")
+    proc = BackendProcess.launch(tmp_path, "--wire", "null", "--fault", "skip-shrink-guard")
+    try:
+        entry = shrink_then_poll(proc, TIMEOUT)
+        assert "an access faulted" in entry["detail"], entry
+        assert_still_serving(proc, None)
+    finally:
+        rc = proc.stop(sig=signal.SIGTERM)
+    assert rc == 0, f"backend exited {rc}: {proc.tails()}"

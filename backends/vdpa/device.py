@@ -202,6 +202,9 @@ class VdpaDevice:
     def reset(self) -> None:
         """Status 0: clear features, status, suspension and all virtqueues (see module doc)."""
         old = self.status
+        hook = getattr(self.personality, "device_resetting", None)
+        if hook is not None and old & DRIVER_OK:  # the rings are still there: last words
+            self._guard(None, hook)
         for vq in self.vqs:
             self._stop(vq, reason="reset")
             vq.reset()

@@ -153,6 +153,24 @@ FAULTS: dict[str, str] = {
         "suites (qtests/test_reconnect.py test_ignored_set_vring_base_after_reconnect_is_caught, "
         "qtests/test_reconnect_inflight.py test_meta_reconnect_in_flight_catches)."
     ),
+    "reattach-from-vq-info-base": (
+        "a backend re-attaching to a VDUSE device (--vduse-reattach) resumes each split ring at "
+        "the avail index VDUSE_VQ_GET_INFO reports (the base the front-end set at the last "
+        "start) instead of the used index in guest memory: it processes again chains the dead "
+        "process had completed. Hook: vduse/transport.py VduseTransport._recover. Caught by the "
+        "VDUSE re-attach suite (qtests/test_vdpa_reconnect.py "
+        "test_meta_reattach_from_vq_info_base_is_caught: 'used entries lost or doubled')."
+    ),
+    "complete-held-rx-on-reset": (
+        "at a device reset (SET_STATUS 0) the RX buffers the device popped and held unfilled "
+        "(monitor hold-rx) are returned as used with 0 bytes written instead of being left to "
+        "the driver. Over vhost-vdpa with shadow virtqueues QEMU resets the source device at "
+        "the switchover and then flushes the shadow used ring to the guest "
+        "(vhost_vdpa_suspend -> vhost_svq_stop -> vhost_svq_flush), so the guest sees empty "
+        "RX completions. Hook: net/datapath.py NetDevice.device_resetting. Caught by the "
+        "vhost-vdpa migration suite (qtests/test_vdpa_inflight_migration.py "
+        "test_meta_complete_held_rx_on_reset_is_caught: 'RX frame')."
+    ),
     "stale-translation-cache": (
         "every translation the device computed is remembered as a window that no IOTLB "
         "INVALIDATE / unmap or REM_MEM_REG drops (a translation cache keyed on nothing): after "
@@ -163,6 +181,16 @@ FAULTS: dict[str, str] = {
         "translations: the old page's bytes, no MISS after the INVALIDATE) and the memory "
         "hotplug suite (qtests/test_memory_inflight.py test_meta_held_chains_scenario_catches"
         "[stale-translation-cache]: TX from a DIMM re-plugged at the same address)."
+    ),
+    "skip-shrink-guard": (
+        "the event loop's guard no longer fstat()s unsealed mem-table files before each "
+        "callback (sizes are checked only when a region is mapped), so a region the front-end "
+        "shrank is touched by the next ring access: only the SIGBUS guard "
+        "(vdpa/sigbus_guard.py) stands between it and the process, exactly as for a shrink "
+        "that lands inside one callback. Hook: vhost_user/memory_table.py "
+        "MemoryTable.check_backing. Caught by the hostile front-end suite "
+        "(qtests/test_hostile_memory.py test_meta_skip_shrink_guard_is_caught: 'the ring "
+        "access faulted'; the shrunk region must be found before any access)."
     ),
 }
 

@@ -16,6 +16,7 @@ import os
 import struct
 from typing import Any
 
+from . import sigbus_guard
 from .access import Access, TranslationError
 
 __all__ = ["Access", "HostMemory", "HostRegion", "Piece", "TranslationError"]
@@ -33,6 +34,7 @@ def reap_deferred_closes() -> int:
     for r in list(_pending_close):
         if r._try_unmap():
             _pending_close.discard(r)
+            r._release_backing()
     return len(_pending_close)
 
 
@@ -137,6 +139,7 @@ class HostRegion:
         "backing_fd",
         "closed",
         "gpa",
+        "guard_slot",
         "id",
         "mmap_offset",
         "seals",
@@ -176,6 +179,9 @@ class HostRegion:
         #: Our duplicate of the backing fd while its size can still shrink (no F_SEAL_SHRINK):
         #: :meth:`backing_ok` fstat()s it. -1 when the size cannot change under us.
         self.backing_fd = -1
+        #: Our slot in the SIGBUS guard (backends/vdpa/sigbus_guard.py) while the mapping of
+        #: an unsealed file is protected by it; -1 otherwise.
+        self.guard_slot = -1
 
     @classmethod
     def from_fd(cls, fd: int, gpa: int, size: int, uaddr: int, mmap_offset: int) -> HostRegion:
@@ -185,7 +191,9 @@ class HostRegion:
         The file must hold ``mmap_offset + size`` bytes now (a mapping past the end of the file
         kills the process with SIGBUS on first touch). A file that can still shrink (no
         ``F_SEAL_SHRINK``: memory-backend-file, an unsealed memfd) keeps a duplicate fd so
-        :meth:`backing_ok` can re-check its size before the region is used."""
+        :meth:`backing_ok` can re-check its size before the region is used, and its mapping
+        is registered with the SIGBUS guard: a shrink that lands during an access maps zero
+        pages instead of killing the process, and :attr:`faulted` says so."""
         if size <= 0 or mmap_offset < 0:
             raise ValueError(f"bad region size={size:#x} mmap_offset={mmap_offset:#x}")
         gran = mmap.ALLOCATIONGRANULARITY
@@ -212,6 +220,7 @@ class HostRegion:
         if not r.seals & F_SEAL_SHRINK:
             r.backing_fd = os.dup(fd)
             os.set_inheritable(r.backing_fd, False)
+            r.guard_slot = sigbus_guard.register(mm, r.backing_fd, aligned)
         return r
 
     @property
@@ -219,10 +228,22 @@ class HostRegion:
         """The backing file cannot shrink (F_SEAL_SHRINK), or there is no file at all."""
         return self.backing_fd < 0
 
-    def backing_ok(self) -> bool:
+    @property
+    def faulted(self) -> bool:
+        """An access to this region raised SIGBUS (its file shrank during a callback) and the
+        SIGBUS guard mapped zero pages over the missing part: the region no longer shows the
+        peer's memory and must be dropped."""
+        return self.guard_slot >= 0 and sigbus_guard.faults(self.guard_slot) > 0
+
+    def backing_ok(self, *, fstat: bool = True) -> bool:
         """False if the backing file no longer holds the whole region (the peer truncated it):
-        touching the missing pages would raise SIGBUS. One fstat, only for unsealed files."""
+        touching the missing pages would raise SIGBUS. One fstat, only for unsealed files
+        (none with ``fstat=False``: then only a fault the SIGBUS guard caught counts)."""
         if self.backing_fd < 0 or self.closed:
+            return True
+        if self.faulted:
+            return False
+        if not fstat:
             return True
         try:
             return os.fstat(self.backing_fd).st_size >= self.mmap_offset + self.size
@@ -250,12 +271,20 @@ class HostRegion:
         deferred (retried on later memory operations) instead of raising."""
         if not self.closed:
             self.closed = True
-            if self.backing_fd >= 0:
-                os.close(self.backing_fd)
-                self.backing_fd = -1
-            if not self._try_unmap():
+            if self._try_unmap():
+                self._release_backing()
+            else:
                 _pending_close.add(self)
         reap_deferred_closes()
+
+    def _release_backing(self) -> None:
+        """After the munmap: the SIGBUS guard forgets the mapping, the duplicate fd closes."""
+        if self.guard_slot >= 0:
+            sigbus_guard.unregister(self.guard_slot)
+            self.guard_slot = -1
+        if self.backing_fd >= 0:
+            os.close(self.backing_fd)
+            self.backing_fd = -1
 
     def _try_unmap(self) -> bool:
         if isinstance(self.buf, mmap.mmap):
@@ -276,6 +305,7 @@ class HostRegion:
             "backing": "mmap" if isinstance(self.buf, mmap.mmap) else "anonymous",
             "seals": self.seals,
             "sealed": self.sealed,
+            "sigbus_guarded": self.guard_slot >= 0,
             "closed": self.closed,
         }
 

@@ -9,7 +9,9 @@ Guest memory is real: :meth:`FakeVduse.add_memory` makes a memfd, and
 :meth:`FakeVduse.set_map` installs IOTLB entries over it and queues UPDATE_IOTLB [0, 2^64-1],
 as ``vduse_vdpa_set_map`` does. The message fd is a pipe with one byte per queued request, so
 the event loop sees it readable exactly while a request waits. Kicks are real eventfd writes
-(dropped while the queue is not ready, as ``vduse_vq_kick`` does).
+(dropped while the queue is not ready, as ``vduse_vq_kick`` does). Requests read but not yet
+answered go back to the front of the queue when the message fd is closed, as
+``vduse_dev_release`` does, so a process that re-attaches reads them again.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from .uapi import IotlbEntry, Request, VqInfo
 __all__ = ["FakeCommand", "FakeMemory", "FakeVduse", "FakeVq"]
 
 ADDR_MAX = (1 << 64) - 1
+
+
+def _request_id(raw: bytes) -> int | None:
+    """struct vduse_dev_request's request_id (after the u32 type), if the bytes have one."""
+    return int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else None
 
 
 @dataclass
@@ -101,6 +108,8 @@ class FakeVduse:
     destroyed: bool = False
     opened: bool = False
     requests: list[bytes] = field(default_factory=list)
+    #: read by the device, not answered yet (the kernel's recv_list)
+    unanswered: list[bytes] = field(default_factory=list)
     responses: list[bytes] = field(default_factory=list)
     iotlb: list[tuple[IotlbEntry, int]] = field(default_factory=list)
     memories: list[FakeMemory] = field(default_factory=list)
@@ -153,6 +162,9 @@ class FakeVduse:
 
     def close_dev(self) -> None:
         if self.opened:
+            # vduse_dev_release: "the inflight messages can processed after reconnection"
+            self.requests[:0] = self.unanswered
+            self.unanswered = []
             for fd in self._pipe:
                 os.close(fd)
             self._pipe = (-1, -1)
@@ -163,11 +175,16 @@ class FakeVduse:
         if not self.requests:
             return None
         os.read(self._pipe[0], 1)
-        return self.requests.pop(0)
+        req = self.requests.pop(0)
+        self.unanswered.append(req)
+        return req
 
     def write_response(self, data: bytes) -> None:
         if len(data) != uapi.MESSAGE_SIZE:
             raise OSError(errno.EINVAL, "response size")
+        rid = uapi.unpack_response(data)[0]
+        # (the kernel answers ENOENT for an unknown id; kept lenient: tests send raw junk)
+        self.unanswered = [r for r in self.unanswered if _request_id(r) != rid]
         self.responses.append(bytes(data))
 
     def _vq(self, index: int) -> FakeVq:

@@ -22,7 +22,25 @@ are installed again at the first status after one); interrupts go out through
 
 The message fd is non-blocking and read from the event loop; ``vdpa`` commands run as child
 processes while the loop keeps answering the kernel (it may send messages meanwhile).
-Journal kinds: ``vduse.create``, ``vduse.attach``, ``vduse.detach``, ``vduse.destroy``,
+Re-attach (``reattach=True``, ``--vduse-reattach``): a backend that died (SIGKILL) leaves its
+device to the kernel: ``/dev/vduse/NAME`` stays, the vhost-vdpa front-end (QEMU) keeps it open
+and notices nothing, and ``vduse_dev_release`` moves the messages the dead process read but
+never answered back to the send list "so they can be processed after reconnection". A new
+process opens the same ``/dev/vduse/NAME`` (EBUSY while another holds it; it never creates a
+device) and recovers the device state from the kernel (:meth:`VduseTransport._reattach`): the
+driver features (``VDUSE_DEV_GET_FEATURES``), the IOTLB (``VDUSE_IOTLB_GET_FD`` over the whole
+range), every queue (``VDUSE_VQ_GET_INFO``: size, addresses, enable) and the status (VDUSE has
+no way to read it: DRIVER_OK is inferred from an enabled queue, which QEMU enables only after
+DRIVER_OK; features set without one means FEATURES_OK). A split ring resumes at the used index
+in guest memory, not at VQ_GET_INFO's avail index, which is only the base the front-end set at
+the last start: virtio-net completes in order, so every chain before the used index is done and
+every chain after it is either unread or was in flight in the dead process and is processed
+again (QEMU does the same for a reconnecting vhost-user back-end:
+``virtio_queue_restore_last_avail_idx`` sets last_avail_idx = used_idx). A packed ring has no
+such index in shared memory: re-attach refuses it. Kicks the driver sent meanwhile went to the
+dead process's eventfd, so every enabled queue is run once after re-attaching.
+
+Journal kinds: ``vduse.create``, ``vduse.reattach``, ``vduse.attach``, ``vduse.detach``, ``vduse.destroy``,
 ``vduse.msg`` (every message: type, id, result), ``vduse.vq_info``, ``vduse.vq_ready``,
 ``vduse.iotlb`` and ``error.vduse`` (op + detail) for everything that went wrong.
 """
@@ -150,8 +168,10 @@ class VduseTransport:
         queue_pairs: int = 1,
         max_queue_size: int = 256,
         vdpa_timeout: float = VDPA_COMMAND_TIMEOUT_S,
+        reattach: bool = False,
     ) -> None:
         uapi.pack_name(name)  # validates
+        self.reattach = reattach
         self.device = device
         self.loop = loop
         self.kernel = kernel
@@ -243,9 +263,12 @@ class VduseTransport:
         """Create, set up and attach the device; returns its /dev/vhost-vdpa-N. VduseError
         (journalled) names the step that failed; whatever was done is undone."""
         try:
-            self._create()
-            self._open()
-            self._attach()
+            if self.reattach:
+                self._reattach()
+            else:
+                self._create()
+                self._open()
+                self._attach()
         except VduseError:
             self.close()
             raise
@@ -293,11 +316,13 @@ class VduseTransport:
             config=dev.get_config(0, cfg_len),
         )
 
-    def _open(self) -> None:
+    def _open(self, setup: bool = True) -> None:
         try:
-            self._msg_fd = self.kernel.open_dev(self.name)
+            if self._msg_fd < 0:
+                self._msg_fd = self.kernel.open_dev(self.name)
             for q in self.rings:
-                self.kernel.vq_setup(q.index, self.max_queue_size)
+                if setup:
+                    self.kernel.vq_setup(q.index, self.max_queue_size)
                 q.kickfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self.loop.add_reader(q.kickfd, functools.partial(self._on_kick, q))
         except OSError as e:
@@ -327,6 +352,118 @@ class VduseTransport:
         self._rec("vduse.attach", name=self.name, path=self.path)
         log.info("VDUSE device %s attached as %s", self.name, self.path)
 
+    # -- re-attach (module doc) -------------------------------------------------------------------
+    def _reattach(self) -> None:
+        """Take over the existing device ``name`` from a backend that died and resume it."""
+        try:
+            self._msg_fd = self.kernel.open_dev(self.name)
+        except OSError as e:
+            if e.errno == errno.ENOENT or e.errno == errno.ENODEV:
+                detail = f"no VDUSE device named {self.name!r} to re-attach to ({e})"
+            elif e.errno == errno.EBUSY:
+                detail = (
+                    f"/dev/vduse/{self.name} is held by another process (EBUSY): a device is "
+                    "served by one process at a time; stop that one first"
+                )
+            else:
+                detail = f"opening /dev/vduse/{self.name} to re-attach failed: {e}"
+            self._error("reattach", detail, level=logging.ERROR, errno=e.errno)
+            raise VduseError(detail) from e
+        self.offered_features = vduse_features(
+            self.device.device_id, self.device.get_device_features(), self.queue_pairs
+        )
+        self._open(setup=False)  # kick fds; num_max stays what the creator set up
+        path = self.kernel.vhost_vdpa_path(self.name)
+        if path is None:
+            self._attach()
+        else:
+            self.path = path  # attached by the process that died; ours once recovered
+        try:
+            fields = self._recover()
+        except VduseError:
+            raise
+        except OSError as e:
+            detail = f"recovering the state of {self.name!r} failed: {e}"
+            self._error("reattach", detail, level=logging.ERROR, errno=e.errno)
+            raise VduseError(detail) from e
+        # ours now: close() detaches and destroys it (a failed re-attach leaves it as it was)
+        self.created = self.attached = True
+        self._rec("vduse.reattach", name=self.name, path=self.path, **fields)
+        log.info("VDUSE device %s re-attached (%s): %s", self.name, self.path, fields)
+
+    def _recover(self) -> dict[str, Any]:
+        dev = self.device
+        features = self.kernel.get_features()
+        infos = [self._read_info(q.index) for q in self.rings]
+        if any(i is None for i in infos):
+            raise VduseError(f"VDUSE_VQ_GET_INFO failed while re-attaching {self.name!r}")
+        ready = [i for i in infos if i is not None and i.ready and i.num]
+        fields: dict[str, Any] = {"features": features, "queues": []}
+        if not features:
+            fields["status"] = 0  # nothing negotiated: wait for the driver's next status
+            return fields
+        packed = has(features, VIRTIO_F_RING_PACKED)
+        if packed and ready:
+            detail = (
+                f"{self.name!r} runs packed rings: a packed ring's position is not in guest "
+                "memory (no used index to resume from), re-attach cannot resume it"
+            )
+            self._error("reattach", detail, level=logging.ERROR)
+            raise VduseError(detail)
+        status = int(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK)
+        dev.set_driver_features(features)
+        dev.set_status(status)
+        if not ready:
+            fields["status"] = status
+            return fields
+        try:
+            self.mirror.update(0, (1 << 64) - 1)
+        except IotlbFetchError as e:
+            detail = f"the IOTLB of {self.name!r} could not be fetched: {e}"
+            self._error("reattach", detail, level=logging.ERROR)
+            raise VduseError(detail) from e
+        for q, info in zip(self.rings, infos, strict=True):
+            assert info is not None
+            if not info.num:
+                continue
+            used = self._used_idx(info)
+            resume = used
+            if dev.faults.active("reattach-from-vq-info-base"):
+                resume = info.split_avail & 0xFFFF  # the fault: the stale base of the last start
+            dev.set_vq_num(q.index, info.num)
+            dev.set_vq_address(q.index, info.desc_addr, info.driver_addr, info.device_addr)
+            dev.set_vq_state(q.index, VqState.split(resume))
+            fields["queues"].append(
+                {
+                    "vq": q.index,
+                    "ready": info.ready,
+                    "info_base": info.split_avail,
+                    "used_idx": used,
+                    "resumed_at": resume,
+                }  # fmt: skip
+            )
+        status |= DRIVER_OK
+        fields["status"] = status
+        dev.set_status(status)  # starts the configured queues
+        self._kickfds_installed = True
+        for info in ready:
+            dev.set_vq_ready(info.index, True)  # and runs them: kicks went to the dead process
+        self._schedule_ready_poll(first=True)
+        return fields
+
+    def _used_idx(self, info: VqInfo) -> int:
+        """The split ring's used index in guest memory (``device area + 2``)."""
+        try:
+            raw = self.device.dma.read(info.device_addr + 2, 2)
+        except Exception as e:
+            detail = (
+                f"vq {info.index}: the used ring at IOVA {info.device_addr:#x} cannot be read "
+                f"through the IOTLB: {type(e).__name__}: {e}"
+            )
+            self._error("reattach", detail, level=logging.ERROR, vq=info.index)
+            raise VduseError(detail) from e
+        return int.from_bytes(raw, "little")
+
     # -- tear-down -----------------------------------------------------------------------------
     def close(self) -> None:
         """Detach (``vdpa dev del``), close the message fd, destroy the device. Idempotent;
@@ -350,10 +487,10 @@ class VduseTransport:
         if self._msg_fd >= 0:
             self.loop.remove_reader(self._msg_fd)
             self._msg_fd = -1
-        try:
-            self.kernel.close_dev()
-        except OSError as e:
-            self._error("close", f"closing /dev/vduse/{self.name}: {e}")
+            try:
+                self.kernel.close_dev()
+            except OSError as e:
+                self._error("close", f"closing /dev/vduse/{self.name}: {e}")
         self.mirror.clear()
         if self.created:
             try:

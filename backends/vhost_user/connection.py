@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from backends.loop import EventLoop
+from backends.vdpa import sigbus_guard
 from backends.vdpa.access import TranslationError
 from backends.vdpa.iotlb import Perm
 from backends.vdpa.virtqueue import VqError
@@ -133,6 +134,8 @@ class Connection:
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self.on_readable)
         loop.add_guard(self._check_peer_memory)
+        loop.add_epilogue(self._after_callback)
+        self._sigbus_seen = sigbus_guard.total()
         self.journal.record("vhost.connect", name=name)
 
     # -- negotiated state ---------------------------------------------------------------------
@@ -288,6 +291,7 @@ class Connection:
         self.closed = True
         self.loop.remove_reader(self.sock.fileno())
         self.loop.remove_guard(self._check_peer_memory)
+        self.loop.remove_epilogue(self._after_callback)
         self._outbox.close()
         self._reader.discard()
         self.journal.record("vhost.disconnect", name=self.name, reason=reason)
@@ -309,6 +313,14 @@ class Connection:
         self.sock.close()
         if self.on_closed is not None:
             self.on_closed(self)
+
+    def _after_callback(self) -> None:
+        """Loop epilogue: the SIGBUS guard caught a fault in some mapping during the callback
+        (a shrink that landed after the guard ran): report and drop the region now."""
+        seen = sigbus_guard.total()
+        if seen != self._sigbus_seen:
+            self._sigbus_seen = seen
+            self._check_peer_memory()
 
     def _check_peer_memory(self) -> None:
         """Loop guard: drop any shared memory the front-end shrank since the last callback

@@ -6,20 +6,23 @@ import mmap
 import os
 import stat
 
+from backends.vdpa import sigbus_guard
 from backends.vdpa.memory import F_SEAL_SHRINK, seal_against_shrinking
 from backends.vhost_user.errors import ProtocolError
 
-# log areas whose munmap waits for a still-exported view (closed on the next close())
-_deferred: list[mmap.mmap] = []
+# log areas whose munmap waits for a still-exported view (closed on the next close()), with
+# their SIGBUS guard slot (forgotten once the mapping is gone)
+_deferred: list[tuple[mmap.mmap, int]] = []
 
 
 def _reap() -> None:
-    for mm in list(_deferred):
+    for mm, slot in list(_deferred):
         try:
             mm.close()
         except BufferError:
             continue
-        _deferred.remove(mm)
+        sigbus_guard.unregister(slot)
+        _deferred.remove((mm, slot))
 
 
 class LogArea:
@@ -48,28 +51,36 @@ class LogArea:
         self.size = size
         self.offset = offset
         self.view = memoryview(self._mm)[delta : delta + size]
-        # a log file that can still shrink is re-checked (backing_ok) before every callback
+        # a log file that can still shrink is re-checked (backing_ok) before every callback,
+        # and a shrink during one is survived by the SIGBUS guard (zero pages, recorded)
         self._fd = -1
+        self._slot = -1
         if not seal_against_shrinking(fd) & F_SEAL_SHRINK:
             self._fd = os.dup(fd)
             os.set_inheritable(self._fd, False)
+            self._slot = sigbus_guard.register(self._mm, self._fd, aligned)
 
     def backing_ok(self) -> bool:
-        """False if the front-end truncated the log file below what is mapped."""
+        """False if the front-end truncated the log file below what is mapped, or a log write
+        faulted (the SIGBUS guard caught it)."""
         if self._fd < 0:
             return True
+        if sigbus_guard.faults(self._slot):
+            return False
         try:
             return os.fstat(self._fd).st_size >= self.offset + self.size
         except OSError:
             return False
 
     def close(self) -> None:
+        self.view.release()
+        slot, self._slot = self._slot, -1
+        try:
+            self._mm.close()
+            sigbus_guard.unregister(slot)
+        except BufferError:  # a slice of the log is still alive somewhere: unmap later
+            _deferred.append((self._mm, slot))
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self.view.release()
-        try:
-            self._mm.close()
-        except BufferError:  # a slice of the log is still alive somewhere: unmap later
-            _deferred.append(self._mm)
         _reap()

@@ -261,15 +261,19 @@ class MemoryTable:
     # -- a peer that shrinks what it handed over ---------------------------------------------
     def check_backing(self) -> list[HostRegion]:
         """Drop every region whose backing file the front-end truncated below the region
-        (only files without F_SEAL_SHRINK are checked: one fstat each). Each is journalled
-        (``error.mem`` naming the region) and the device gets NEEDS_RESET; later accesses to
-        its addresses fail translation instead of raising SIGBUS. Returns the dropped ones.
+        (only files without F_SEAL_SHRINK are checked: one fstat each), and every region an
+        access faulted in (the SIGBUS guard mapped zero pages over it: the shrink landed
+        during a callback, after this check). Each is journalled (``error.mem``
+        ``region-shrunk`` naming the region, ``found_by`` ``size-check`` or ``sigbus``) and
+        the device gets NEEDS_RESET; later accesses to its addresses fail translation.
+        Returns the dropped ones.
 
-        Called before every event-loop callback, so no ring work starts on a shrunk region.
-        The remaining window: a shrink *during* one callback (between this check and a ring
-        access a few microseconds later) still faults; see backends/README.md."""
-        shrunk = [r for r in self._regions if r.backing_fd >= 0 and not r.backing_ok()]
+        Called before every event-loop callback, so no ring work starts on a shrunk region,
+        and after a callback in which the SIGBUS guard caught a fault."""
+        fstat = not self.device.faults.active("skip-shrink-guard")
+        shrunk = [r for r in self._regions if r.backing_fd >= 0 and not r.backing_ok(fstat=fstat)]
         for r in shrunk:
+            faulted = r.faulted
             try:
                 size = os.fstat(r.backing_fd).st_size
             except OSError:
@@ -277,11 +281,17 @@ class MemoryTable:
             self._regions.remove(r)
             self._remove_host(r)
             r.close()
+            how = (
+                "an access faulted (SIGBUS caught, zero pages mapped over the missing part)"
+                if faulted
+                else "found before the callback"
+            )
             self.device.fail(
                 None,
                 "region-shrunk",
                 f"region {r.id} gpa={r.gpa:#x} size={r.size:#x} uaddr={r.uaddr:#x}: its file "
-                f"now holds {size:#x} bytes, needs {r.mmap_offset + r.size:#x}; region dropped",
+                f"now holds {size:#x} bytes, needs {r.mmap_offset + r.size:#x}; {how}; "
+                "region dropped",
                 journal_kind="error.mem",
             )
         return shrunk

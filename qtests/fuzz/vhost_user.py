@@ -4,7 +4,8 @@ A case is one connection driven by :class:`VhostUserMachine`: valid QEMU-like ha
 interleaved with mutations (sizes that lie, descriptors of the wrong kind or too many, regions
 that overlap or overflow, indices out of range, unknown requests, NEED_REPLY on everything,
 malformed IOTLB messages) and with a front-end that changes what it handed over after handing
-it over (ftruncate a memfd, fill / block / close an eventfd, scribble on the rings). After each
+it over (ftruncate a memfd, also right behind a queue of ring-touching messages so the shrink
+lands inside a callback; fill / block / close an eventfd, scribble on the rings). After each
 case :class:`~qtests.fuzz.target.BackendTarget` checks that the process is alive, answers a
 fresh connection within a bound, and samples its fd count and RSS.
 
@@ -286,6 +287,18 @@ class Session:
         i = op.get("i", 0)
         try:
             if what == "truncate":
+                fd = self.memfds[i % len(self.memfds)]
+                os.ftruncate(fd, op["size"])
+            elif what == "shrink-busy":
+                # polling kicks queued for both rings, then the shrink at once, unsynchronised:
+                # it lands while the backend works through them, often inside one callback
+                # (after the loop's size check, before a ring access: the SIGBUS guard's case)
+                for k in range(16):
+                    payload = m.VringFile(k % 2, True).pack().hex()
+                    self._send({"op": "msg", "req": int(R.SET_VRING_KICK), "flags": _NR,
+                                "payload": payload})  # fmt: skip
+                    if self.dead:
+                        return
                 fd = self.memfds[i % len(self.memfds)]
                 os.ftruncate(fd, op["size"])
             elif what == "scribble":
@@ -648,7 +661,18 @@ class VhostUserMachine(RuleBasedStateMachine):
 
     @rule(
         what=st.sampled_from(
-            ["truncate", "fill", "block", "kick", "close", "drain", "scribble", "kick", "scribble"]
+            [
+                "truncate",
+                "shrink-busy",
+                "fill",
+                "block",
+                "kick",
+                "close",
+                "drain",
+                "scribble",
+                "kick",
+                "scribble",
+            ]
         ),
         i=st.integers(0, 20),
         size=st.sampled_from([0, 0x1000, RING, MEM_SIZE // 2, 2 * MEM_SIZE]),
