@@ -1,18 +1,21 @@
 """Hot-path modules compiled with mypyc, with a clean fall-back to the interpreted source.
 
 The Python file stays the one source. ``python -m backends.compiled`` (``make compiled``, part
-of ``make check``'s set-up) compiles the modules in :data:`MODULES` with mypyc into
-``build/compiled/`` and records the SHA-256 of each source it compiled in
+of ``make check``'s set-up) compiles the modules in :data:`MODULES` with mypyc, as one group
+(one shared library, :data:`GROUP`, so calls and attribute accesses between the modules are
+native), into ``build/compiled/lib`` and records the SHA-256 of each source it compiled in
 ``build/compiled/STAMP``; a second run with unchanged sources does nothing. A package whose
-``__init__`` calls :func:`activate` imports the compiled module only while its source still
-hashes to the stamp: an edited source, a missing or failed build, no mypyc, another Python, or
-``VDPA_INTERPRETED=1`` all mean the interpreted module, with the same behaviour.
+``__init__`` calls :func:`activate` imports its compiled modules only while *every* source of
+the set still hashes to the stamp (the set is used whole or not at all: a compiled module
+calls the others natively): an edited source, a missing or failed build, no mypyc, another
+Python, or ``VDPA_INTERPRETED=1`` all mean the interpreted modules, with the same behaviour.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.machinery
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -25,7 +28,21 @@ OUT = REPO / "build" / "compiled"
 STAMP = OUT / "STAMP"
 #: Modules compiled (repository-relative paths). Each must type-check under mypyc's runtime
 #: checks (annotations are enforced at call boundaries).
-MODULES = ("backends/vdpa/iotlb.py",)
+MODULES = (
+    "backends/vdpa/access.py",
+    "backends/vdpa/faults.py",
+    "backends/vdpa/iotlb.py",
+    "backends/vdpa/memory.py",
+    "backends/vdpa/dma.py",
+    "backends/vdpa/descriptor_chain.py",
+    "backends/vdpa/virtqueue.py",
+    "backends/vdpa/split_virtqueue.py",
+    "backends/vdpa/packed_virtqueue.py",
+    "backends/net/datapath.py",
+)
+#: The group's shared library (``<GROUP>__mypyc``): inside ``backends.vdpa``, which every
+#: compiled module imports, so it is found on that package's (activated) path.
+GROUP = "backends.vdpa._compiled"
 
 
 def _digest(path: Path) -> str:
@@ -50,19 +67,29 @@ def activate(package_path: list[str], package_name: str) -> bool:
     if os.environ.get("VDPA_INTERPRETED"):
         return False
     rel = package_name.replace(".", "/")
-    mine = [m for m in MODULES if m.rsplit("/", 1)[0] == rel]
-    if not mine:
+    if not any(m.rsplit("/", 1)[0] == rel for m in MODULES):
         return False
-    stamp = _stamp_lines()
-    lib = OUT / "lib" / rel
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    for m in mine:
-        src = REPO / m
-        stem = Path(m).stem
-        if stamp.get(m) != _digest(src) or not (lib / f"{stem}{suffix}").exists():
-            return False
-    package_path.insert(0, str(lib))
+    if not current():
+        return False
+    package_path.insert(0, str(OUT / "lib" / rel))
     return True
+
+
+def _libraries() -> list[Path]:
+    """Every extension the build leaves: one per module plus the group's shared library."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    lib = OUT / "lib"
+    out = [lib / Path(m).with_suffix(suffix) for m in MODULES]
+    out.append(lib / (GROUP.replace(".", "/") + "__mypyc" + suffix))
+    return out
+
+
+def current() -> bool:
+    """True when the build in :data:`OUT` matches every source of :data:`MODULES`."""
+    stamp = _stamp_lines()
+    if any(stamp.get(m) != _digest(REPO / m) for m in MODULES):
+        return False
+    return all(p.exists() for p in _libraries())
 
 
 def is_compiled(module: object) -> bool:
@@ -73,15 +100,12 @@ def build(log: bool = True) -> int:
     """Compile :data:`MODULES` unless the stamp says they are current. 0 on success or when
     nothing had to be done; 1 when mypyc is missing or fails (the interpreted code is used)."""
     sources = {m: _digest(REPO / m) for m in MODULES}
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     lib = OUT / "lib"
-    if _stamp_lines() == sources and all(
-        (lib / Path(m).with_suffix(suffix)).exists() for m in MODULES
-    ):
+    if _stamp_lines() == sources and all(p.exists() for p in _libraries()):
         if log:
             print("compiled: up to date", flush=True)
         return 0
-    if shutil.which("mypyc", path=str(Path(sys.executable).parent)) is None:
+    if importlib.util.find_spec("mypyc") is None:
         print("compiled: mypyc not installed, using the interpreted modules", flush=True)
         _clear()
         return 1
@@ -89,9 +113,9 @@ def build(log: bool = True) -> int:
     stage = OUT / "stage"
     shutil.copytree(REPO / "backends", stage / "backends", ignore=_ignore)
     t0 = time.monotonic()
-    mypyc = str(Path(sys.executable).parent / "mypyc")
     r = subprocess.run(
-        [mypyc, *MODULES], cwd=stage, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _SETUP, *MODULES], cwd=stage, capture_output=True, text=True,
+        timeout=900, env={**os.environ, "VDPA_MYPYC_GROUP": GROUP},
     )  # fmt: skip
     (OUT / "build.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
@@ -101,16 +125,33 @@ def build(log: bool = True) -> int:
         )
         _clear(keep_log=True)
         return 1
-    for m in MODULES:
-        pkg = Path(m).parent
-        (lib / pkg).mkdir(parents=True, exist_ok=True)
-        for so in (stage / pkg).glob(f"{Path(m).stem}*{suffix}"):
-            shutil.move(str(so), lib / pkg / so.name)
+    for so in _libraries():
+        built = stage / so.relative_to(lib)
+        if not built.exists():
+            print(f"compiled: mypyc left no {built.name}, using the interpreted modules")
+            _clear(keep_log=True)
+            return 1
+        so.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(built), so)
     shutil.rmtree(stage, ignore_errors=True)
     STAMP.write_text("".join(f"{m} {d}\n" for m, d in sources.items()))
     if log:
         print(f"compiled: {', '.join(MODULES)} in {time.monotonic() - t0:.0f} s", flush=True)
     return 0
+
+
+#: The build script (what the ``mypyc`` command writes, plus the group name): modules from argv.
+_SETUP = """
+import os, sys
+from mypyc.build import mypycify
+from setuptools import setup
+modules = sys.argv[1:]
+setup(
+    name="vdpa_compiled",
+    ext_modules=mypycify(modules, opt_level="3", group_name=os.environ["VDPA_MYPYC_GROUP"]),
+    script_args=["build_ext", "--inplace"],
+)
+"""
 
 
 def _ignore(directory: str, names: list[str]) -> list[str]:

@@ -4,8 +4,12 @@ loop turns, so the backend's RX path (wire -> guest) can be measured on its own.
 It delivers up to ``burst`` frames per loop iteration through the normal receiver callback
 (the backend's RX backlog) and re-arms itself with ``loop.call_soon``. ``room()``, when given,
 says how many frames the backlog can still take, so the generator does not spend the CPU it
-shares with the backend on frames that would only be counted as drops. Sending counts and
-discards, like ``NullWire``.
+shares with the backend on frames that would only be counted as drops: with it, the generator
+re-arms only while the backlog has room, and a loop epilogue (run after every callback)
+re-arms it as soon as a callback (the RX pass) made room again. A backlog the guest cannot
+drain (no RX buffers posted) therefore leaves the backend asleep in its event loop until the
+guest's next kick, instead of spinning (which made the RX CPU per packet a measure of the
+frontend's speed). Sending counts and discards, like ``NullWire``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class GeneratorWire(WireBase):
         self.frame = make_frame(size)
         self.burst = burst
         self.room = room
+        self._armed = False  # a _pump is queued with call_soon
 
     def send(self, frame: bytes, qp: int) -> None:
         self.tx_frames += 1
@@ -43,9 +48,26 @@ class GeneratorWire(WireBase):
 
     def attach(self, loop: EventLoop) -> None:
         self._loop = loop
-        loop.call_soon(self._pump)
+        loop.add_epilogue(self._rearm)
+        self._arm()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_epilogue(self._rearm)
+        super().close()
+
+    def _arm(self) -> None:
+        if not self._armed and self._loop is not None:
+            self._armed = True
+            self._loop.call_soon(self._pump)
+
+    def _rearm(self) -> None:
+        """Loop epilogue: pump again once there is room (the RX pass just made some)."""
+        if not self._armed and not self._closed and self.room is not None and self.room() > 0:
+            self._arm()
 
     def _pump(self) -> None:
+        self._armed = False
         if self._closed or self._loop is None:
             return
         cb = self._receiver
@@ -56,4 +78,5 @@ class GeneratorWire(WireBase):
                 cb(frame, 0)
             self.rx_frames += n
             self.rx_bytes += n * len(frame)
-        self._loop.call_soon(self._pump)
+        if self.room is None or self.room() > 0:
+            self._arm()

@@ -6,7 +6,12 @@
 * ``datapath.py`` - :class:`NetDevice`: features, TX/RX queues, mergeable buffers, multiqueue
 """
 
+# ruff: noqa: E402  (the compiled modules must be on __path__ before the imports below)
 from __future__ import annotations
+
+from backends.compiled import activate
+
+activate(__path__, __name__)  # mypyc-built hot-path modules, when current (backends/compiled.py)
 
 from typing import TYPE_CHECKING, Any
 

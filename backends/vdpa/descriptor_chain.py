@@ -21,7 +21,7 @@ from __future__ import annotations
 import mmap
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Final
 
 from backends.virtio.ring import (
     DESC_SIZE,
@@ -52,12 +52,13 @@ CHAIN_CHECKS = frozenset(
     }
 )
 
-_DESC = struct.Struct("<QIHH")  # both layouts: addr, len, then two u16 the layout names
-_unpack_from = _DESC.unpack_from
-_READ = Access.READ
-_WRITE = Access.WRITE
-_FLAGS_MASK = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT
-_INDIRECT_MAX_LEN = MAX_INDIRECT_ENTRIES * DESC_SIZE
+# Final: mypyc keeps these in C statics instead of looking them up in the module dict
+_DESC: Final = struct.Struct("<QIHH")  # both layouts: addr, len, then two u16 the layout names
+_unpack_from: Final = _DESC.unpack_from
+_READ: Final = Access.READ
+_WRITE: Final = Access.WRITE
+_FLAGS_MASK: Final = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT
+_INDIRECT_MAX_LEN: Final = MAX_INDIRECT_ENTRIES * DESC_SIZE
 
 #: Anything ``struct.unpack_from`` reads: a host buffer or a snapshot of a ring.
 Buffer = bytes | bytearray | memoryview | mmap.mmap
@@ -80,21 +81,54 @@ class VqError(Exception):
         super().__init__(f"{kind}: {detail}" if detail else kind)
 
 
-@dataclass(slots=True)
 class Chain:
     """A popped descriptor chain: driver-written ``out`` pieces, device-writable ``inp``.
 
     ``head`` is what the used element names: the head index (split) or the buffer id
-    (packed). ``slots`` is how many ring entries it took (packed; 1 for split)."""
+    (packed). ``slots`` is how many ring entries it took (packed; 1 for split).
 
-    head: int
-    out: list[Piece]
-    inp: list[Piece]
-    out_len: int
-    in_len: int
-    avail_idx: int = 0  # where it was popped: avail-ring position (split) or ring slot (packed)
-    ndesc: int = 0  # buffers walked (indirect table entries included, the indirect one not)
-    slots: int = 1
+    A plain class with slots rather than a dataclass: one is made per packet, and mypyc
+    compiles this ``__init__`` (a dataclass's generated one stays interpreted)."""
+
+    __slots__ = ("avail_idx", "head", "in_len", "inp", "ndesc", "out", "out_len", "slots")
+
+    def __init__(
+        self,
+        head: int,
+        out: list[Piece],
+        inp: list[Piece],
+        out_len: int,
+        in_len: int,
+        avail_idx: int = 0,  # where it was popped: avail position (split) or slot (packed)
+        ndesc: int = 0,  # buffers walked (indirect table entries included, the indirect not)
+        slots: int = 1,
+    ) -> None:
+        self.head = head
+        self.out = out
+        self.inp = inp
+        self.out_len = out_len
+        self.in_len = in_len
+        self.avail_idx = avail_idx
+        self.ndesc = ndesc
+        self.slots = slots
+
+    def _fields(self) -> tuple[int, list[Piece], list[Piece], int, int, int, int, int]:
+        return (self.head, self.out, self.inp, self.out_len, self.in_len, self.avail_idx,
+                self.ndesc, self.slots)  # fmt: skip
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Chain):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        return (
+            f"Chain(head={self.head!r}, out={self.out!r}, inp={self.inp!r}, "
+            f"out_len={self.out_len!r}, in_len={self.in_len!r}, avail_idx={self.avail_idx!r}, "
+            f"ndesc={self.ndesc!r}, slots={self.slots!r})"
+        )
 
 
 def walk_chain(

@@ -14,6 +14,7 @@ mode or fault change bumps the generation and drops the window.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from .access import Access, TranslationError
 from .dirty_log import DirtyLog
@@ -24,12 +25,51 @@ from .memory import HostMemory, HostRegion, Piece
 
 __all__ = ["DmaSpace"]
 
-#: (lo, hi, region, offset - iova, readable, writable, generation): a remembered IOVA window
-#: (module doc). Permissions are booleans so the check is an identity test, not IntFlag math.
-_Window = tuple[int, int, HostRegion, int, bool, bool, tuple[int, int, int, int]]
-_READ = Access.READ
-_WINDOW_PIECES = 4096  # Pieces remembered per window (a ring's worth of buffers, and more)
-_WRITE = Access.WRITE
+# Final: mypyc keeps these in C statics instead of looking them up in the module dict
+_READ: Final = Access.READ
+_WINDOW_PIECES: Final = 4096  # Pieces remembered per window (a ring's worth of buffers, and more)
+_WRITE: Final = Access.WRITE
+
+
+class _Window:
+    """A remembered IOVA window (module doc): [lo, hi) reaches ``region`` at ``iova + delta``,
+    with the permissions as booleans (an identity test, not IntFlag math) and the generation
+    it was computed under, field by field (no tuple built per lookup)."""
+
+    __slots__ = (
+        "delta",
+        "fault_gen",
+        "hi",
+        "host_gen",
+        "iotlb_gen",
+        "lo",
+        "mode",
+        "pieces",
+        "readable",
+        "region",
+        "writable",
+    )
+
+    def __init__(
+        self,
+        lo: int,
+        hi: int,
+        region: HostRegion,
+        delta: int,
+        readable: bool,
+        writable: bool,
+        generation: tuple[int, int, int, int],
+    ) -> None:
+        self.lo = lo
+        self.hi = hi
+        self.region = region
+        self.delta = delta
+        self.readable = readable
+        self.writable = writable
+        self.iotlb_gen, self.host_gen, self.mode, self.fault_gen = generation
+        #: iova -> the Piece last handed out there (Pieces are immutable: the same buffer,
+        #: which rings re-post, gets the same one)
+        self.pieces: dict[int, Piece] = {}
 
 
 class DmaSpace:
@@ -51,7 +91,7 @@ class DmaSpace:
         self._iommu = False
         self._mode = 0
         self._window: _Window | None = None
-        self._window_pieces: dict[tuple[int, int], Piece] = {}  # (iova, length) -> Piece
+        self._window_hits = False  # the current window answered a lookup
         self._window_skip = 0  # slow-path lookups left before remembering a window again
         self._window_backoff = 0
         #: Windows the ``stale-translation-cache`` fault keeps forever (never filled without it).
@@ -83,21 +123,8 @@ class DmaSpace:
         when (part of) the IOVA range is not in the IOTLB (``addr`` = first missing IOVA)."""
         if length <= 0:
             return []
-        w = self._window
-        if (
-            w is not None
-            and w[0] <= iova
-            and iova + length <= w[1]
-            and (w[4] if access is _READ else w[5] if access is _WRITE else False)
-            and w[6] == self.generation
-        ):
-            # Pieces are immutable: the same buffer (rings re-post them) gets the same one
-            cache = self._window_pieces
-            p = cache.get((iova, length))
-            if p is None:
-                p = Piece(w[2], iova + w[3], length)
-                if len(cache) < _WINDOW_PIECES:
-                    cache[(iova, length)] = p
+        p = self.window_piece(iova, length, access)
+        if p is not None:
             return [p]
         if self.iommu and self._fault("translate-by-gpa"):
             return (self.gpa_lookup or self.host.lookup_gpa)(iova, length, access)
@@ -133,13 +160,41 @@ class DmaSpace:
                 pieces.append(p)
         return pieces
 
+    def window_piece(self, iova: int, length: int, access: Access) -> Piece | None:
+        """The remembered window's answer for ``[iova, iova+length)`` (one Piece) when the
+        window covers it with ``access`` permitted and nothing changed since it was computed;
+        None otherwise (then :meth:`translate` takes the slow path). ``length`` > 0."""
+        w = self._window
+        if w is None or iova < w.lo or iova + length > w.hi:
+            return None
+        if not (w.readable if access is _READ else w.writable if access is _WRITE else False):
+            return None
+        f = self.faults
+        if (
+            w.iotlb_gen != self.iotlb.generation
+            or w.host_gen != self.host.generation
+            or w.mode != self._mode
+            or w.fault_gen != (f.generation if f is not None else 0)
+        ):
+            return None
+        cache = w.pieces
+        p = cache.get(iova)
+        if p is None:
+            p = Piece(w.region, iova + w.delta, length)
+            if len(cache) < _WINDOW_PIECES:
+                cache[iova] = p
+        elif p.length != length:
+            p = cache[iova] = Piece(w.region, iova + w.delta, length)
+        self._window_hits = True
+        return p
+
     def _remember(self, iova: int, piece: Piece) -> None:
         """Keep the IOVA window around ``iova`` that one mapping + one region cover.
 
         When windows keep being replaced before anything hit them (every buffer in its own
         mapping, e.g. a strict vIOMMU), remembering is skipped for up to 64 slow-path
         lookups at a time, so that workload does not pay for it."""
-        if self._window is not None and not self._window_pieces:
+        if self._window is not None and not self._window_hits:
             self._window_backoff = min(2 * self._window_backoff + 1, 64)
             self._window_skip = self._window_backoff
         else:
@@ -151,9 +206,9 @@ class DmaSpace:
         lo = max(m.iova, m.iova + r.uaddr - m.uaddr)
         hi = min(m.iova + m.size, m.iova + r.uaddr + r.size - m.uaddr)
         if lo <= iova < hi:
-            self._window_pieces = {}
+            self._window_hits = False
             perm = 3 if self._fault("ignore-iotlb-perm") else int(m.perm)  # the fault: RW
-            self._window = (
+            self._window = _Window(
                 lo,
                 hi,
                 r,

@@ -14,7 +14,6 @@ import logging
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from . import sigbus_guard
@@ -39,13 +38,30 @@ def reap_deferred_closes() -> int:
     return len(_pending_close)
 
 
-@dataclass(frozen=True, slots=True)
 class Piece:
-    """One contiguous host chunk of a translated range (``offset`` is inside the region)."""
+    """One contiguous host chunk of a translated range (``offset`` is inside the region).
 
-    region: HostRegion
-    offset: int
-    length: int
+    Immutable by contract (translations hand the same Piece out again): nothing assigns to
+    its fields after ``__init__``. A plain class with slots rather than a frozen dataclass:
+    mypyc compiles this ``__init__`` (a dataclass's generated one stays interpreted)."""
+
+    __slots__ = ("length", "offset", "region")
+
+    def __init__(self, region: HostRegion, offset: int, length: int) -> None:
+        self.region = region
+        self.offset = offset
+        self.length = length
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Piece):
+            return NotImplemented
+        return (self.region, self.offset, self.length) == (other.region, other.offset, other.length)
+
+    def __hash__(self) -> int:
+        return hash((self.region, self.offset, self.length))
+
+    def __repr__(self) -> str:
+        return f"Piece(region={self.region!r}, offset={self.offset!r}, length={self.length!r})"
 
     @property
     def gpa(self) -> int:

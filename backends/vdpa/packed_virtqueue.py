@@ -62,12 +62,16 @@ class _Rings:
     walk: Callable[[int], Chain]  # the chain walker over ``desc``
 
 
-@dataclass(slots=True)
 class _Popped:
-    pos: int  # slot of the first descriptor
-    wrap: bool  # avail wrap counter at pos
-    slots: int
-    write: bool  # had device-writable buffers
+    """Where a popped chain was (one per packet: a plain class mypyc compiles)."""
+
+    __slots__ = ("pos", "slots", "wrap", "write")
+
+    def __init__(self, pos: int, wrap: bool, slots: int, write: bool) -> None:
+        self.pos = pos  # slot of the first descriptor
+        self.wrap = wrap  # avail wrap counter at pos
+        self.slots = slots
+        self.write = write  # had device-writable buffers
 
 
 class PackedVirtqueue(Virtqueue):
