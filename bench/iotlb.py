@@ -180,11 +180,11 @@ def _warm_up(fe: Any, tx: VhostUserRing, buf: int, length: int, timeout: float =
     while not tx.pop_used():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for the warm-up packet")
-        r, _, _ = select.select([fe.backend_sock], [], [], 0.01)
-        if r:
-            _serve(fe, fe.recv_backend())
-    while select.select([fe.backend_sock], [], [], 0)[0]:  # anything else queued
-        _serve(fe, fe.recv_backend())
+        msg = fe.poll_backend(0.01)
+        if msg is not None:
+            _serve(fe, msg)
+    while (msg := fe.poll_backend(0)) is not None:  # anything else queued
+        _serve(fe, msg)
 
 
 def _serve(fe: Any, msg: Any) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -550,6 +551,21 @@ class Frontend:
             if stop is not None and not msgs:
                 raise ConnectionError(f"backend channel ended: {stop!r}")
         return self._backend_pending.pop(0)
+
+    def poll_backend(self, timeout: float) -> Message | None:
+        """The next backend-initiated request if one is pending or arrives within ``timeout``
+        seconds, else None. Use this, not a select() on :attr:`backend_sock`: requests that
+        arrived together are read together and wait in a queue the socket no longer shows."""
+        if self.backend_sock is None or self._backend_reader is None:
+            raise FrontendError("no backend channel (SET_BACKEND_REQ_FD not sent)")
+        if not self._backend_pending:
+            if not select.select([self.backend_sock], [], [], max(timeout, 0.0))[0]:
+                return None
+            msgs, stop = self._backend_reader.read()
+            self._backend_pending += msgs
+            if stop is not None and not msgs:
+                raise ConnectionError(f"backend channel ended: {stop!r}")
+        return self._backend_pending.pop(0) if self._backend_pending else None
 
     def reply_backend(self, msg: Message, status: int) -> None:
         assert self.backend_sock is not None
