@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import settings
@@ -25,6 +25,9 @@ from backends.virtio.ring import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
+
+if TYPE_CHECKING:  # vduse_rig imports this module
+    from backends.tests.vduse_rig import Rig
 
 # CI runs are reproducible (derandomized); developer runs keep exploring new examples.
 settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -245,3 +248,16 @@ def space() -> Iterator[Space]:
 
 
 __all__ = ["DriverRing", "EchoPersonality", "Space", "make_space"]
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    """The VDUSE transport over the fake kernel (backends/tests/vduse_rig.py), closed after
+    the test: the fixture of the VDUSE transport suites."""
+    from backends.tests.vduse_rig import make_rig
+
+    r = make_rig()
+    try:
+        yield r
+    finally:
+        r.close()

@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterator
 
 import pytest
 
 from backends.tests.vduse_rig import NAME, Rig, make_rig, tx_chain
 from backends.vduse import uapi
 from backends.vduse.transport import VduseError
-
-
-@pytest.fixture
-def rig() -> Iterator[Rig]:
-    r = make_rig()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def still_works(rig: Rig) -> None:

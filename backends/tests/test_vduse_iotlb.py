@@ -5,11 +5,10 @@ replaced, and a range that cannot be fetched changes nothing."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 
 import pytest
 
-from backends.tests.vduse_rig import Rig, make_rig, tx_chain
+from backends.tests.vduse_rig import Rig, tx_chain
 from backends.vdpa.access import Access
 from backends.vduse import uapi
 from backends.vduse.fake_kernel import FakeMemory
@@ -18,15 +17,6 @@ from backends.vduse.uapi import IotlbEntry
 RW = uapi.VDUSE_ACCESS_RW
 RO = uapi.VDUSE_ACCESS_RO
 MB = 1 << 20
-
-
-@pytest.fixture
-def rig() -> Iterator[Rig]:
-    r = make_rig()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def snapshot(rig: Rig) -> dict[int, tuple[int, int, object]]:

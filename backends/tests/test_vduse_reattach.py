@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -27,15 +26,6 @@ DONE, HELD = 3, 2
 
 def frame(seq: int) -> bytes:
     return bytes([seq]) * (60 + seq)
-
-
-@pytest.fixture
-def rig() -> Iterator[Rig]:
-    r = make_rig()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def _crash(rig: Rig) -> None:

@@ -3,7 +3,6 @@ vq state, reset, tear-down, and the monitor on this transport."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,15 +28,6 @@ from backends.virtio.net_header import HDR_LEN
 CTRL_VQ = 17
 MQ = 22
 GUEST_ANNOUNCE = 21
-
-
-@pytest.fixture
-def rig() -> Iterator[Rig]:
-    r = make_rig()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_create_offers_model_features_and_config(rig: Rig) -> None:

@@ -18,10 +18,11 @@ memory); on reconnect vhost starts again with SET_VRING_BASE = that index. So:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .backend_process import BackendProcess
-from .testbed import GUEST_MAC, Testbed
+from .testbed import Testbed
 from .waiting import poll_until
 
 RX_Q, TX_Q = 0, 1
@@ -44,24 +45,36 @@ def take_backend_down(tb: Testbed, *, crash: bool) -> BackendProcess:
     return old
 
 
-def start_replacement(tb: Testbed, old: BackendProcess, faults: list[str]) -> BackendProcess:
-    """A new backend on the old one's socket path, talking to the same wire peer."""
+def start_replacement(tb: Testbed, old: BackendProcess, faults: Sequence[str]) -> BackendProcess:
+    """A new backend process in place of ``old`` (which is gone), talking to the same wire
+    peer: over vhost-user on the old one's socket path (QEMU reconnects to it); over VDUSE
+    re-attached (``--vduse-reattach``) to the old one's device, which QEMU's vhost-vdpa fd
+    kept open (qtests/qos/vdpa_reattach.py)."""
     n = 2
     while (tb.log_dir / f"backend-{n}.log").exists():
         n += 1
+    if old.transport == "vduse":
+        where: dict[str, Any] = {"transport": "vduse", "vduse_name": old.vduse_name}
+        extra = [*tb.backend_args, "--vduse-reattach"]
+    else:
+        where, extra = {"socket_path": old.socket}, list(tb.backend_args)
     new = BackendProcess(
         tb.log_dir,
         name=f"backend-{n}",
         run_dir=tb.run_dir,
         queues=tb.queues,
         wire=tb.peer.backend_wire_spec(),
-        faults=faults,
-        mac=GUEST_MAC,
-        extra_args=tb.backend_args,
-        socket_path=old.socket,
+        faults=list(faults),
+        mac=tb.backend_mac,
+        extra_args=extra,
+        **where,
     )
     tb.backend = new  # from now on the testbed stops this one (the old one is gone)
-    new.start()
+    new.start(timeout=60.0 if old.transport == "vduse" else 30.0)
+    if old.transport == "vduse":
+        assert new.vhost_vdpa == old.vhost_vdpa, (
+            f"the replacement serves {new.vhost_vdpa}, QEMU holds {old.vhost_vdpa}"
+        )
     spec = new.wire_spec()
     assert spec.endswith(f":{tb.peer.port}"), f"{spec}: not the same peer port"
     tb.peer.connect(spec)

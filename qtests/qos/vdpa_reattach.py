@@ -35,8 +35,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .backend_process import BackendProcess
 from .frames import make_frame, parse_frame
+from .reconnect import start_replacement
 from .testbed import GUEST_MAC, Testbed
 from .virtio_net import VirtioNetError
 from .virtqueue import VirtqueueError
@@ -88,32 +88,6 @@ def rx_exactly(tb: Testbed, sent: Sequence[bytes], what: str, n: int) -> None:
     )
 
 
-def restart_reattached(tb: Testbed, old: BackendProcess, faults: Sequence[str]) -> BackendProcess:
-    """A new backend process on the dead one's VDUSE device, talking to the same wire peer."""
-    n = 2
-    while (tb.log_dir / f"backend-{n}.log").exists():
-        n += 1
-    new = BackendProcess(
-        tb.log_dir,
-        name=f"backend-{n}",
-        run_dir=tb.run_dir,
-        queues=tb.queues,
-        wire=tb.peer.backend_wire_spec(),
-        faults=faults,
-        mac=tb.backend_mac,
-        extra_args=[*tb.backend_args, "--vduse-reattach"],
-        transport="vduse",
-        vduse_name=old.vduse_name,
-    )
-    tb.backend = new  # from now on the testbed stops this one
-    new.start(timeout=60.0)
-    assert new.vhost_vdpa == old.vhost_vdpa, (
-        f"the replacement serves {new.vhost_vdpa}, QEMU holds {old.vhost_vdpa}"
-    )
-    tb.peer.connect(new.wire_spec())
-    return new
-
-
 def reattach_mid_stream(
     tb: Testbed,
     faults_after: Sequence[str] = (),
@@ -159,7 +133,7 @@ def reattach_mid_stream(
     vring_at_kill = {v["index"]: v for v in old.vrings()}
     # -- SIGKILL, restart on the same device ---------------------------------------------------
     old.kill()
-    new = restart_reattached(tb, old, faults_after)
+    new = start_replacement(tb, old, faults_after)
     (entry,) = new.journal(["vduse.reattach"])
     resumed = {q["vq"]: q for q in entry["queues"]}
     # the chains in flight: each TX frame exactly once, in order, by the replacement
@@ -239,7 +213,7 @@ def reattach_in_running_stream(
     old.kill()
     for f in stream[kill_at : kill_at + dead]:
         net.send_burst([f], wait=False)  # kicks go to the dead process's eventfd
-    new = restart_reattached(tb, old, ())
+    new = start_replacement(tb, old, ())
     (entry,) = new.journal(["vduse.reattach"])
     resumed = {q["vq"]: q for q in entry["queues"]}
     u = (resumed[TX_Q]["resumed_at"] - used0) & 0xFFFF
