@@ -200,6 +200,7 @@ def migrate_with_unplug_pending(pair: MigrationPair, dimm_id: str) -> dict[str, 
     return {
         "transport": src.transport,
         "downtime_ms": stats.downtime_ms,
+        "total_time_ms": stats.total_time_ms,
         "destination_slot_status_after_migration": status,
         "remove_event_migrated": bool(status & STATUS_REMOVE_EVENT),
         "source_messages_at_the_switchover": _memory_changes(src, mark_mig),
@@ -280,6 +281,7 @@ def device_add_during_migration(pair: MigrationPair, size: int) -> dict[str, obj
         "transport": src.transport,
         "refused": refused,
         "downtime_ms": stats.downtime_ms,
+        "total_time_ms": stats.total_time_ms,
         "destination_messages_for_the_plug": _memory_changes(dst, mark_b),
         "dimm_iova_on_the_destination": hex(dimm_key(dst, dev)[0]),
     }
