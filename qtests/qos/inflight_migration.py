@@ -96,15 +96,30 @@ def rx_taken_at_switchover(pair: MigrationPair, held: int = 4) -> None:
 # ADD_MEM_REG; vhost-vdpa a VDUSE UPDATE_IOTLB whose set_map diff is exactly the DIMM, at the
 # IOVA `dimm_key` names) and what the source device sees when QEMU stops it.
 #
-# Over vhost-vdpa (QEMU 10, VDUSE on Linux 6.12): device_del only raises the ACPI remove event
-# (hw/acpi/memory_hotplug.c ``acpi_memory_unplug_request_cb`` sets is_removing and sends the
-# SCI); the DIMM stays in the address space, so QEMU's vhost-vdpa listener sees nothing and the
-# device gets no UPDATE_IOTLB. The memory goes only at _EJ0 (``acpi_memory_hotplug_write``
-# -> ``hotplug_handler_unplug`` -> ``pc_dimm_unplug`` -> the listener's ``region_del``:
-# VHOST_IOTLB_INVALIDATE of the DIMM's IOVA inside a batch; the kernel's vhost-vdpa calls
-# VDUSE's ``set_map`` at BATCH_END, VDUSE sends UPDATE_IOTLB). At the switchover QEMU stops
-# the source device with a reset (SET_STATUS 0: VDUSE cannot suspend) and unmaps every guest
-# region from it as the vhost device stops (the DIMM among them: that is not a remove).
+# Over vhost-vdpa (QEMU 10.0, x-svq=on, VDUSE on Linux 6.12), from the lane runs and the sources:
+# * device_del only raises the ACPI remove event (hw/acpi/memory_hotplug.c
+#   ``acpi_memory_unplug_request_cb``: is_removing + SCI); the DIMM stays in the address space,
+#   so QEMU's vhost-vdpa listener sees nothing: no UPDATE_IOTLB reaches the device. The memory
+#   goes only at _EJ0 (``acpi_memory_hotplug_write`` -> ``pc_dimm_unplug`` -> the listener's
+#   ``region_del``: VHOST_IOTLB_INVALIDATE of the DIMM's IOVA inside a batch; the kernel's
+#   vhost-vdpa calls VDUSE's ``set_map`` at BATCH_END and VDUSE sends one UPDATE_IOTLB).
+# * With shadow virtqueues the device never sees GPAs: QEMU allocates IOVAs from its own IOVA
+#   tree (`dimm_key`). Observed: shadow rings at IOVA 0x1000.., guest RAM sections from 0x7000
+#   on, the DIMM right after base RAM (0x10017000 with 256 MiB of RAM, 0x8017000 with 128 MiB;
+#   its GPA is 4 GiB).
+# * At the switchover the source device is reset (SET_STATUS 0: no VHOST_BACKEND_F_SUSPEND),
+#   then four UPDATE_IOTLB unmap the shadow rings (``vhost_vdpa_svqs_stop``), SET_STATUS 0 and
+#   ACKNOWLEDGE|DRIVER again, and one UPDATE_IOTLB unmaps every guest RAM section at once, the
+#   DIMM among them: ``vhost_vdpa_reset_status`` unregisters the memory listener. That is the
+#   device stopping, not a remove.
+# * The destination device gets its table only when QEMU starts it after the switchover:
+#   FEATURES_OK, four UPDATE_IOTLB for the shadow rings, one for all RAM sections (the
+#   cold-plugged DIMM included), DRIVER_OK.
+# * device_add while a migration runs is refused before any device exists (system/qdev-monitor.c
+#   ``qdev_device_add_from_qdict``: "device_add not allowed while migrating" while
+#   ``migration_is_running()``); device_del is refused the same way (``qdev_unplug``) unless the
+#   device allows unplug during migration, so a DIMM remove can only be pending from before the
+#   migration, as in `migrate_with_unplug_pending`.
 
 
 def idle_dimm_hooks(
@@ -210,8 +225,9 @@ def migrate_with_unplug_pending(pair: MigrationPair, dimm_id: str) -> dict[str, 
 
 
 def device_add_during_migration(pair: MigrationPair, size: int) -> dict[str, object]:
-    """``device_add`` of a DIMM while the migration is in precopy. QEMU 10 refuses it (a
-    migration is active: qdev_device_add checks ``migration_is_idle``) with a clear error;
+    """``device_add`` of a DIMM while the migration is in precopy. QEMU 10 refuses it with a
+    clear error ("device_add not allowed while migrating": system/qdev-monitor.c
+    ``qdev_device_add_from_qdict`` checks ``migration_is_running``);
     nothing reaches the source device (vhost-user: no ADD_MEM_REG; vhost-vdpa: no
     UPDATE_IOTLB), the migration completes, and the DIMM can be added on the destination
     afterwards: B is told (vhost-user ADD_MEM_REG; vhost-vdpa UPDATE_IOTLB whose set_map diff
