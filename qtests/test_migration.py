@@ -60,17 +60,16 @@ from backends.virtio.net import (
     VIRTIO_NET_OK,
     VIRTIO_NET_S_ANNOUNCE,
 )
-from qtests.qos.acpi_memhp import AcpiMemoryHotplug
 from qtests.qos.alloc import GuestAllocator
 from qtests.qos.backend_process import BackendProcess
 from qtests.qos.frames import PEER_MAC, mac_bytes, make_frame, parse_frame
 from qtests.qos.inflight_migration import (
     device_add_during_migration,
+    idle_dimm_hooks,
     migrate_with_unplug_pending,
     rx_taken_at_switchover,
 )
 from qtests.qos.machine import QemuMachine
-from qtests.qos.memory_devices import DimmHotplug
 from qtests.qos.migration import (
     DriverErrors,
     MigrationPair,
@@ -887,17 +886,7 @@ def test_rx_taken_at_switchover_catches_no_drain(make_testbed: Callable[..., Tes
 def idle_dimm_pair(make_testbed: Callable[..., Testbed], **kw: Any) -> MigrationPair:
     """A pair with an idle DIMM (nothing of the driver in it), cold-plugged on the
     destination."""
-    dimm: dict[str, int] = {}
-
-    def plug(tb: Testbed) -> None:
-        assert tb.machine is not None
-        hp = DimmHotplug(tb.qmp, AcpiMemoryHotplug(tb.machine.qtest, tb.machine.slots))
-        dimm["addr"] = hp.plug(DIMM_SIZE, ident="dimm1").addr
-
-    def cold_plug(m: QemuMachine) -> None:
-        m.add_object("memory-backend-memfd", id="dimm1-mem", size=DIMM_SIZE, share=True)
-        m.add_device("pc-dimm", id="dimm1", memdev="dimm1-mem", addr=dimm["addr"])
-
+    plug, cold_plug = idle_dimm_hooks(DIMM_SIZE)
     return start_pair(make_testbed, before_init=plug, customize=cold_plug, **kw)
 
 
@@ -909,9 +898,9 @@ def test_migration_with_a_dimm_unplug_pending(
 
 
 def test_device_add_during_migration(make_testbed: Callable[..., Testbed], log_dir: Path) -> None:
-    refused = device_add_during_migration(start_pair(make_testbed), DIMM_SIZE)
-    (log_dir / "device-add-during-migration.txt").write_text(refused + "\n")
-    print(refused)
+    facts = device_add_during_migration(start_pair(make_testbed), DIMM_SIZE)
+    (log_dir / "device-add-during-migration.json").write_text(json.dumps(facts, indent=1))
+    print(facts["refused"])
 
 
 def test_meta_unplug_pending_catches_ignored_rem(make_testbed: Callable[..., Testbed]) -> None:

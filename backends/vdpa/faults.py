@@ -36,7 +36,9 @@ FAULTS: dict[str, str] = {
         "hotplug suite (qtests/test_memory_hotplug.py test_keep_stale_map_is_caught: the "
         "set_map diffs must add exactly the plugged DIMM; qtests/test_memory_inflight.py "
         "test_meta_held_chains_scenario_catches_over_vhost_vdpa[keep-stale-map]: the plug "
-        "adds no mmap)."
+        "adds no mmap; qtests/test_vdpa_inflight_migration.py "
+        "test_meta_vdpa_unplug_pending_catches_keep_stale_map: the DIMM ejected on the "
+        "destination after the migration stays mapped)."
     ),
     "vring-base-off-by-one": (
         "get_vq_state / GET_VRING_BASE returns last_avail_idx + 1. Caught by the migration and "

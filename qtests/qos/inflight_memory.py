@@ -185,6 +185,26 @@ def expect_memory_change(
     assert not stops, f"{what}: QEMU stopped, reset or re-programmed the rings: {stops}"
 
 
+def dimm_key(tb: Testbed, dev: MemoryDevice) -> tuple[int, int]:
+    """The (IOVA, size) under which the DIMM ``dev`` reaches the device: its guest-physical
+    address (vhost-user; vhost-vdpa without a vIOMMU and without shadow virtqueues), or under
+    ``x-svq=on`` an IOVA QEMU allocated. With shadow virtqueues QEMU's vhost-vdpa memory
+    listener (hw/virtio/vhost-vdpa.c ``vhost_vdpa_listener_region_add``) takes an IOVA for
+    the section's host address from its own IOVA tree (``vhost_iova_tree_map_alloc``) and
+    ``region_del`` finds it again by host address: the device never sees GPAs. That IOVA is
+    read from the device's IOTLB: the one entry of the DIMM's size (no RAM section or shadow
+    ring of the test machines has it). Call it while the DIMM is mapped."""
+    if tb.transport != VDPA or not tb.netdev_props.get("x-svq"):
+        return (dev.addr, dev.size)
+    assert tb.backend is not None
+    entries = [m for m in tb.backend.cmd("query-iotlb")["mappings"] if m["size"] == dev.size]
+    assert len(entries) == 1, (
+        f"{dev.id}: expected one IOTLB entry of {dev.size:#x} bytes in the device, found "
+        f"{[(hex(m['iova']), hex(m['size'])) for m in entries]}"
+    )
+    return (int(entries[0]["iova"]), dev.size)
+
+
 def ring_unreachable(tb: Testbed, since: int, ring: tuple[int, int], what: str) -> None:
     """A kicked queue whose ring lives in [ring[0], ring[0]+ring[1]), memory the device no
     longer maps, fails cleanly and the backend stays alive.

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .frames import PEER_MAC, mac_bytes, make_frame, parse_frame
+from .machine import QemuMachine
 from .migration import DriverErrors, MigrationPair, PrecopyHold, invariant
 from .testbed import GUEST_MAC, Testbed
 from .virtio_net import VirtioNetDriver
@@ -92,19 +93,29 @@ class Plan:
 
 
 def start_svq_pair(
-    make_testbed: Callable[..., Testbed], *, faults: tuple[str, ...] = (), memory: str = "256M"
+    make_testbed: Callable[..., Testbed],
+    *,
+    faults: tuple[str, ...] = (),
+    dst_faults: tuple[str, ...] | None = None,
+    memory: str = "256M",
+    before_init: Callable[[Testbed], None] | None = None,
+    customize: Callable[[QemuMachine], None] | None = None,
 ) -> MigrationPair:
+    """A started x-svq=on pair. ``faults`` go to both backends unless ``dst_faults`` names
+    the destination's; ``before_init`` / ``customize`` as `MigrationPair.start_source` /
+    `MigrationPair.start_destination` (a DIMM plugged on the source, cold-plugged on the
+    destination)."""
     pair = MigrationPair(
         make_testbed,
         src_faults=faults,
-        dst_faults=faults,
+        dst_faults=faults if dst_faults is None else dst_faults,
         memory=memory,
         transport="vhost-vdpa",
         netdev_props=SVQ_NETDEV,
         backend_args=SVQ_WITHHOLD,
     )
-    pair.start_source()
-    pair.start_destination()
+    pair.start_source(before_init)
+    pair.start_destination(customize)
     return pair
 
 
