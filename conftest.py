@@ -49,6 +49,24 @@ def xdist_scope(nodeid: str) -> str:
     return module if module in ONE_WORKER_MODULES else nodeid
 
 
+#: ``-n auto`` workers per CPU. A qtest mostly waits (for QEMU, the backend, a migration or a
+#: frame on a socket): on 2 CPUs two workers leave the CPUs idle a third of the time.
+WORKERS_PER_CPU = 2
+MAX_AUTO_WORKERS = 8
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """What ``-n auto`` (``make check``) means: :data:`WORKERS_PER_CPU` per usable CPU, at most
+    :data:`MAX_AUTO_WORKERS`; ``PYTEST_XDIST_AUTO_NUM_WORKERS=N`` overrides it, as in xdist."""
+    import os
+
+    env = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    if env:
+        return int(env)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_AUTO_WORKERS, WORKERS_PER_CPU * (cpus or 1)))
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``make check`` (``-n auto --dist loadgroup``): tests are spread one by one, except the
     scopes of :func:`xdist_scope`. Scopes go out largest first (xdist's loadscope reorder), so
