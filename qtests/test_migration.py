@@ -98,7 +98,7 @@ GUEST = mac_bytes(GUEST_MAC)
 TX_VQ, RX_VQ = 1, 0
 #: Guest RAM of every migration test: the scenario does not need more, and precopy of an
 #: idle guest costs about 3 s per GiB here (zero-page scanning).
-MEMORY = "256M"
+MEMORY = "64M"
 DIMM_SIZE = 64 << 20
 VIOMMU_DOMAIN = 1
 #: Pages `PrecopyHold` keeps dirty (4 MiB: 0.5 s per precopy iteration at its pass bandwidth).
