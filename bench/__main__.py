@@ -228,7 +228,7 @@ class Runner:
     def iotlb(self) -> None:
         from bench import iotlb
 
-        iotlb.in_process(self.report, log)
+        iotlb.in_process(self.report, log, budget_s=0.2 if self.args.quick else 1.0)
         iotlb.miss_rtt_frontend(self.report, self.scratch("iotlb"), log, self.backend_cpu)
         iotlb.miss_rtt_qemu(self.report, self.logs / "iotlb-qemu", log)
 

@@ -88,16 +88,17 @@ def dma_translate_per_s(n: int, budget_s: float = 1.0) -> float:
             return done / (now - t0)
 
 
-def in_process(report: Report, log: Callable[[str], None]) -> None:
+def in_process(report: Report, log: Callable[[str], None], budget_s: float = 1.0) -> None:
+    """Lookups/s, each figure from ``budget_s`` CPU seconds of lookups (``--quick``: less)."""
     import backends.vdpa.iotlb as iotlb_module
     from backends.compiled import is_compiled
 
     how = "mypyc-compiled" if is_compiled(iotlb_module) else "interpreted"
     for n, key in ((1000, "1k"), (100_000, "100k")):
-        rate = lookups_per_s(n)
+        rate = lookups_per_s(n, budget_s)
         report.put(f"iotlb_lookups_per_s_{key}", round(rate), f"{how} backends/vdpa/iotlb.py")
         log(f"  IOTLB.translate ({how}), {n} entries: {rate:,.0f} lookups/s")
-    code = "from bench.iotlb import lookups_per_s; print(lookups_per_s(100_000))"
+    code = f"from bench.iotlb import lookups_per_s; print(lookups_per_s(100_000, {budget_s}))"
     env = dict(os.environ, VDPA_INTERPRETED="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if r.returncode == 0:
@@ -106,7 +107,7 @@ def in_process(report: Report, log: Callable[[str], None]) -> None:
         log(f"  IOTLB.translate (interpreted), 100000 entries: {rate:,.0f} lookups/s")
     else:
         report.fail("iotlb_lookups_per_s_100k_interpreted", r.stderr.strip()[-300:])
-    rate = dma_translate_per_s(100_000)
+    rate = dma_translate_per_s(100_000, budget_s)
     report.put("dma_translate_per_s_100k", round(rate))
     log(f"  DmaSpace.translate, 100k entries, every lookup a new mapping: {rate:,.0f}/s")
 
