@@ -46,9 +46,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = base / "src"
     shutil.copytree(REPO_ROOT, src, ignore=shutil.ignore_patterns(*NOT_SOURCE), symlinks=True)
     venv = base / "venv"
-    run(sys.executable, "-m", "venv", venv, cwd=base)
-    run(venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", src, cwd=base)
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=base)
+    pip_install(venv / "bin" / "python", "--no-deps", src, cwd=base)
     return venv
+
+
+def pip_install(python: Path, *args: str | Path, cwd: Path) -> None:
+    """``pip install`` into the venv of ``python``, by this venv's pip (``pip --python``):
+    the venv is made without its own pip, which would cost seconds of ensurepip per run."""
+    run(sys.executable, "-m", "pip", "--python", python, "install", "-q", *args, cwd=cwd)
 
 
 def site_packages(venv: Path) -> Path:
@@ -97,7 +103,7 @@ def test_shell_with_its_extra_runs_and_logs_under_the_current_directory(
         "[r.split(';')[0] for r in m.requires('vdpa-qtest') if 'extra == \"shell\"' in r]",
     )
     assert isinstance(extra, list) and extra, "no shell extra declared"
-    run(python, "-m", "pip", "install", "-q", *extra, cwd=installed)
+    pip_install(python, *extra, cwd=installed)
     out = run(installed / "bin" / "vdpa-shell", "--help", cwd=tmp_path)
     assert "--qtest" in out and "--qemu" in out, out
 
