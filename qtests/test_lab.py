@@ -29,33 +29,14 @@ needs_lab = pytest.mark.skipif(
 
 @needs_lab
 @pytest.mark.qemu
-def test_lab_runs_a_command_in_the_host_root(log_dir: Path) -> None:
-    script = (
-        f"cd {REPO}\n"
-        'echo "cwd=$(pwd) inside=$VDPA_LAB_INSIDE"\n'
-        f"{sys.executable} -c 'import qtests.lab; print(\"venv ok\")'\n"
-        'echo "to stderr" >&2\n'
-        'uname -r > "$VDPA_LAB_SHARE/uname"\n'
-        "exit 7\n"
-    )
-    result = run_in_lab(script, log_dir / "lab")
-    assert result.rc == 7, result
-    assert f"cwd={REPO} inside=1" in result.stdout
-    assert "venv ok" in result.stdout
-    assert result.stderr == "to stderr\n"
-    assert (result.share / "uname").read_text().strip().endswith("-amd64"), "not L1's kernel"
-    assert image.DONE_MARKER + " rc=7" in result.console_log.read_text()
-    assert 0 < result.boot_seconds < result.total_seconds
-
-
-@needs_lab
-@pytest.mark.qemu
-def test_lab_and_the_lane_in_it_follow_qtest_qemu_binary(
+def test_lab_runs_a_command_in_the_host_root_under_qtest_qemu_binary(
     log_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """$QTEST_QEMU_BINARY picks the QEMU that boots L1, and the lane hands the same binary to
-    the L2 QEMUs inside it. The recording wrapper lives in the writable share, so runs made
-    inside L1 are recorded too."""
+    """L1 runs a script in the host's root (the checkout, its venv, stdout, stderr, exit
+    status, files in the share) and $QTEST_QEMU_BINARY picks the QEMU that boots L1, and the
+    lane hands the same binary to the L2 QEMUs inside it. The recording wrapper lives in the
+    writable share, so runs made inside L1 are recorded too. (One boot for both: each costs
+    seconds of TCG.)"""
     workdir = log_dir / "lab"
     wrapper = RecordingQemu.create(workdir / "share" / "qemu", find_qemu())
     monkeypatch.setenv("QTEST_QEMU_BINARY", str(wrapper.path))
@@ -68,13 +49,24 @@ def test_lab_and_the_lane_in_it_follow_qtest_qemu_binary(
     script = "\n".join(
         [
             f"cd {REPO}",
+            'echo "cwd=$(pwd) inside=$VDPA_LAB_INSIDE"',
             *exports,
-            f"{sys.executable} -c 'from qtests.qos.machine import find_qemu, require_qemu; "
+            f'{sys.executable} -c \'import qtests.lab; print("venv ok"); '
+            "from qtests.qos.machine import find_qemu, require_qemu; "
             'require_qemu(); print("inner qemu", find_qemu())\'',
+            'echo "to stderr" >&2',
+            'uname -r > "$VDPA_LAB_SHARE/uname"',
+            "exit 7",
         ]
     )
     result = run_in_lab(script, workdir)
-    assert result.rc == 0, result
+    assert result.rc == 7, result
+    assert f"cwd={REPO} inside=1" in result.stdout
+    assert "venv ok" in result.stdout
+    assert result.stderr == "to stderr\n"
+    assert (result.share / "uname").read_text().strip().endswith("-amd64"), "not L1's kernel"
+    assert image.DONE_MARKER + " rc=7" in result.console_log.read_text()
+    assert 0 < result.boot_seconds < result.total_seconds
     assert f"inner qemu {wrapper.path}" in result.stdout
     assert any(" -kernel " in f" {r} " for r in wrapper.machines()), wrapper.runs()
     assert "--version" in wrapper.runs(), "the version check inside L1 ran another QEMU"
