@@ -8,9 +8,17 @@ process's log, journal, stdout and stderr).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
+
+# pytest caches each test module's assertion-rewritten code under __pycache__ unless
+# PYTHONDONTWRITEBYTECODE is set (as on this project's machines): then every pytest-xdist
+# worker parses and rewrites all ~80 test modules again, 2 s of CPU per worker. `make check`
+# byte-compiles the checkout anyway (make bytecode), so the cache is written here too.
+# (Where the checkout is read-only, as in the lab's L1, pytest just fails to write it.)
+sys.dont_write_bytecode = False
 
 #: fixtures whose value is a test's log directory, recorded under the fixture's name
 LOG_DIR_FIXTURES = ("log_dir", "tmp_path")
