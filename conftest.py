@@ -42,16 +42,20 @@ ONE_WORKER_MODULES = frozenset(
     {"backends/tests/test_vhost_user_malformed.py", "qtests/test_packaging.py"}
 )
 
-#: The scope every vhost-vdpa lane test is sent to: one worker, so the lab L1 boots once.
+#: The scope of the vhost-vdpa lane tests of one shard: one worker, which boots one L1 for them.
 LANE_SCOPE = "vdpa-lane"
 
 
-def xdist_scope(nodeid: str) -> str:
+def xdist_scope(nodeid: str, collection: list[str] | None = None) -> str:
     """The unit of work one xdist worker takes whole: a module of :data:`ONE_WORKER_MODULES`,
-    every lane test together (:func:`qtests.lab.plugin.is_lane_nodeid`), else the test."""
-    from qtests.lab.plugin import is_lane_nodeid
+    the lane tests (:func:`qtests.lab.plugin.is_lane_nodeid`) of one shard of the lane
+    (:func:`qtests.lab.plugin.lane_shard` over the whole ``collection``), else the test."""
+    from qtests.lab.plugin import is_lane_nodeid, lane_shard, lane_shards
 
     if is_lane_nodeid(nodeid):
+        shards = lane_shards()
+        if shards > 1 and collection:
+            return f"{LANE_SCOPE}-{lane_shard(nodeid, collection, shards)}"
         return LANE_SCOPE
     module = nodeid.split("::", 1)[0]
     return module if module in ONE_WORKER_MODULES else nodeid
@@ -78,14 +82,20 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``make check`` (``-n auto --dist loadgroup``): tests are spread one by one, except the
     scopes of :func:`xdist_scope`. Scopes go out largest first (xdist's loadscope reorder), so
-    the lane, the longest unit, starts at once beside the rest. (xdist's own loadgroup no
+    the lane's shards, the longest units, start at once on workers of their own. (xdist's own loadgroup no
     longer groups ``xdist_group`` marks under pytest 9.2: pytest-xdist#1386.)"""
     if config.getoption("dist") not in ("load", "loadgroup"):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ScopedScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        _scopes: dict[str, str] | None = None
+
         def _split_scope(self, nodeid: str) -> str:
-            return xdist_scope(nodeid)
+            if self._scopes is None:
+                if not self.collection:
+                    return xdist_scope(nodeid)
+                self._scopes = {n: xdist_scope(n, self.collection) for n in self.collection}
+            return self._scopes.get(nodeid) or xdist_scope(nodeid, self.collection)
 
     return ScopedScheduling(config, log)

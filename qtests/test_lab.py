@@ -7,6 +7,7 @@ These boot L1 (a few seconds each under TCG); they skip only where the lab canno
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ needs_lab = pytest.mark.skipif(
 
 @needs_lab
 @pytest.mark.qemu
+@pytest.mark.lab
 def test_lab_runs_a_command_in_the_host_root_under_qtest_qemu_binary(
     log_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -74,6 +76,7 @@ def test_lab_runs_a_command_in_the_host_root_under_qtest_qemu_binary(
 
 @needs_lab
 @pytest.mark.qemu
+@pytest.mark.lab
 def test_lab_kernel_panic_is_named_and_console_kept(log_dir: Path) -> None:
     with pytest.raises(LabBootError) as err:
         run_in_lab("true", log_dir / "lab", kernel_args=["rdinit=/no-such-init"])
@@ -84,6 +87,7 @@ def test_lab_kernel_panic_is_named_and_console_kept(log_dir: Path) -> None:
 
 @needs_lab
 @pytest.mark.qemu
+@pytest.mark.lab
 def test_lab_init_failure_is_named(log_dir: Path) -> None:
     # A later lab.share= wins: a path on the read-only root where the share cannot be mounted.
     with pytest.raises(LabBootError) as err:
@@ -94,6 +98,7 @@ def test_lab_init_failure_is_named(log_dir: Path) -> None:
 
 @needs_lab
 @pytest.mark.qemu
+@pytest.mark.lab
 def test_lab_boot_timeout_names_the_marker(log_dir: Path) -> None:
     with pytest.raises(LabBootError) as err:
         run_in_lab("true", log_dir / "lab", boot_timeout=0.2)
@@ -164,3 +169,40 @@ def test_kept_host_paths_name_what_l1s_tmpfs_would_hide(
     argv = vm.qemu_command(str(qemu), img, tmp_path / "share", 512, [])
     append = argv[argv.index("-append") + 1]
     assert f"lab.keep={','.join(vm.kept_host_paths(str(qemu)))}" in append.split(), append
+
+
+def test_lane_shards_alternate_and_the_scheduler_cuts_the_same_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under xdist the lane is cut into shards, one L1 each: neighbouring lane tests go to
+    different shards, other tests are untouched, and the scheduler's scopes (conftest) follow
+    the same cut, so each worker's L1 runs exactly the lane tests it was sent."""
+    import conftest
+    from qtests.lab.plugin import lane_shard, lane_shards
+
+    collection = [
+        "qtests/test_a.py::test_one",
+        "qtests/test_vdpa_x.py::test_p",
+        "qtests/test_datapath.py::test_tx[vhost-user]",
+        "qtests/test_datapath.py::test_tx[vhost-vdpa]",
+        "qtests/test_vdpa_x.py::test_q",
+        "qtests/test_vdpa_x.py::test_r",
+    ]
+    lane = [n for n in collection if "vdpa" in n and "vhost-user" not in n]
+    assert [lane_shard(n, collection, 2) for n in lane] == [0, 1, 0, 1]
+    assert [lane_shard(n, collection, 1) for n in lane] == [0, 0, 0, 0]
+    monkeypatch.setenv("VDPA_LANE_SHARDS", "2")
+    assert lane_shards() == 2
+    scopes = [conftest.xdist_scope(n, collection) for n in collection]
+    assert scopes == [
+        "qtests/test_a.py::test_one",
+        "vdpa-lane-0",
+        "qtests/test_datapath.py::test_tx[vhost-user]",
+        "vdpa-lane-1",
+        "vdpa-lane-0",
+        "vdpa-lane-1",
+    ]
+    monkeypatch.setenv("VDPA_LANE_SHARDS", "1")
+    assert {conftest.xdist_scope(n, collection) for n in lane} == {"vdpa-lane"}
+    monkeypatch.delenv("VDPA_LANE_SHARDS")
+    assert 1 <= lane_shards() <= os.cpu_count()  # type: ignore[operator]

@@ -9,6 +9,11 @@ proxy to run boots L1 once and runs all of them in one inner pytest
 text and captured output) or skips as its inner test did. When neither the host nor the lab
 can run the lane, the proxies skip and say what to install.
 
+Under pytest-xdist (``make check``) the lane is cut into :func:`lane_shards` shards, each run
+whole by one worker in its own L1 (:func:`lane_shard`: the same cut on the controller, whose
+scheduler sends each shard to one worker, and on every worker). An L1 runs on one CPU under
+TCG, so one lane of 64 tests was the long pole of ``make check`` on a 2-CPU machine.
+
 Loaded for every session through ``-p qtests.lab.plugin`` in pyproject's addopts.
 """
 
@@ -25,7 +30,41 @@ from qtests.lab.lane import INNER_TIMEOUT, LaneRun, run_lane
 from qtests.lab.vm import BOOT_TIMEOUT
 
 MARKER = "vdpa_lane"
+#: Tests of the lab runner itself: they boot L1 on the host (a few seconds of TCG each).
+LAB_MARKER = "lab"
 _LANE = pytest.StashKey["_Lane"]()
+#: At most this many L1s at once (each takes one CPU and ``vm.MEMORY_MB`` of RAM).
+MAX_LANE_SHARDS = 4
+_GIB = 1 << 30
+
+
+def lane_shards() -> int:
+    """How many L1s share the lane under xdist: ``VDPA_LANE_SHARDS``, else one per usable CPU,
+    at most :data:`MAX_LANE_SHARDS` and one per 4 GiB of RAM. Stable within a machine (the
+    controller and every worker must agree)."""
+    env = os.environ.get("VDPA_LANE_SHARDS")
+    if env:
+        return max(1, int(env))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 0
+    by_ram = max(1, ram // (4 * _GIB)) if ram else 1
+    return max(1, min(MAX_LANE_SHARDS, cpus or 1, by_ram))
+
+
+def lane_shard(nodeid: str, nodeids: list[str], shards: int) -> int:
+    """The shard of lane test ``nodeid``: its rank among the lane tests (by the naming rule,
+    :func:`is_lane_nodeid`) of the collected ``nodeids``, modulo ``shards`` - neighbours, which
+    are alike in cost, go to different L1s."""
+    if shards <= 1:
+        return 0
+    lane = [n for n in nodeids if is_lane_nodeid(n)]
+    try:
+        return lane.index(nodeid) % shards
+    except ValueError:
+        return 0
 
 
 def is_lane_nodeid(nodeid: str) -> bool:
@@ -54,17 +93,31 @@ class _Lane:
         self.mode = mode
         self.why = why
         self.nodeids: list[str] = []
-        self.run: LaneRun | None = None
-        self.broken = ""  # the lab run was interrupted (e.g. a timeout): never run it twice
+        self.shard_of: dict[str, int] = {}  # lane test -> the L1 run it belongs to
+        self.runs: dict[int, LaneRun] = {}
+        self.broken: dict[int, str] = {}  # an interrupted lab run (a timeout): never run twice
+
+    @property
+    def run(self) -> LaneRun | None:
+        """The first shard's run (all of the lane when it is not sharded)."""
+        return self.runs.get(min(self.runs)) if self.runs else None
 
     @property
     def log_root(self) -> Path:
         return Path(os.environ.get("QOS_LOG_DIR") or self.config.rootpath / "test-logs")
 
-    def results(self) -> LaneRun:
-        if self.broken:
-            raise LaneTestFailed(f"the lab run was interrupted in an earlier test: {self.broken}")
-        if self.run is None:
+    def results(self, nodeid: str) -> LaneRun:
+        """The L1 run that holds ``nodeid``'s result: run now (with the rest of its shard)
+        when this is the first of its shard's tests here."""
+        shard = self.shard_of.get(nodeid, 0)
+        if shard in self.broken:
+            raise LaneTestFailed(
+                f"the lab run was interrupted in an earlier test: {self.broken[shard]}"
+            )
+        if shard not in self.runs:
+            nodeids = [n for n in self.nodeids if self.shard_of.get(n, 0) == shard]
+            shards = len(set(self.shard_of.values()) or {0})
+            part = f" (shard {shard + 1} of {shards})" if shards > 1 else ""
             capture = self.config.pluginmanager.getplugin("capturemanager")
             assert capture is not None
             with capture.global_and_fixture_disabled():
@@ -72,16 +125,16 @@ class _Lane:
                 tw.line()
                 tw.line(
                     f"vdpa lane: {self.why}; booting the lab (L1) once for "
-                    f"{len(self.nodeids)} lane test(s), logs in {self.log_root / 'vdpa-lab'}"
+                    f"{len(nodeids)} lane test(s){part}, logs in {self.log_root}/vdpa-lab*"
                 )
             try:
-                self.run = run_lane(
-                    self.nodeids, self.config.rootpath, self.log_root, INNER_TIMEOUT
+                self.runs[shard] = run_lane(
+                    nodeids, self.config.rootpath, self.log_root, INNER_TIMEOUT
                 )
             except BaseException as exc:
-                self.broken = f"{type(exc).__name__}: {exc}"
+                self.broken[shard] = f"{type(exc).__name__}: {exc}"
                 raise
-        return self.run
+        return self.runs[shard]
 
 
 class LaneProxy(pytest.Item):
@@ -97,7 +150,7 @@ class LaneProxy(pytest.Item):
     def runtest(self) -> None:
         if self.lane.mode == "none":
             pytest.skip(self.lane.why)
-        run = self.lane.results()
+        run = self.lane.results(self.nodeid)
         inner = run.result(self.nodeid)
         console = run.workdir / "console.log"
         self.user_properties.append(("lab_console_log", str(console)))
@@ -143,6 +196,11 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}: a vhost-vdpa lane test (needs /dev/vduse/control and vhost_vdpa); runs in "
         "the lab L1 where the host has neither",
     )
+    config.addinivalue_line(
+        "markers",
+        f"{LAB_MARKER}: a test of the lab runner that boots L1 on the host (not a vhost-user "
+        "test: bench's check_vhost_user_s leaves it out with the lane)",
+    )
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: proxy exactly what will run
@@ -163,6 +221,10 @@ def pytest_collection_modifyitems(
         return
     lane = _Lane(config, mode, why)
     config.stash[_LANE] = lane
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the controller's scheduler cuts the same way
+        every = [i.nodeid for i in items]
+        shards = lane_shards()
+        lane.shard_of = {i.nodeid: lane_shard(i.nodeid, every, shards) for i in lane_items}
     timeout = BOOT_TIMEOUT + INNER_TIMEOUT + 120
     for index, item in enumerate(items):
         if item.get_closest_marker(MARKER) is None:
@@ -179,17 +241,18 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     lane = config.stash.get(_LANE, None)
     if lane is None:
         return
-    if lane.run is None:
+    if not lane.runs:
         if lane.mode == "none":
             terminalreporter.write_line(f"vdpa lane skipped: {lane.why}")
         return
-    run, lab = lane.run, lane.run.lab
-    figures = (
-        f"L1 boot {lab.boot_seconds:.1f} s, inner pytest {lab.run_seconds:.1f} s, "
-        if lab is not None
-        else ""
-    )
-    terminalreporter.write_line(
-        f"vdpa lane in the lab: {len(run.results)} test(s), {figures}lane {run.seconds:.1f} s "
-        f"(logs: {run.workdir})"
-    )
+    for run in lane.runs.values():
+        lab = run.lab
+        figures = (
+            f"L1 boot {lab.boot_seconds:.1f} s, inner pytest {lab.run_seconds:.1f} s, "
+            if lab is not None
+            else ""
+        )
+        terminalreporter.write_line(
+            f"vdpa lane in the lab: {len(run.results)} test(s), {figures}lane "
+            f"{run.seconds:.1f} s (logs: {run.workdir})"
+        )
