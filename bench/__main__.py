@@ -228,7 +228,8 @@ class Runner:
     def iotlb(self) -> None:
         from bench import iotlb
 
-        iotlb.in_process(self.report, log, budget_s=0.2 if self.args.quick else 1.0)
+        quick = self.args.quick
+        iotlb.in_process(self.report, log, budget_s=0.2 if quick else 1.0, quick=quick)
         iotlb.miss_rtt_frontend(self.report, self.scratch("iotlb"), log, self.backend_cpu)
         iotlb.miss_rtt_qemu(self.report, self.logs / "iotlb-qemu", log)
 
