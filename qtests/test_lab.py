@@ -206,3 +206,20 @@ def test_lane_shards_alternate_and_the_scheduler_cuts_the_same_way(
     assert {conftest.xdist_scope(n, collection) for n in lane} == {"vdpa-lane"}
     monkeypatch.delenv("VDPA_LANE_SHARDS")
     assert 1 <= lane_shards() <= os.cpu_count()  # type: ignore[operator]
+
+
+def test_workers_lane_summaries_reach_the_controller() -> None:
+    """Under xdist each worker's lane run reports through ``workeroutput``; the controller
+    prints each line once (the lines used to be lost under ``make check``)."""
+    from types import SimpleNamespace
+
+    from qtests.lab import plugin
+
+    config = SimpleNamespace(stash=pytest.Stash())
+    line = "vdpa lane in the lab: 32 test(s), lane 212.6 s (logs: test-logs/vdpa-lab)"
+    for lines in ([line], [line], [], None):
+        node = SimpleNamespace(config=config, workeroutput={"vdpa_lane_summary": lines})
+        plugin.pytest_testnodedown(node, None)
+    written: list[str] = []
+    plugin.pytest_terminal_summary(SimpleNamespace(write_line=written.append), config)  # type: ignore[arg-type]
+    assert written == [line]

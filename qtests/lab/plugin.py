@@ -237,14 +237,10 @@ def pytest_collection_modifyitems(
         items[index] = proxy
 
 
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    lane = config.stash.get(_LANE, None)
-    if lane is None:
-        return
+def _summary_lines(lane: _Lane) -> list[str]:
     if not lane.runs:
-        if lane.mode == "none":
-            terminalreporter.write_line(f"vdpa lane skipped: {lane.why}")
-        return
+        return [f"vdpa lane skipped: {lane.why}"] if lane.mode == "none" else []
+    lines = []
     for run in lane.runs.values():
         lab = run.lab
         figures = (
@@ -252,7 +248,36 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             if lab is not None
             else ""
         )
-        terminalreporter.write_line(
+        lines.append(
             f"vdpa lane in the lab: {len(run.results)} test(s), {figures}lane "
             f"{run.seconds:.1f} s (logs: {run.workdir})"
         )
+    return lines
+
+
+_WORKER_LINES = pytest.StashKey[list[str]]()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On an xdist worker: hand the lane's summary to the controller, which prints it."""
+    output = getattr(session.config, "workeroutput", None)
+    lane = session.config.stash.get(_LANE, None)
+    if output is not None and lane is not None:
+        output["vdpa_lane_summary"] = _summary_lines(lane)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """On the xdist controller: keep what a worker's lane runs reported."""
+    lines = getattr(node, "workeroutput", {}).get("vdpa_lane_summary") or []
+    config = node.config
+    config.stash.setdefault(_WORKER_LINES, []).extend(
+        line for line in lines if line not in config.stash.get(_WORKER_LINES, [])
+    )
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    lane = config.stash.get(_LANE, None)
+    lines = _summary_lines(lane) if lane is not None else []
+    for line in [*lines, *config.stash.get(_WORKER_LINES, [])]:
+        terminalreporter.write_line(line)
