@@ -46,14 +46,17 @@ ONE_WORKER_MODULES = frozenset(
 LANE_SCOPE = "vdpa-lane"
 
 
-def xdist_scope(nodeid: str, collection: list[str] | None = None) -> str:
+def xdist_scope(
+    nodeid: str, collection: list[str] | None = None, workers: int | None = None
+) -> str:
     """The unit of work one xdist worker takes whole: a module of :data:`ONE_WORKER_MODULES`,
     the lane tests (:func:`qtests.lab.plugin.is_lane_nodeid`) of one shard of the lane
-    (:func:`qtests.lab.plugin.lane_shard` over the whole ``collection``), else the test."""
+    (:func:`qtests.lab.plugin.lane_shard` over the whole ``collection``, at most one shard per
+    of the ``workers``), else the test."""
     from qtests.lab.plugin import is_lane_nodeid, lane_shard, lane_shards
 
     if is_lane_nodeid(nodeid):
-        shards = lane_shards()
+        shards = lane_shards(workers)
         if shards > 1 and collection:
             return f"{LANE_SCOPE}-{lane_shard(nodeid, collection, shards)}"
         return LANE_SCOPE
@@ -82,8 +85,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``make check`` (``-n auto --dist loadgroup``): tests are spread one by one, except the
     scopes of :func:`xdist_scope`. Scopes go out largest first (xdist's loadscope reorder), so
-    the lane's shards, the longest units, start at once on workers of their own. (xdist's own loadgroup no
-    longer groups ``xdist_group`` marks under pytest 9.2: pytest-xdist#1386.)"""
+    the lane's shards, the longest units, start at once on workers of their own. (xdist's own
+    loadgroup no longer groups ``xdist_group`` marks under pytest 9.2: pytest-xdist#1386.)"""
     if config.getoption("dist") not in ("load", "loadgroup"):
         return None
     from xdist.scheduler import LoadScopeScheduling
@@ -95,7 +98,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             if self._scopes is None:
                 if not self.collection:
                     return xdist_scope(nodeid)
-                self._scopes = {n: xdist_scope(n, self.collection) for n in self.collection}
-            return self._scopes.get(nodeid) or xdist_scope(nodeid, self.collection)
+                workers = self.numnodes
+                self._scopes = {
+                    n: xdist_scope(n, self.collection, workers) for n in self.collection
+                }
+            return self._scopes.get(nodeid) or xdist_scope(nodeid, self.collection, self.numnodes)
 
     return ScopedScheduling(config, log)

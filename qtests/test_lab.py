@@ -202,6 +202,8 @@ def test_lane_shards_alternate_and_the_scheduler_cuts_the_same_way(
         "vdpa-lane-0",
         "vdpa-lane-1",
     ]
+    assert lane_shards(workers=1) == 1  # never more L1s than workers
+    assert {conftest.xdist_scope(n, collection, 1) for n in lane} == {"vdpa-lane"}
     monkeypatch.setenv("VDPA_LANE_SHARDS", "1")
     assert {conftest.xdist_scope(n, collection) for n in lane} == {"vdpa-lane"}
     monkeypatch.delenv("VDPA_LANE_SHARDS")

@@ -38,20 +38,22 @@ MAX_LANE_SHARDS = 4
 _GIB = 1 << 30
 
 
-def lane_shards() -> int:
+def lane_shards(workers: int | None = None) -> int:
     """How many L1s share the lane under xdist: ``VDPA_LANE_SHARDS``, else one per usable CPU,
-    at most :data:`MAX_LANE_SHARDS` and one per 4 GiB of RAM. Stable within a machine (the
-    controller and every worker must agree)."""
+    at most :data:`MAX_LANE_SHARDS` and one per 4 GiB of RAM; never more than the xdist
+    ``workers``. Stable within a session (the controller and every worker must agree)."""
     env = os.environ.get("VDPA_LANE_SHARDS")
     if env:
-        return max(1, int(env))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        ram = 0
-    by_ram = max(1, ram // (4 * _GIB)) if ram else 1
-    return max(1, min(MAX_LANE_SHARDS, cpus or 1, by_ram))
+        shards = max(1, int(env))
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            ram = 0
+        by_ram = max(1, ram // (4 * _GIB)) if ram else 1
+        shards = max(1, min(MAX_LANE_SHARDS, cpus or 1, by_ram))
+    return min(shards, workers) if workers else shards
 
 
 def lane_shard(nodeid: str, nodeids: list[str], shards: int) -> int:
@@ -96,11 +98,6 @@ class _Lane:
         self.shard_of: dict[str, int] = {}  # lane test -> the L1 run it belongs to
         self.runs: dict[int, LaneRun] = {}
         self.broken: dict[int, str] = {}  # an interrupted lab run (a timeout): never run twice
-
-    @property
-    def run(self) -> LaneRun | None:
-        """The first shard's run (all of the lane when it is not sharded)."""
-        return self.runs.get(min(self.runs)) if self.runs else None
 
     @property
     def log_root(self) -> Path:
@@ -223,7 +220,7 @@ def pytest_collection_modifyitems(
     config.stash[_LANE] = lane
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the controller's scheduler cuts the same way
         every = [i.nodeid for i in items]
-        shards = lane_shards()
+        shards = lane_shards(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) or None)
         lane.shard_of = {i.nodeid: lane_shard(i.nodeid, every, shards) for i in lane_items}
     timeout = BOOT_TIMEOUT + INNER_TIMEOUT + 120
     for index, item in enumerate(items):
