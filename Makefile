@@ -54,7 +54,8 @@ compiled: setup
 # Byte-compile the checkout once. Every backend, QEMU helper and pytest worker is a new Python
 # process; where PYTHONDONTWRITEBYTECODE is set (this project's machines set it; the lab's L1
 # does, its view of the checkout being read-only) each would otherwise compile every module it
-# imports again: ~70 ms of CPU per backend start on the host, far more under L1's TCG. Stale files are recompiled in memory as usual (mtime check).
+# imports again: ~70 ms of CPU per backend start on the host, far more under L1's TCG. Stale
+# files are recompiled in memory as usual (mtime check).
 BYTECODE_DIRS := backends qtests bench avocado_tests guest_images conftest.py
 bytecode: setup
 	$(PY) -m compileall -q $(BYTECODE_DIRS)

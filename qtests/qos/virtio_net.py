@@ -467,7 +467,8 @@ class VirtioNetDriver:
         """Every frame complete now on pair ``k`` (at most ``max_frames``), in order, its
         buffers read in one pipelined qtest round trip for all (`try_recv` takes one per
         frame). A mergeable frame whose last buffers are not used yet stays for later; a bad
-        header raises as in `try_recv`, after the frames before it were taken."""
+        used length or header raises as in `try_recv`, once the frames before it are
+        returned (the next call raises)."""
         done = self._rx_done[k]
         self._collect_rx(k)
         if not done:
@@ -478,15 +479,19 @@ class VirtioNetDriver:
         frames: list[RxFrame] = []
         i = 0
         while i < len(elems) and (max_frames is None or len(frames) < max_frames):
-            if elems[i].length < NET_HDR_SIZE:
-                raise VirtioNetError(f"rx{k}: used len {elems[i].length} shorter than the header")
             nbufs = 1
-            if self.mergeable:
+            if elems[i].length >= NET_HDR_SIZE and self.mergeable:
                 nbufs = VirtioNetHdr.unpack(raws[i][:NET_HDR_SIZE]).num_buffers
-                if nbufs < 1:
-                    raise VirtioNetError(f"rx{k}: num_buffers is {nbufs}")
-                if i + nbufs > len(elems):
-                    break  # its remaining buffers are not used yet
+            if elems[i].length < NET_HDR_SIZE or nbufs < 1:
+                if frames:
+                    break  # hand over the good frames first; the next call raises
+                if elems[i].length < NET_HDR_SIZE:
+                    raise VirtioNetError(
+                        f"rx{k}: used len {elems[i].length} shorter than the header"
+                    )
+                raise VirtioNetError(f"rx{k}: num_buffers is {nbufs}")
+            if i + nbufs > len(elems):
+                break  # a mergeable frame whose remaining buffers are not used yet
             taken = [done.popleft() for _ in range(nbufs)]
             frames.append(self._rx_frame(k, taken, b"".join(raws[i : i + nbufs])))
             i += nbufs
