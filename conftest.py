@@ -75,11 +75,12 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     :data:`MAX_AUTO_WORKERS`; ``PYTEST_XDIST_AUTO_NUM_WORKERS=N`` overrides it, as in xdist."""
     import os
 
+    from qtests.lab.plugin import usable_cpus
+
     env = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
     if env:
         return int(env)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(MAX_AUTO_WORKERS, WORKERS_PER_CPU * (cpus or 1)))
+    return max(1, min(MAX_AUTO_WORKERS, WORKERS_PER_CPU * usable_cpus()))
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:

@@ -38,6 +38,13 @@ MAX_LANE_SHARDS = 4
 _GIB = 1 << 30
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def lane_shards(workers: int | None = None) -> int:
     """How many L1s share the lane under xdist: ``VDPA_LANE_SHARDS``, else one per usable CPU,
     at most :data:`MAX_LANE_SHARDS` and one per 4 GiB of RAM; never more than the xdist
@@ -46,13 +53,12 @@ def lane_shards(workers: int | None = None) -> int:
     if env:
         shards = max(1, int(env))
     else:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         try:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
             ram = 0
         by_ram = max(1, ram // (4 * _GIB)) if ram else 1
-        shards = max(1, min(MAX_LANE_SHARDS, cpus or 1, by_ram))
+        shards = max(1, min(MAX_LANE_SHARDS, usable_cpus(), by_ram))
     return min(shards, workers) if workers else shards
 
 
