@@ -15,9 +15,21 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from .acpi_memhp import STATUS_REMOVE_EVENT, AcpiMemoryHotplug
 from .frames import PEER_MAC, mac_bytes, make_frame
+from .inflight_memory import (
+    Frames,
+    backend_mappings,
+    check_kept,
+    dimm_key,
+    expect_memory_change,
+    memory_messages,
+    tx_until_sentinel,
+)
 from .machine import QemuMachine
-from .migration import MigrationPair
+from .memory_devices import DimmHotplug
+from .migration import MigrationPair, PrecopyHold
+from .qmp import QmpError
 from .testbed import GUEST_MAC, Testbed
 from .virtio_net import VirtioNetError
 from .virtqueue import VirtqueueError
@@ -128,8 +140,6 @@ def idle_dimm_hooks(
     """(before_init, customize) for `MigrationPair.start_source` / ``start_destination``: an
     idle DIMM (nothing of the driver in it) plugged on the source before the driver starts
     (the OSPM accepts it), cold-plugged at the same address on the destination."""
-    from .acpi_memhp import AcpiMemoryHotplug
-    from .memory_devices import DimmHotplug
 
     dimm: dict[str, int] = {}
 
@@ -146,7 +156,6 @@ def idle_dimm_hooks(
 
 
 def _memory_changes(tb: Testbed, since: int) -> list[str]:
-    from .inflight_memory import memory_messages
 
     return memory_messages(tb, since)[0]
 
@@ -166,16 +175,6 @@ def migrate_with_unplug_pending(pair: MigrationPair, dimm_id: str) -> dict[str, 
     remove changes no memory (vhost-user: no REM_MEM_REG at all; vhost-vdpa: no UPDATE_IOTLB
     before QEMU stopped the device). Traffic is exact after it. Returns what happened (for
     the report)."""
-    from .acpi_memhp import STATUS_REMOVE_EVENT, AcpiMemoryHotplug
-    from .inflight_memory import (
-        Frames,
-        backend_mappings,
-        check_kept,
-        dimm_key,
-        expect_memory_change,
-        tx_until_sentinel,
-    )
-    from .memory_devices import DimmHotplug
 
     src, dst = pair.src, pair.dst
     a, b = src.backend, dst.backend
@@ -234,17 +233,6 @@ def device_add_during_migration(pair: MigrationPair, size: int) -> dict[str, obj
     maps exactly the DIMM) and maps it as one new memfd mapping, every other mapping of B
     where it was; traffic is exact after it. Returns QEMU's error message and what
     happened."""
-    from .inflight_memory import (
-        Frames,
-        backend_mappings,
-        check_kept,
-        dimm_key,
-        expect_memory_change,
-        tx_until_sentinel,
-    )
-    from .memory_devices import DimmHotplug
-    from .migration import PrecopyHold
-    from .qmp import QmpError
 
     src, dst = pair.src, pair.dst
     a, b = src.backend, dst.backend
